@@ -1,0 +1,132 @@
+"""
+What train.py, sample.py and bench.py share to run a model: picking the device and
+precision, and writing and reading checkpoints and run directories.
+"""
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, ModelConfig
+from tokenizer import load_tokenizer
+
+
+# ----------------------------------------------------------------------------------
+# device and precision
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu. An explicit device that is not here is a ValueError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but this machine has no CUDA device (try --device=cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name} but MPS is not available here (try --device=cpu)")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+def cpu_has_bf16_units():
+    """True on x86 CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(device, name):
+    """'auto' -> bf16 on CUDA that has it, else fp16; bf16 on CPUs with bf16 units; else fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "cpu" and cpu_has_bf16_units():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(obj, path):
+    """Write atomically: a temporary file, fsync, then rename over the old one.
+
+    A crash at any moment leaves either the previous checkpoint or the new one, whole.
+    """
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint with weights_only=True: tensors and plain data, never arbitrary objects."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a nanolex checkpoint (no model weights or model_args)")
+    return ckpt
+
+
+def check_vocab(model_vocab_size, tokenizer, where):
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"{where}: the model has a vocabulary of {model_vocab_size} tokens but the "
+                         f"tokenizer has {tokenizer.vocab_size}; they do not belong together")
+
+
+def load_run(out_dir, device="cpu"):
+    """A trained run from its directory alone: (model in eval mode, tokenizer, checkpoint dict)."""
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+    tokenizer = load_tokenizer(out_dir)
+    try:
+        config = ModelConfig(**ckpt["model_args"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{out_dir}/ckpt.pt has model_args this version cannot build: {e}")
+    check_vocab(config.vocab_size, tokenizer, f"{out_dir}/ckpt.pt")
+    model = GPT(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{out_dir}/ckpt.pt weights do not fit its model_args: {str(e).splitlines()[0]}")
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def eprint(*args):
+    print(*args, file=sys.stderr, flush=True)

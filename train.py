@@ -1,0 +1,345 @@
+"""
+Train a model on a prepared dataset. One process:
+
+    python train.py config/legal_small.py
+
+Several processes (DDP), on one machine or many:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/legal_gpt2.py
+
+Settings are the globals below; a config file and --key=value override them.
+With no config at all this is a GPU-scale run: GPT-2 124M on the legal corpus.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 2000        # evaluate and checkpoint every this many iterations
+log_interval = 1
+eval_iters = 200            # batches per val estimate
+eval_only = False           # evaluate once and exit
+init_from = "scratch"       # scratch | resume (from out_dir/ckpt.pt)
+# data
+data_dir = "data"
+dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal" is prepared on demand
+gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed over all processes
+batch_size = 12             # sequences per micro-step per process
+block_size = 1024
+# model (see model.ModelConfig)
+n_layer = 12
+n_head = 12
+n_kv_head = 0               # 0 = n_head
+n_embd = 768
+dropout = 0.0
+bias = False
+pos = "learned"             # learned | rope
+norm = "layernorm"          # layernorm | rmsnorm
+mlp = "gelu"                # gelu | swiglu
+tie_embeddings = True
+# optimizer: AdamW
+learning_rate = 6e-4
+max_iters = 600000
+max_seconds = 0.0           # > 0: stop after this much wall time, then a last eval and checkpoint
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0             # 0 = off
+# learning rate schedule: linear warmup, cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000
+min_lr = 6e-5
+# system
+device = "auto"             # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"              # auto | float32 | bfloat16 | float16
+compile = True              # torch.compile the model
+seed = 1337
+# -----------------------------------------------------------------------------
+from configurator import configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
+config = configure(globals())
+
+from model import GPT, ModelConfig, peak_flops  # noqa: E402
+from runtime import append_jsonl, autocast, check_vocab, load_checkpoint, pick_device, pick_dtype, save_checkpoint  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+# ---- processes and device ---------------------------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, local_rank, world_size = 0, 0, 1
+try:
+    device = pick_device(device)
+    ptdtype = pick_dtype(device, dtype)
+except ValueError as e:
+    fail(str(e))
+if ddp:
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    else:  # the processes on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+master = rank == 0
+device_type = device.split(":")[0]
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+         f"number of processes ({world_size})")
+grad_accum = gradient_accumulation_steps // world_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+# ---- data -------------------------------------------------------------------
+data_path = os.path.join(data_dir, dataset)
+if not os.path.isfile(os.path.join(data_path, "meta.json")):
+    if dataset != "legal":
+        fail(f"no dataset at {data_path}: run python prepare.py --dataset={dataset} --input=YOUR_FILES first")
+    if master:  # the built-in corpus needs no network: prepare it rather than fail
+        log(f"{data_path} not found: preparing the built-in legal corpus (python prepare.py)")
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "prepare.py"),
+                               f"--data_dir={data_dir}"])
+        if done.returncode:
+            fail("preparing the built-in legal corpus failed (see above)")
+    if ddp:
+        dist.barrier()
+try:
+    with open(os.path.join(data_path, "meta.json")) as f:
+        meta = json.load(f)
+    tokenizer = load_tokenizer(data_path)
+except (OSError, ValueError) as e:
+    fail(f"cannot read the dataset at {data_path}: {e}")
+bins = {split: np.memmap(os.path.join(data_path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+        for split in ("train", "val")}
+for split, data in bins.items():
+    if len(data) <= block_size:
+        fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+# bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
+val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+
+
+TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)
+
+
+def stream_seed(*key):
+    """Every random draw is keyed by integers (stream, rank, iteration, micro-step): a resumed
+    run draws exactly the batches and dropout masks the uninterrupted run would have.
+    (A tuple of ints hashes the same in every process, unlike strings.)"""
+    return hash((seed,) + key) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def batch_generator(*key):
+    return torch.Generator().manual_seed(stream_seed(*key))
+
+
+def get_batch(split, generator):
+    data = bins[split]
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ---- model ------------------------------------------------------------------
+os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+iter_num, best_val_loss = 0, float("inf")
+checkpoint = None
+if init_from == "resume":
+    try:
+        checkpoint = load_checkpoint(ckpt_path, device)
+    except ValueError as e:
+        fail(str(e))
+    model_args = checkpoint["model_args"]  # the run's shape wins over settings
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    sampler = checkpoint["sampler"]
+    if (sampler["seed"], sampler["world_size"], sampler["batch_size"]) != (seed, world_size, batch_size):
+        log("warning: seed, process count or batch size differ from the checkpoint's; the batch stream will too")
+elif init_from == "scratch":
+    if os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
+    # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
+    model_args = asdict(ModelConfig.from_settings({**config, "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}))
+else:
+    fail(f"init_from={init_from!r} is not one of scratch, resume")
+try:
+    model_config = ModelConfig(**model_args)
+    check_vocab(model_config.vocab_size, tokenizer, ckpt_path if checkpoint else data_path)
+except ValueError as e:
+    fail(str(e))
+if model_config.block_size < block_size:
+    fail(f"block_size={block_size} is longer than the model's context ({model_config.block_size})")
+torch.manual_seed(seed)
+model = GPT(model_config)
+if checkpoint:
+    model.load_state_dict(checkpoint["model"])
+model.to(device)
+log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)}")
+log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
+    f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration")
+
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+if checkpoint:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+# fp16 has too little range for small gradients: scale the loss up, unscale before the step
+scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+if checkpoint and "scaler" in checkpoint:
+    scaler.load_state_dict(checkpoint["scaler"])
+checkpoint = None  # free the memory
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+if master:  # the run directory is usable without data/: tokenizer files travel with it
+    for name in meta["tokenizer"]["files"] + ["meta.json"]:
+        shutil.copyfile(os.path.join(data_path, name), os.path.join(out_dir, name))
+ctx = autocast(device, ptdtype)
+flops_peak = peak_flops(device_type, ptdtype) * world_size
+log_path = os.path.join(out_dir, "log.jsonl")
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split, drawn the same way at every eval."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        generator = batch_generator(EVAL_BATCHES, split == "val", rank)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = get_batch(split, generator)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    if ddp:
+        both = torch.tensor([out["train"], out["val"]], device=device)
+        dist.all_reduce(both)
+        out = {"train": both[0].item() / world_size, "val": both[1].item() / world_size}
+    model.train()
+    return out
+
+
+def get_lr(it):
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def save(iter_num):
+    save_checkpoint({
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "sampler": {"seed": seed, "world_size": world_size, "batch_size": batch_size, "block_size": block_size},
+    }, ckpt_path)
+
+
+def evaluate(iter_num, elapsed):
+    global best_val_loss
+    losses = estimate_loss()
+    val_bpb = losses["val"] * val_tokens_per_byte / math.log(2)
+    best_val_loss = min(best_val_loss, losses["val"])
+    if master:
+        log(f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, val bpb {val_bpb:.4f}")
+        append_jsonl(log_path, {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
+                                "val_bpb": val_bpb, "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)})
+        if not eval_only:
+            save(iter_num)
+
+
+# ---- the loop ---------------------------------------------------------------
+start_iter = iter_num
+t_start = t_log = time.time()
+tokens_since_log = 0
+loss_sum = torch.zeros((), device=device)
+while True:
+    elapsed = time.time() - t_start
+    out_of_time = max_seconds > 0 and elapsed >= max_seconds
+    if ddp and max_seconds > 0:  # everyone stops at the same iteration: rank 0's clock decides
+        flag = torch.tensor(float(out_of_time), device=device)
+        dist.broadcast(flag, 0)
+        out_of_time = bool(flag.item())
+    last = iter_num >= max_iters or out_of_time
+    if (iter_num % eval_interval == 0 and iter_num > start_iter) or last or eval_only:
+        evaluate(iter_num, elapsed)
+    if last or eval_only:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro_step in range(grad_accum):
+        torch.manual_seed(stream_seed(DROPOUT, rank, iter_num, micro_step))
+        x, y = get_batch("train", batch_generator(TRAIN_BATCHES, rank, iter_num, micro_step))
+        # under DDP, average gradients across processes only once, after the last micro-step
+        sync = not ddp or micro_step == grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()), ctx:
+            _, loss = model(x, y)
+            loss = loss / grad_accum
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_since_log += tokens_per_iter
+
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world_size
+        loss_value = loss_sum.item() / log_interval  # .item() waits for the device: only here
+        dt = time.time() - t_log
+        tok_per_s = tokens_since_log / dt
+        mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
+        if master:
+            log(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+            append_jsonl(log_path, {"iter": iter_num, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_per_s, 1),
+                                    "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)})
+        t_log, tokens_since_log = time.time(), 0
+        loss_sum.zero_()
+
+if master:
+    log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "
+        f"checkpoint {ckpt_path}")
+if ddp:
+    dist.destroy_process_group()
