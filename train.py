@@ -182,11 +182,12 @@ elif init_from == "scratch":
     if os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
     # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
-    model_args = asdict(ModelConfig.from_settings({**config, "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}))
+    model_args = {**config, "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}
 else:
     fail(f"init_from={init_from!r} is not one of scratch, resume")
 try:
-    model_config = ModelConfig(**model_args)
+    model_config = ModelConfig.from_settings(model_args)
+    model_args = asdict(model_config)
     check_vocab(model_config.vocab_size, tokenizer, ckpt_path if checkpoint else data_path)
 except ValueError as e:
     fail(str(e))

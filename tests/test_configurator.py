@@ -1,0 +1,94 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import json
+    learning_rate = 6e-4
+    n_layer = 12
+    compile = True
+    out_dir = "out"
+    from configurator import configure
+    print(json.dumps(configure(globals())))
+""")
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          cwd=script.parent, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def settings(**values):
+    return {"learning_rate": 6e-4, "n_layer": 12, "compile": True, "out_dir": "out", **values}
+
+
+def test_a_config_file_then_flags_override_the_defaults_in_order(tmp_path):
+    cfg = tmp_path / "run.py"
+    cfg.write_text("n_layer = 4\nout_dir = 'out-small'\nlearning_rate = 1e-3\n")
+    s = settings()
+    result = configure(s, [str(cfg), "--n_layer=6", "--compile=False"])
+    assert result == {"learning_rate": 1e-3, "n_layer": 6, "compile": False, "out_dir": "out-small"}
+    assert s["n_layer"] == 6
+
+
+def test_strings_are_taken_as_typed_and_ints_are_fine_for_floats():
+    s = settings()
+    configure(s, ["--out_dir=123", "--learning_rate=1"])
+    assert s["out_dir"] == "123" and s["learning_rate"] == 1.0 and isinstance(s["learning_rate"], float)
+
+
+def test_a_bare_boolean_flag_means_true():
+    s = settings(compile=False)
+    configure(s, ["--compile"])
+    assert s["compile"] is True
+
+
+def test_a_config_file_may_compute_values_and_import_things(tmp_path):
+    cfg = tmp_path / "run.py"
+    cfg.write_text("import math\nn_layer = 2 * 3\n")
+    s = settings()
+    configure(s, [str(cfg)])
+    assert s["n_layer"] == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_layr=3"], "unknown setting '--n_layr' (did you mean 'n_layer'?)"),
+    (["--n_layer=3.5"], "n_layer must be int, got 3.5"),
+    (["--compile=maybe"], "compile must be bool"),
+    (["--learning_rate=fast"], "learning_rate must be float"),
+    (["--n_layer"], "--n_layer needs a value"),
+    (["missing_config.py"], "config file not found: missing_config.py"),
+])
+def test_bad_flags_end_with_one_clear_line_and_exit_code_2(script, args, message):
+    done = run(script, *args)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {message}" or message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("body,message", [
+    ("n_layers = 4\n", "unknown setting 'n_layers' (did you mean 'n_layer'?)"),
+    ("n_layer = '4'\n", "n_layer must be int"),
+    ("raise RuntimeError('boom')\n", "failed: RuntimeError: boom"),
+    ("n_layer = = 4\n", "failed: SyntaxError"),
+])
+def test_bad_config_files_end_with_one_clear_line_and_exit_code_2(script, body, message):
+    cfg = script.parent / "bad.py"
+    cfg.write_text(body)
+    done = run(script, str(cfg))
+    assert done.returncode == 2 and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

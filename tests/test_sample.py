@@ -1,0 +1,88 @@
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_clear_error, run_script
+
+SEPARATOR = "-" * 40
+
+
+@pytest.fixture
+def run_alone(tmp_path, trained_run):
+    """The trained run copied somewhere with no data/ next to it."""
+    out_dir = tmp_path / "run"
+    shutil.copytree(trained_run, out_dir)
+    return out_dir
+
+
+def samples(stdout):
+    return [s.strip("\n") for s in stdout.split(SEPARATOR)[:-1]]
+
+
+def test_sample_prints_new_text_from_the_run_directory_alone(run_alone, tmp_path):
+    done = run_script("sample.py", f"--out_dir={run_alone}", "--start=The Licensee shall",
+                      "--num_samples=2", "--max_new_tokens=40", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    texts = samples(done.stdout)
+    assert len(texts) == 2
+    assert all(t.startswith("The Licensee shall") and len(t) > len("The Licensee shall") + 10 for t in texts)
+    assert texts[0] != texts[1]  # sampled, not greedy
+
+
+def test_greedy_sampling_is_the_same_with_and_without_the_kv_cache(run_alone):
+    args = [f"--out_dir={run_alone}", "--start=The Tenant", "--temperature=0", "--num_samples=1",
+            "--max_new_tokens=80", "--dtype=float32"]
+    cached = run_script("sample.py", *args)
+    uncached = run_script("sample.py", *args, "--use_cache=False")
+    assert cached.returncode == 0 and uncached.returncode == 0
+    assert cached.stdout == uncached.stdout
+
+
+def test_the_same_seed_gives_the_same_samples(run_alone):
+    args = [f"--out_dir={run_alone}", "--num_samples=2", "--max_new_tokens=30", "--seed=7"]
+    assert run_script("sample.py", *args).stdout == run_script("sample.py", *args).stdout
+
+
+def test_a_prompt_can_come_from_a_file(run_alone, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("SECTION 3. The Contractor")
+    done = run_script("sample.py", f"--out_dir={run_alone}", f"--start=FILE:{prompt}", "--num_samples=1",
+                      "--max_new_tokens=10")
+    assert done.returncode == 0 and done.stdout.startswith("SECTION 3. The Contractor")
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_from_the_left_with_a_warning(run_alone):
+    done = run_script("sample.py", f"--out_dir={run_alone}", "--start=" + "the Licensor shall pay " * 100,
+                      "--num_samples=1", "--max_new_tokens=5")
+    assert done.returncode == 0, done.stderr
+    assert "warning: the prompt is" in done.stderr and "keeping its last 64" in done.stderr
+
+
+def test_bad_input_gives_one_clear_line(run_alone, tmp_path):
+    assert_clear_error(run_script("sample.py", f"--out_dir={tmp_path / 'nowhere'}"), "no checkpoint at")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", "--start=FILE:/no/such/prompt.txt"),
+                       "cannot read the --start file /no/such/prompt.txt")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", "--top_p=0"), "top_p must be in")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", "--num_sample=2"),
+                       "did you mean 'num_samples'")
+
+
+def test_a_corrupt_checkpoint_is_refused(run_alone):
+    ckpt = run_alone / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "is not a readable checkpoint")
+    ckpt.write_bytes(b"not a checkpoint at all")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "is not a readable checkpoint")
+    torch.save({"weights": torch.zeros(3)}, ckpt)
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "is not a nanolex checkpoint")
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(run_alone, tmp_path, corpus):
+    # a run directory whose tokenizer files were swapped for a bigger vocabulary's
+    done = run_script("prepare.py", f"--input={corpus}", "--dataset=big", f"--data_dir={tmp_path}",
+                      "--vocab_size=600")
+    assert done.returncode == 0, done.stderr
+    for name in ("tokenizer.json", "tokenizer.bpe"):
+        shutil.copyfile(tmp_path / "big" / name, run_alone / name)
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "do not belong together")

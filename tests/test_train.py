@@ -1,0 +1,136 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_clear_error, run_script, train_args
+
+LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
+EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(log):
+    return {r["iter"]: r["loss"] for r in log if "val_loss" not in r}
+
+
+def test_training_lowers_the_loss_and_leaves_a_complete_run_directory(trained_run):
+    log = read_log(trained_run)
+    steps = [r for r in log if "val_loss" not in r]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 31))
+    assert [r["iter"] for r in evals] == [10, 20, 30]
+    assert all(LOG_FIELDS <= r.keys() for r in steps) and all(EVAL_FIELDS <= r.keys() for r in evals)
+    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert 0 < evals[-1]["val_bpb"] < 8
+    assert {"ckpt.pt", "tokenizer.json", "meta.json", "log.jsonl"} <= set(os.listdir(trained_run))
+    ckpt = torch.load(os.path.join(trained_run, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 30 and ckpt["best_val_loss"] == min(r["val_loss"] for r in evals)
+    assert {"model", "optimizer", "model_args", "config", "sampler"} <= ckpt.keys()
+    assert ckpt["config"]["max_iters"] == 30
+    assert not any(name.endswith(".tmp") for name in os.listdir(trained_run))
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, dataset, trained_run):
+    # stop a run at iteration 20, resume it to 30: the same losses as the run that never stopped
+    out_dir = tmp_path / "out"
+    assert run_script("train.py", *train_args(dataset, out_dir, "--max_iters=20")).returncode == 0
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 20
+    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30", "--init_from=resume"))
+    assert done.returncode == 0, done.stderr
+    resumed, uninterrupted = train_losses(read_log(out_dir)), train_losses(read_log(trained_run))
+    assert sorted(resumed) == list(range(1, 31))
+    assert [resumed[i] for i in range(21, 31)] == [uninterrupted[i] for i in range(21, 31)]
+
+
+def test_max_seconds_stops_training_then_evaluates_and_saves(tmp_path, dataset):
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=2"))
+    assert done.returncode == 0, done.stderr
+    log = read_log(out_dir)
+    assert "val_loss" in log[-1]
+    stopped_at = log[-1]["iter"]
+    assert 0 < stopped_at < 100000
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
+
+
+def test_two_process_ddp_on_cpu_trains(tmp_path, dataset):
+    out_dir = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "train.py"), *train_args(dataset, out_dir, "--max_iters=20")],
+        capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    steps = [r for r in read_log(out_dir) if "val_loss" not in r]
+    assert len(steps) == 20  # only rank 0 writes the log
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 20
+
+
+def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
+    data_dir = tmp_path / "data"
+    done = run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                      "--max_iters=0", "--eval_iters=1", "--n_layer=1", "--n_head=1", "--n_embd=32",
+                      "--block_size=32", "--batch_size=2", "--compile=False", timeout=280)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "preparing the built-in legal corpus" in done.stdout
+    meta = json.loads((data_dir / "legal" / "meta.json").read_text())
+    assert meta["splits"]["train"]["bytes"] > 1_000_000
+
+
+def corrupt(path):
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def test_bad_input_gives_one_clear_line(tmp_path, dataset, trained_run):
+    data_dir, name = dataset
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained_run, run_copy)
+    before = (run_copy / "ckpt.pt").read_bytes()
+    cases = [
+        (["--n_layr=2"], ["did you mean 'n_layer'"]),
+        (["--max_iters=ten"], ["max_iters must be int"]),
+        ([f"--data_dir={data_dir}", "--dataset=contracts"], ["no dataset at", "python prepare.py --dataset=contracts"]),
+        (train_args(dataset, run_copy, "--max_iters=40"), ["exists", "--init_from=resume"]),
+        (train_args(dataset, tmp_path / "none", "--init_from=resume"), ["no checkpoint at"]),
+        (train_args(dataset, run_copy, "--init_from=latest"), ["init_from='latest' is not one of"]),
+        (train_args(dataset, tmp_path / "o", "--device=cuda") if not torch.cuda.is_available() else None,
+         ["no CUDA device"]),
+        (train_args(dataset, tmp_path / "o", "--n_head=3"), ["must divide n_embd"]),
+        (train_args(dataset, tmp_path / "o", "--block_size=100000"),
+         ["fewer than block_size+1"]),
+    ]
+    for args, fragments in cases:
+        if args is not None:
+            assert_clear_error(run_script("train.py", *args), *fragments)
+    assert (run_copy / "ckpt.pt").read_bytes() == before  # nothing the user had was touched
+
+
+def test_a_truncated_checkpoint_is_refused_on_resume(tmp_path, dataset, trained_run):
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained_run, run_copy)
+    corrupt(run_copy / "ckpt.pt")
+    done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
+    assert_clear_error(done, "is not a readable checkpoint")
+
+
+def test_a_checkpoint_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path, dataset, trained_run):
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained_run, run_copy)
+    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    ckpt["model_args"]["vocab_size"] = 64
+    ckpt["model"] = {k: v[:64] if v.size(0) == 320 else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, run_copy / "ckpt.pt")
+    done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
+    assert_clear_error(done, "vocabulary of 64 tokens", "tokenizer has")
