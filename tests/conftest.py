@@ -1,0 +1,87 @@
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+# the scripts live in the repository root, one level up: make them importable as modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---- shared by the end-to-end tests of train.py, sample.py and bench.py -------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a tiny model that still learns something in 30 iterations on two cores
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
+              "--gradient_accumulation_steps=2", "--compile=False", "--dropout=0.1",
+              "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=30", "--min_lr=3e-4",
+              "--eval_interval=10", "--eval_iters=4", "--log_interval=1"]
+
+
+def run_script(script, *args, cwd=None, timeout=240):
+    """Run one of the project's scripts the way a user does, and capture what it says."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout)
+
+
+def assert_clear_error(done, *fragments):
+    """The promise for user errors: exit code 2, one line on stderr, no traceback."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def legal_documents(n, seed=0):
+    """n short made-up legal documents, varied enough to learn from and to split."""
+    rng = random.Random(seed)
+    parties = ["the Licensee", "the Licensor", "the Company", "the Tenant", "the Contractor"]
+    verbs = ["shall indemnify", "shall not assign", "may terminate", "shall pay", "shall notify"]
+    objects = ["this Agreement", "the Software", "any Derivative Works", "the Premises", "all fees due"]
+    tails = ["within thirty days.", "without prior written consent.", "under the laws of the State.",
+             "subject to Section 4.", "as set forth herein."]
+    docs = []
+    for i in range(n):
+        paragraphs = [f"SECTION {i + 1}. AGREEMENT NUMBER {1000 + i}"]
+        for _ in range(rng.randint(4, 8)):
+            sentences = [f"{rng.choice(parties).capitalize()} {rng.choice(verbs)} {rng.choice(objects)} "
+                         f"{rng.choice(tails)}" for _ in range(rng.randint(2, 5))]
+            paragraphs.append(" ".join(sentences))
+        docs.append("\n\n".join(paragraphs) + "\n")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(legal_documents(60)):
+        (folder / f"doc{i:03d}.txt").write_text(doc)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, corpus):
+    """A prepared dataset: (data_dir, name)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    done = run_script("prepare.py", f"--input={corpus}", "--dataset=tiny", f"--data_dir={data_dir}",
+                      "--vocab_size=320", "--val_fraction=0.1")
+    assert done.returncode == 0, done.stderr
+    return data_dir, "tiny"
+
+
+def train_args(dataset, out_dir, *more):
+    data_dir, name = dataset
+    return [f"--data_dir={data_dir}", f"--dataset={name}", f"--out_dir={out_dir}", *TINY_MODEL, *more]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, dataset):
+    """A run trained for 30 iterations; tests copy it before changing anything in it."""
+    out_dir = tmp_path_factory.mktemp("run") / "out"
+    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30"))
+    assert done.returncode == 0, done.stderr
+    return out_dir
