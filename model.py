@@ -255,8 +255,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused kernels on CUDA, multi-tensor (foreach) updates elsewhere
-        kind = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        # one fused kernel for the whole update on CUDA and CPU; multi-tensor (foreach) elsewhere
+        kind = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kind)
 
     def flops_per_token(self):

@@ -343,4 +343,5 @@ if master:
     log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "
         f"checkpoint {ckpt_path}")
 if ddp:
+    dist.barrier()  # wait for rank 0's last checkpoint: a process group torn down early aborts its peers
     dist.destroy_process_group()
