@@ -38,6 +38,7 @@ dtype = "auto"
 compile = True
 fp32_eager = False          # the plain baseline: float32, no compile
 compare = False             # run the configured path and the fp32 eager baseline, report both
+rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
@@ -47,23 +48,28 @@ from model import GPT, ModelConfig, peak_flops  # noqa: E402
 from runtime import autocast, pick_device, pick_dtype  # noqa: E402
 
 if compare:
-    # each path in its own process, so neither's memory peak or compiled code leaks into the other
-    results = {}
-    for name, extra in (("default", []), ("fp32_eager", ["--fp32_eager=True"])):
-        args = [f"--{k}={v}" for k, v in config.items() if k not in ("compare", "fp32_eager")]
-        done = subprocess.run([sys.executable, __file__, *args, *extra], capture_output=True, text=True)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            fail(f"the {name} run failed")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {json.dumps(results[name])}")
-    speedup = results["default"]["tok_per_s"] / results["fp32_eager"]["tok_per_s"]
-    print(f"speedup of the default path over fp32 eager: {speedup:.2f}x")
-    print(json.dumps({**results["default"], "fp32_eager": results["fp32_eager"], "speedup": round(speedup, 3)}))
+    # Each path runs in its own process, so neither's memory peak or compiled code leaks into the
+    # other; they take turns for `rounds` rounds so that a noisy neighbour slows both alike.
+    args = [f"--{k}={v}" for k, v in config.items() if k not in ("compare", "fp32_eager", "rounds")]
+    results = {"default": [], "fp32_eager": []}
+    for _ in range(rounds):
+        for name, extra in (("default", []), ("fp32_eager", ["--fp32_eager=True"])):
+            done = subprocess.run([sys.executable, __file__, *args, *extra], capture_output=True, text=True)
+            if done.returncode:
+                sys.stderr.write(done.stderr)
+                fail(f"the {name} run failed")
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{name}: {json.dumps(results[name][-1])}")
+    speedups = sorted(d["tok_per_s"] / b["tok_per_s"] for d, b in zip(results["default"], results["fp32_eager"]))
+    middle = {name: sorted(runs, key=lambda r: r["tok_per_s"])[rounds // 2] for name, runs in results.items()}
+    speedup = speedups[rounds // 2]
+    print(f"speedup of the default path over fp32 eager, median of {rounds} rounds: {speedup:.2f}x")
+    print(json.dumps({**middle["default"], "fp32_eager": middle["fp32_eager"], "speedup": round(speedup, 3),
+                      "speedups": [round(s, 3) for s in speedups]}))
     sys.exit(0)
 
-if iters < 1 or warmup_iters < 0:
-    fail("iters must be at least 1 and warmup_iters at least 0")
+if iters < 1 or warmup_iters < 0 or rounds < 1:
+    fail("iters and rounds must be at least 1, warmup_iters at least 0")
 try:
     device = pick_device(device)
     ptdtype = torch.float32 if fp32_eager else pick_dtype(device, dtype)

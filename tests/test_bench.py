@@ -21,15 +21,17 @@ def test_bench_prints_one_json_object_last():
 
 
 def test_compare_runs_the_fp32_eager_baseline_beside_the_default_path():
-    done = run_script("bench.py", *TINY, "--compare")
+    done = run_script("bench.py", *TINY, "--compare", "--rounds=3")
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     baseline = result["fp32_eager"]
     assert baseline["dtype"] == "float32" and baseline["compile"] is False
-    assert result["speedup"] == round(result["tok_per_s"] / baseline["tok_per_s"], 3)
+    assert result["compile"] is False and result["device"] == baseline["device"]
+    assert len(result["speedups"]) == 3 and result["speedup"] == result["speedups"][1]
+    assert sum(line.startswith("fp32_eager: ") for line in done.stdout.splitlines()) == 3
 
 
 def test_bad_settings_give_one_clear_line():
-    assert_clear_error(run_script("bench.py", *TINY, "--iters=0"), "iters must be at least 1")
+    assert_clear_error(run_script("bench.py", *TINY, "--iters=0"), "iters and rounds must be at least 1")
     assert_clear_error(run_script("bench.py", *TINY, "--n_head=3"), "must divide n_embd")
     assert_clear_error(run_script("bench.py", *TINY, "--dtype=fp8"), "dtype='fp8' is not one of")
