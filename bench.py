@@ -45,7 +45,7 @@ from configurator import configure, fail  # noqa: E402
 config = configure(globals())
 
 from model import GPT, ModelConfig, peak_flops  # noqa: E402
-from runtime import autocast, pick_device, pick_dtype  # noqa: E402
+from runtime import autocast, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
 
 if compare:
     # Each path runs in its own process, so neither's memory peak or compiled code leaks into the
@@ -78,6 +78,8 @@ except ValueError as e:
     fail(str(e))
 use_compile = compile and not fp32_eager
 device_type = device.split(":")[0]
+if device_type == "cpu":
+    keep_freed_memory()  # as train.py does, for both paths
 torch.manual_seed(seed)
 model = GPT(model_config).to(device)
 optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)

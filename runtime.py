@@ -3,9 +3,9 @@ What train.py, sample.py and bench.py share to run a model: picking the device a
 precision, and writing and reading checkpoints and run directories.
 """
 
+import ctypes
 import json
 import os
-import sys
 from contextlib import nullcontext
 
 import torch
@@ -64,6 +64,23 @@ def autocast(device, dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing big blocks back to the OS.
+
+    By default every block over a few MB (activations, gradients, logits) is unmapped
+    when freed and page-faulted back in, zeroed, on the next step: at the legal_small
+    shape on CPU that was ~1.1M page faults per 10 steps and 25-35% of the step time.
+    Costs some resident memory (peak RSS +7% bf16, up to +60% fp32). No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # blocks under 1 GiB come from the heap...
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # ...and the heap keeps up to 1 GiB free
 
 
 # ----------------------------------------------------------------------------------
@@ -126,7 +143,3 @@ def load_run(out_dir, device="cpu"):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def eprint(*args):
-    print(*args, file=sys.stderr, flush=True)

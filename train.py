@@ -74,7 +74,8 @@ from configurator import configure, fail  # noqa: E402  (settings above come fir
 config = configure(globals())
 
 from model import GPT, ModelConfig, peak_flops  # noqa: E402
-from runtime import append_jsonl, autocast, check_vocab, load_checkpoint, pick_device, pick_dtype, save_checkpoint  # noqa: E402
+from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, load_checkpoint,  # noqa: E402
+                     pick_device, pick_dtype, save_checkpoint)
 from tokenizer import load_tokenizer  # noqa: E402
 
 # ---- processes and device ---------------------------------------------------
@@ -104,6 +105,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+if device_type == "cpu":
+    keep_freed_memory()
 
 
 def log(*args):
