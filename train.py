@@ -131,16 +131,15 @@ try:
     with open(os.path.join(data_path, "meta.json")) as f:
         meta = json.load(f)
     tokenizer = load_tokenizer(data_path)
-except (OSError, ValueError) as e:
-    fail(f"cannot read the dataset at {data_path}: {e}")
-bins = {split: np.memmap(os.path.join(data_path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-        for split in ("train", "val")}
+    bins = {split: np.memmap(os.path.join(data_path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+            for split in ("train", "val")}
+    # bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
+    val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+    fail(f"cannot read the dataset at {data_path} ({type(e).__name__}: {e}); prepare it again with prepare.py")
 for split, data in bins.items():
     if len(data) <= block_size:
         fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-# bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
-val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
-
 
 TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)
 

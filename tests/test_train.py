@@ -89,8 +89,24 @@ def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
     assert meta["splits"]["train"]["bytes"] > 1_000_000
 
 
-def corrupt(path):
-    path.write_bytes(path.read_bytes()[:2000])
+def broken_dataset(tmp_path, dataset, breakage):
+    data_dir, name = dataset
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir / name, copy / name)
+    breakage(copy / name)
+    return copy, name
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda d: (d / "train.bin").unlink(),
+    lambda d: (d / "meta.json").write_text("{not json"),
+    lambda d: (d / "meta.json").write_text("{}"),
+    lambda d: (d / "tokenizer.bpe").write_text("garbage\n"),
+], ids=["missing train.bin", "meta.json not json", "meta.json empty object", "tokenizer file corrupt"])
+def test_a_broken_dataset_is_a_clear_error(tmp_path, dataset, breakage):
+    broken = broken_dataset(tmp_path, dataset, breakage)
+    done = run_script("train.py", *train_args(broken, tmp_path / "out", "--max_iters=5"))
+    assert_clear_error(done, "cannot read the dataset at", "prepare it again")
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, dataset, trained_run):
@@ -120,7 +136,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, dataset, trained_run):
 def test_a_truncated_checkpoint_is_refused_on_resume(tmp_path, dataset, trained_run):
     run_copy = tmp_path / "run"
     shutil.copytree(trained_run, run_copy)
-    corrupt(run_copy / "ckpt.pt")
+    (run_copy / "ckpt.pt").write_bytes((run_copy / "ckpt.pt").read_bytes()[:2000])
     done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
     assert_clear_error(done, "is not a readable checkpoint")
 
