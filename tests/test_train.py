@@ -150,3 +150,15 @@ def test_a_checkpoint_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tm
     torch.save(ckpt, run_copy / "ckpt.pt")
     done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
     assert_clear_error(done, "vocabulary of 64 tokens", "tokenizer has")
+
+
+def test_the_compiled_path_trains_like_eager(tmp_path, dataset):
+    # torch.compile is the default; it must give the same training within bf16 rounding
+    losses = {}
+    for compiled in (False, True):
+        out_dir = tmp_path / f"out-{compiled}"
+        done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=5", f"--compile={compiled}"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        losses[compiled] = train_losses(read_log(out_dir))
+    assert sorted(losses[True]) == [1, 2, 3, 4, 5]
+    assert all(abs(losses[True][i] - losses[False][i]) < 0.05 for i in range(1, 6))
