@@ -47,6 +47,8 @@ config = configure(globals())
 from model import GPT, ModelConfig, peak_flops  # noqa: E402
 from runtime import autocast, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
 
+if iters < 1 or warmup_iters < 0 or rounds < 1:
+    fail("iters and rounds must be at least 1, warmup_iters at least 0")
 if compare:
     # Each path runs in its own process, so neither's memory peak or compiled code leaks into the
     # other; they take turns for `rounds` rounds so that a noisy neighbour slows both alike.
@@ -68,8 +70,6 @@ if compare:
                       "speedups": [round(s, 3) for s in speedups]}))
     sys.exit(0)
 
-if iters < 1 or warmup_iters < 0 or rounds < 1:
-    fail("iters and rounds must be at least 1, warmup_iters at least 0")
 try:
     device = pick_device(device)
     ptdtype = torch.float32 if fp32_eager else pick_dtype(device, dtype)

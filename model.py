@@ -275,12 +275,16 @@ class GPT(nn.Module):
         token for token as without a cache.
         """
         cache = None
+        # the cache holds keys/values in the dtype attention computes in, so no step re-casts it
+        device_type = idx.device.type
+        cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                       else self.lm_head.weight.dtype)
         for _ in range(max_new_tokens):
             window = idx[:, -self.config.block_size:]
             if not use_cache:
                 logits, _ = self(window)
             elif cache is None or cache.pos + 1 > self.config.block_size:
-                cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
                 logits, _ = self(window, cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

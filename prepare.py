@@ -222,9 +222,9 @@ def chunks(docs, max_bytes):
         yield chunk, size
 
 
-def encode_split(tok, name, docs, path, dtype, workers):
-    """Write the tokens of docs, each followed by end-of-text, to path; return the token count."""
-    total = sum(len(d.encode()) for d in docs)
+def encode_split(tok, name, docs, total, path, dtype, workers):
+    """Write the tokens of docs (total bytes of text), each followed by end-of-text, to path;
+    return the token count."""
     tokens, done, start = 0, 0, time.time()
     with open(path, "wb") as f:
         # ~4 MB of text per thread: enough to keep the threads busy, little enough to show progress
@@ -263,7 +263,9 @@ def main():
             fail(f"no text in the val input: {val_input}")
     else:
         train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    mb = sum(len(d.encode()) for d in train_docs + val_docs) / 1e6
+    split_docs = {"train": train_docs, "val": val_docs}
+    split_bytes = {name: sum(len(d.encode()) for d in texts) for name, texts in split_docs.items()}
+    mb = sum(split_bytes.values()) / 1e6
     print(f"read {stats['files']} files ({stats['skipped']} skipped: not .txt/.jsonl), "
           f"{stats['empty']} empty documents dropped")
     if dedup:
@@ -295,11 +297,11 @@ def main():
         files = tok.save(tmp)
         tok = load_tokenizer(tmp)  # encode with what was saved, as every later script will
         splits, t0 = {}, time.time()
-        for name, split_docs in (("train", train_docs), ("val", val_docs)):
-            tokens = encode_split(tok, name, split_docs, os.path.join(tmp, f"{name}.bin"), dtype, workers)
-            nbytes = sum(len(d.encode()) for d in split_docs)
-            splits[name] = {"tokens": tokens, "bytes": nbytes, "documents": len(split_docs)}
-            print(f"{name}: {len(split_docs)} documents, {nbytes / 1e6:.2f} MB -> {tokens:,} tokens")
+        for name, texts in split_docs.items():
+            nbytes = split_bytes[name]
+            tokens = encode_split(tok, name, texts, nbytes, os.path.join(tmp, f"{name}.bin"), dtype, workers)
+            splits[name] = {"tokens": tokens, "bytes": nbytes, "documents": len(texts)}
+            print(f"{name}: {len(texts)} documents, {nbytes / 1e6:.2f} MB -> {tokens:,} tokens")
         speed = mb / max(time.time() - t0, 1e-9)
         print(f"encoded {mb:.2f} MB at {speed:.1f} MB/s with {workers} threads ({speed / workers:.1f} MB/s per thread)")
         meta = {

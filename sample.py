@@ -48,8 +48,7 @@ try:
 except ValueError as e:
     fail(str(e))
 
-torch.manual_seed(seed)
-generator = torch.Generator(device=device).manual_seed(seed)
+generator = torch.Generator(device=device).manual_seed(seed)  # the only randomness in sampling
 if compile:
     model = torch.compile(model)
 
@@ -62,7 +61,7 @@ if len(ids) > block_size:
     ids = ids[-block_size:]
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
-with torch.no_grad(), autocast(device, ptdtype):
+with autocast(device, ptdtype):
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        use_cache=use_cache, generator=generator)
 for row in y.tolist():

@@ -158,11 +158,13 @@ def batch_generator(*key):
 def get_batch(split, generator):
     data = bins[split]
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    # one read of block_size+1 tokens per row: inputs are its first block_size, targets its last
+    windows = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
     if device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
 
 
 # ---- model ------------------------------------------------------------------
@@ -184,7 +186,7 @@ elif init_from == "scratch":
     if os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
     # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
-    model_args = {**config, "vocab_size": 64 * math.ceil(meta["vocab_size"] / 64)}
+    model_args = {**config, "vocab_size": 64 * math.ceil(tokenizer.vocab_size / 64)}
 else:
     fail(f"init_from={init_from!r} is not one of scratch, resume")
 try:
@@ -231,22 +233,23 @@ log_path = os.path.join(out_dir, "log.jsonl")
 def estimate_loss():
     """Mean loss over eval_iters batches per split, drawn the same way at every eval."""
     model.eval()
-    out = {}
+    means = []
     for split in ("train", "val"):
         generator = batch_generator(EVAL_BATCHES, split == "val", rank)
-        losses = torch.zeros(eval_iters)
+        losses = torch.zeros(eval_iters, device=device)
         for k in range(eval_iters):
             x, y = get_batch(split, generator)
             with ctx:
                 _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            losses[k] = loss  # stays on the device: no wait for it batch by batch
+        means.append(losses.mean())
+    means = torch.stack(means)
     if ddp:
-        both = torch.tensor([out["train"], out["val"]], device=device)
-        dist.all_reduce(both)
-        out = {"train": both[0].item() / world_size, "val": both[1].item() / world_size}
+        dist.all_reduce(means)
+        means /= world_size
     model.train()
-    return out
+    train_loss, val_loss = means.tolist()
+    return {"train": train_loss, "val": val_loss}
 
 
 def get_lr(it):

@@ -97,3 +97,13 @@ def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     # the first token holds 0.64 of the mass, the first two 0.87: nucleus 0.8 needs exactly two
     assert set(sample_next(logits, 1.0, top_p=0.8, generator=g).flatten().tolist()) == {0, 1}
     assert set(sample_next(logits, 0).flatten().tolist()) == {0}
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = tiny(bias=True, tie_embeddings=False)
+    decay, no_decay = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(p is model.lm_head.weight for p in decay["params"])
+    assert any(p is model.ln_f.bias for p in no_decay["params"])

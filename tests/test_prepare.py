@@ -1,24 +1,20 @@
 import json
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import assert_clear_error, run_script
 from prepare import dedup_paragraphs, legal_corpus_documents, new_stats, split_documents
 from tokenizer import load_tokenizer
 
-PREPARE = Path(__file__).resolve().parents[1] / "prepare.py"
 WORDS = ("licensee licensor agreement party warranty liability damages notice termination breach "
          "indemnify govern jurisdiction court clause section software copyright license consent").split()
 
 
 def prepare(cwd, *args):
-    return subprocess.run([sys.executable, str(PREPARE), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return run_script("prepare.py", *args, cwd=cwd, timeout=60)
 
 
 def document(i, paragraphs=3):
@@ -203,12 +199,9 @@ def test_the_same_input_and_seed_give_the_same_files(prepared):
 def fails_cleanly(prepared, *args):
     root, out, _, _, snapshot = prepared
     result = prepare(root, "--dataset=tiny", f"--data_dir={root / 'data'}", "--vocab_size=350", *args)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert_clear_error(result)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot  # nothing changed, nothing left behind
-    return lines[0]
+    return result.stderr.strip()
 
 
 def test_an_input_that_does_not_exist_is_an_error(prepared):

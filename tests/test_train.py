@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -39,6 +40,19 @@ def test_training_lowers_the_loss_and_leaves_a_complete_run_directory(trained_ru
     assert {"model", "optimizer", "model_args", "config", "sampler"} <= ckpt.keys()
     assert ckpt["config"]["max_iters"] == 30
     assert not any(name.endswith(".tmp") for name in os.listdir(trained_run))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr(trained_run):
+    # TINY_MODEL: learning_rate 3e-3, warmup_iters 5, lr_decay_iters 30, min_lr 3e-4; step i logs the lr it used
+    lr = {r["iter"]: r["lr"] for r in read_log(trained_run) if "val_loss" not in r}
+    warmup = [lr[i] for i in range(1, 7)]
+    assert all(a < b for a, b in zip(warmup, warmup[1:])) and lr[6] == pytest.approx(3e-3)
+    assert all(abs((lr[i + 1] - lr[i]) - (lr[2] - lr[1])) < 1e-9 for i in range(1, 5))  # linear
+    decay = [lr[i] for i in range(6, 31)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    for i in range(6, 31):  # cosine from the peak to min_lr over the iterations 5..30
+        assert lr[i] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * (i - 1 - 5) / 25)) * (3e-3 - 3e-4))
+    assert 3e-4 < lr[30] < 3.2e-4
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, dataset, trained_run):
