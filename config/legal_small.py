@@ -1,4 +1,4 @@
-# A small legal-text model that trains on a 2-core laptop CPU in about 5 minutes:
+# A small legal-text model that trains on a 2-core laptop CPU in 5½ to 6½ minutes:
 #   python train.py config/legal_small.py
 #   python sample.py --out_dir=out-legal-small --start="The Licensee shall"
 # and the same model with DDP, two processes (gloo on CPU, nccl on GPUs):
