@@ -1,24 +1,45 @@
 """
 Raw text -> documents -> tokens -> data/<dataset>/{train.bin, val.bin, meta.json, tokenizer files}.
 
-    python prepare.py                                  # the built-in legal corpus -> data/legal/
+    python prepare.py                                           # the built-in legal corpus -> data/legal/
     python prepare.py --input=contracts/,cases.jsonl --dataset=contracts
+    python prepare.py --input='court/**/*.parquet' --text_column=opinion --tokenizer=unigram
+    python prepare.py --input=qa.jsonl --dataset=qa             # prompt/response pairs -> also *_mask.bin
 
-The built-in corpus needs no network: the license texts in /usr/share/common-licenses
-and the /usr/share/doc/*/copyright files every Debian/Ubuntu machine ships, one file a
-document. Paragraphs repeated anywhere in the input are dropped (first one kept), so
-a held-out val never shares a paragraph with train. Val is whole held-out documents,
-chosen with the seed, or the documents of --val_input, taken as they are. The tokenizer
-learns from train only. Every
-document is followed by the end-of-text token; the .bin files are raw uint16 (uint32
-for vocabularies over 65536) arrays, read with np.memmap(path, dtype, mode="r").
-Outputs are written to a temporary folder and moved into place only when all of them
-are done, so a failed run leaves an existing dataset as it was.
+Inputs: files, folders (recursive) and globs of .txt and .md (a file is a document),
+.jsonl (a line is a document: its "text" or "content" field, or a "prompt" and a
+"response"), .csv (a row; the column --text_column=), .parquet, .arrow and .feather
+(a row; these need pyarrow), any of them compressed as .gz or .zst (zstandard), and a
+Hugging Face dataset with --hf_dataset= (needs `datasets` and the network). In a
+folder, binary files and unknown formats are skipped and counted. With no input, the
+built-in corpus: the license texts in /usr/share/common-licenses and the
+/usr/share/doc/*/copyright files every Debian/Ubuntu machine ships, a file a document.
+
+The corpus is streamed, never held in memory, in two passes over the input:
+1. the tokenizer learns from the first tokenizer_train_bytes of train text;
+2. every document is encoded (threads) and appended to train.bin or val.bin, each
+   followed by the end-of-text token.
+Paragraphs repeated anywhere are dropped (first kept), so val never shares a paragraph
+with train; a prompt/response pair is dropped when the same pair came before. Val is
+whole documents: when the first pass saw the whole corpus, exactly val_fraction of them
+chosen with the seed; for larger corpora each document independently with that
+probability. --val_input= gives the val documents instead.
+
+Prompt/response documents also get a loss mask, {split}_mask.bin (uint8, 1 = this
+token is a target the loss counts): their prompt tokens are 0; the response and its
+end-of-text are 1, as is all plain text. The .bin files are raw uint16 (uint32 for
+vocabularies over 65536), read with np.memmap(path, dtype, mode="r"). Everything is
+written to a temporary folder and moved into place only when all of it is done, so a
+failed run leaves an existing dataset as it was.
 """
 
 import codecs
+import concurrent.futures
+import contextlib
 import glob
-import hashlib
+import gzip
+import io
+import itertools
 import json
 import os
 import random
@@ -27,21 +48,25 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 
 # -----------------------------------------------------------------------------
 # input
-input = ""           # files or folders (comma-separated) of .txt and .jsonl; "" = the built-in legal corpus
-val_input = ""       # files/folders to use as the val split instead of holding out documents
+input = ""           # files, folders, globs (comma-separated); "" = the built-in legal corpus
+val_input = ""       # files/folders/globs to use as the val split instead of holding out documents
+hf_dataset = ""      # a Hugging Face dataset name, streamed (needs the `datasets` package and the network)
+hf_split = "train"
+text_column = "text" # the field holding the text in .jsonl/.csv/.parquet/.arrow rows ("content" also works)
 dedup = True         # drop paragraphs (whitespace-normalized) already seen in an earlier document
 # output
 dataset = "legal"    # writes data_dir/dataset/
 data_dir = "data"
 # tokenizer
-tokenizer = "bpe"
+tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
 vocab_size = 8192    # special tokens included
-tokenizer_train_bytes = 50_000_000  # learn the tokenizer from about this much train text
+tokenizer_train_bytes = 20_000_000  # learn the tokenizer from about this much train text
 # split
 val_fraction = 0.05  # fraction of documents (whole documents) held out for val
 seed = 1337
@@ -50,11 +75,14 @@ num_workers = 0      # encoding threads (tiktoken releases the GIL; faster than 
 # -----------------------------------------------------------------------------
 
 from configurator import configure, fail
-from tokenizer import load_tokenizer, train_tokenizer
+from tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 LEGAL_CORPUS = ("/usr/share/common-licenses/*", "/usr/share/doc/*/copyright")
-TEXT_EXTENSIONS = (".txt", ".jsonl")
+FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet", ".arrow", ".feather")
+COMPRESSED = (".gz", ".zst")
 PARAGRAPH_BREAK = re.compile(r"(\n(?:[^\S\n]*\n)+)")  # one or more blank lines, kept by split()
+SURROGATE = re.compile("[\ud800-\udfff]")
+READ_CHARS = 1 << 20  # a .txt file is read (and deduplicated, and encoded) in segments of about this size
 
 # Bytes that are not UTF-8 become U+FFFD, as with errors="replace", and are counted.
 _replaced_bytes = 0
@@ -70,60 +98,259 @@ codecs.register_error("nanolex_count_replace", _count_and_replace)
 
 
 def new_stats():
-    return {"files": 0, "skipped": 0, "empty": 0, "replaced_bytes": 0, "replaced_files": 0}
+    return {"files": 0, "binary": 0, "unknown": {}, "empty": 0, "replaced_bytes": 0, "replaced_files": 0,
+            "paragraphs": 0, "repeats": 0, "repeated_pairs": 0}
 
 
-def read_text(path, stats):
-    """A file's text; a file that cannot be read is a user error."""
+class Progress:
+    """One line on stderr: input megabytes read (finished files plus the position in the open
+    one) of the total, MB/s, ETA and tokens written."""
+
+    def __init__(self, total):
+        self.total, self.done, self.file, self.tokens = total, 0, None, 0
+        self.start = self.shown = time.time()
+
+    def opened(self, raw):
+        self.file = raw
+
+    def closed(self, size):
+        self.done, self.file = self.done + size, None
+
+    def show(self, tokens, final=False):
+        self.tokens += tokens
+        if not final and time.time() - self.shown < 0.5:
+            return
+        self.shown = time.time()
+        done = self.total if final else self.done + (self.file.tell() if self.file and not self.file.closed else 0)
+        speed = done / 1e6 / max(time.time() - self.start, 1e-9)
+        line = f"\rencoding: read {done / 1e6:,.1f}"
+        if self.total:
+            eta = (self.total - done) / 1e6 / speed if speed else 0
+            line += f"/{self.total / 1e6:,.1f} MB ({100 * done / self.total:.0f}%), {speed:.1f} MB/s, ETA {eta:.0f}s"
+        else:
+            line += f" MB, {speed:.1f} MB/s"
+        print(line + f", {self.tokens:,} tokens", end="\n" if final else "", file=sys.stderr, flush=True)
+
+
+# -- reading: every format becomes documents, a document being a sequence of (text, counts_in_loss) --------
+
+def format_of(path):
+    """(format extension, compression extension or '') from a name like cases.jsonl.gz."""
+    name = path.lower()
+    for comp in COMPRESSED:
+        if name.endswith(comp):
+            return os.path.splitext(name[:-len(comp)])[1], comp
+    return os.path.splitext(name)[1], ""
+
+
+def open_binary(path, progress):
+    """The file's bytes, decompressed; progress follows the position in the file on disk."""
+    raw = open(path, "rb")
+    progress.opened(raw)
+    comp = format_of(path)[1]
+    if comp == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if comp == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raw.close()
+            fail(f"{path}: reading .zst files needs the zstandard package (pip install zstandard)")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
+
+
+def read_error(e):
+    """Is e a failure to read or decompress a file (rather than a bug)?"""
+    return isinstance(e, (OSError, EOFError, zlib.error)) or type(e).__name__ == "ZstdError"
+
+
+def looks_binary(path):
+    """NUL bytes in the first 8 KB (after decompression) mean this is not text."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        fail(f"cannot read {path}: {e.strerror or e}")
+        with open_binary(path, Progress(0)) as f:
+            return b"\x00" in f.read(8192)
+    except Exception as e:
+        if read_error(e):
+            return False  # reading it for real says what is wrong
+        raise
+
+
+@contextlib.contextmanager
+def reading(path, progress, stats, text=True):
+    """The file as a text stream (or None, for pyarrow to open); a failure to read it is a user error.
+
+    Bytes that are not UTF-8 are replaced by U+FFFD and counted.
+    """
     before = _replaced_bytes
-    text = data.decode("utf-8", errors="nanolex_count_replace")
     stats["files"] += 1
+    try:
+        if not text:
+            yield None
+        else:
+            with io.TextIOWrapper(open_binary(path, progress), encoding="utf-8",
+                                  errors="nanolex_count_replace", newline="") as f:
+                yield f
+    except Exception as e:
+        if not read_error(e):
+            raise
+        fail(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    finally:
+        progress.closed(os.path.getsize(path) if os.path.isfile(path) else 0)
     if _replaced_bytes > before:
         stats["replaced_bytes"] += _replaced_bytes - before
         stats["replaced_files"] += 1
-    return text
 
 
-def jsonl_documents(path, text):
-    """One document per line: the line's "text" field, or else its "content" field."""
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+def paragraph_cut(text):
+    """Where to cut text so that both sides end/start at a paragraph: just after a blank line
+    that a non-space character follows (tokenizers split there anyway); -1 if nowhere."""
+    cut = text.rfind("\n\n")
+    while cut != -1 and (cut + 2 >= len(text) or text[cut + 2].isspace()):
+        cut = text.rfind("\n\n", 0, cut)
+    return cut + 2 if cut != -1 else -1
+
+
+def text_document(path, progress, stats):
+    """A .txt/.md file is one document, read in segments of about READ_CHARS cut between paragraphs."""
+    with reading(path, progress, stats) as f:
+        rest = ""
+        while chunk := f.read(READ_CHARS):
+            text = rest + chunk
+            cut = paragraph_cut(text)
+            if cut == -1 and len(text) < 8 * READ_CHARS:  # no paragraph break yet: read on
+                rest = text
+                continue
+            cut = len(text) if cut == -1 else cut
+            yield text[:cut], True
+            rest = text[cut:]
+        if rest:
+            yield rest, True
+
+
+def record_document(record, where):
+    """A row of .jsonl/.csv/.parquet/.arrow or of a Hugging Face dataset as a document; a null text is empty."""
+    if isinstance(record, dict):
+        for field in (text_column, "content"):
+            if field in record:
+                value = record[field]
+                if isinstance(value, str):
+                    return [(value, True)]
+                if value is None:
+                    return []
+                break
+        else:
+            prompt, response = record.get("prompt"), record.get("response")
+            if isinstance(prompt, str) and isinstance(response, str):
+                return [(prompt, False), (response, True)]
+    fields = f'"{text_column}" or "content"' if text_column != "content" else '"content"'
+    fail(f'{where}: expected a JSON object with a string field {fields}, or string fields "prompt" and "response"')
+
+
+def jsonl_documents(path, progress, stats):
+    with reading(path, progress, stats) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: not valid JSON ({e.msg})")
+            yield record_document(record, f"{path}:{n}")
+
+
+def check_columns(path, columns):
+    if not {text_column, "content"} & set(columns) and not {"prompt", "response"} <= set(columns):
+        fail(f"{path}: no column {text_column!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
+             "name the text column with --text_column=")
+
+
+def csv_documents(path, progress, stats):
+    import csv
+    csv.field_size_limit(2**31 - 1)  # a legal document is longer than csv's default 128 KB
+    with reading(path, progress, stats) as f:
+        rows = csv.reader(f)
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{n}: not valid JSON ({e.msg})")
-        doc = record.get("text", record.get("content")) if isinstance(record, dict) else None
-        if not isinstance(doc, str):
-            fail(f"{path}:{n}: expected a JSON object with a string field \"text\" or \"content\"")
-        yield doc
+            header = next(rows, None)
+            if header is None:
+                return
+            check_columns(path, header)
+            for n, row in enumerate(rows, 2):
+                yield record_document(dict(zip(header, row)), f"{path}:{n}")
+        except csv.Error as e:
+            fail(f"{path}:{rows.line_num}: not valid CSV ({e})")
+
+
+def arrow_documents(path, progress, stats):
+    """Rows of a .parquet, .arrow or .feather file, a batch at a time (Arrow files are memory-mapped)."""
+    kind = format_of(path)[0]
+    try:
+        import pyarrow as pa
+        import pyarrow.feather
+        import pyarrow.parquet
+    except ImportError:
+        fail(f"{path}: reading {kind} files needs the pyarrow package (pip install pyarrow)")
+    stats["files"] += 1
+    try:
+        if kind == ".parquet":
+            parquet = pyarrow.parquet.ParquetFile(path)
+            columns = parquet.schema_arrow.names
+        else:
+            try:  # the Arrow IPC file format, which .feather (v2) is too
+                table = pyarrow.feather.read_table(path, memory_map=True)
+            except pa.ArrowInvalid:  # the IPC stream format, which Hugging Face's .arrow files are
+                table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+            columns = table.column_names
+        check_columns(path, columns)
+        keep = [c for c in (text_column, "content", "prompt", "response") if c in columns]
+        batches = (parquet.iter_batches(batch_size=1024, columns=keep) if kind == ".parquet"
+                   else table.select(keep).to_batches(max_chunksize=1024))
+        n = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                n += 1
+                yield record_document(record, f"{path}:row {n}")
+    except (OSError, pa.ArrowException) as e:
+        fail(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    finally:
+        progress.closed(os.path.getsize(path) if os.path.isfile(path) else 0)
+
+
+READERS = {".txt": lambda *a: [text_document(*a)], ".md": lambda *a: [text_document(*a)],
+           ".jsonl": jsonl_documents, ".csv": csv_documents,
+           ".parquet": arrow_documents, ".arrow": arrow_documents, ".feather": arrow_documents}
 
 
 def input_files(spec, stats):
-    """The .txt/.jsonl files named by a comma-separated list of files and folders, each real file once."""
+    """The files named by a comma-separated list of files, folders and globs, each real file once."""
     files = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        if not os.path.exists(item):
+        if any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                fail(f"no files match {item}")
+            files += [p for p in matches if os.path.isfile(p) and format_of(p)[0] in FORMATS]
+            continue
+        if not os.path.exists(item) and not os.path.islink(item):
             fail(f"input not found: {item}")
         if os.path.isdir(item):
             for root, dirs, names in os.walk(item):
                 dirs.sort()
                 for name in sorted(names):
-                    if name.lower().endswith(TEXT_EXTENSIONS):
-                        files.append(os.path.join(root, name))
+                    path = os.path.join(root, name)
+                    ext = format_of(name)[0]
+                    if ext not in FORMATS:
+                        stats["unknown"][ext or "(none)"] = stats["unknown"].get(ext or "(none)", 0) + 1
+                    elif ext in (".txt", ".md", ".jsonl", ".csv") and looks_binary(path):
+                        stats["binary"] += 1
                     else:
-                        stats["skipped"] += 1
-        elif item.lower().endswith(TEXT_EXTENSIONS):
+                        files.append(path)
+        elif format_of(item)[0] in FORMATS:
             files.append(item)
         else:
-            fail(f"{item}: not a .txt or .jsonl file")
+            fail(f"{item}: not a supported format ({', '.join(FORMATS)}, optionally .gz or .zst)")
     seen, unique = set(), []
     for path in files:
         real = os.path.realpath(path)
@@ -133,111 +360,216 @@ def input_files(spec, stats):
     return unique
 
 
-def read_documents(paths, stats):
-    """Documents from .txt files (one per file) and .jsonl files (one per line), blank ones dropped."""
-    docs = []
-    for path in paths:
-        text = read_text(path, stats)
-        for doc in jsonl_documents(path, text) if path.lower().endswith(".jsonl") else [text]:
-            if doc.strip():
-                docs.append(doc)
-            else:
-                stats["empty"] += 1
-    return docs
-
-
-def legal_corpus_documents(stats):
-    """The built-in legal corpus: license and copyright texts, one file a document, each real file once."""
+def legal_corpus_files():
     paths = sorted(p for pattern in LEGAL_CORPUS for p in glob.glob(pattern) if os.path.isfile(p))
     if not paths:
         fail("the built-in legal corpus needs /usr/share/common-licenses or /usr/share/doc/*/copyright "
              "(Debian/Ubuntu); give your own text with --input=...")
-    seen, docs = set(), []
+    seen, unique = set(), []
     for path in paths:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            docs.extend(read_documents([path], stats))
-    return docs
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            unique.append(path)
+    return unique
 
 
-def dedup_paragraphs(docs):
-    """Drop every paragraph (text between blank lines) whose whitespace-normalized text came before.
+def file_documents(paths, progress, stats):
+    for path in paths:
+        # the built-in corpus's copyright files have no extension: they are text
+        yield from READERS.get(format_of(path)[0], READERS[".txt"])(path, progress, stats)
 
-    Returns (documents, paragraphs kept, paragraphs dropped). A document with nothing
-    dropped is returned unchanged; one with nothing left is dropped.
+
+def hf_documents():
+    """The rows of a Hugging Face dataset, streamed."""
+    try:
+        import datasets
+    except ImportError:
+        fail(f"--hf_dataset={hf_dataset} needs the datasets package (pip install datasets)")
+    try:
+        rows = datasets.load_dataset(hf_dataset, split=hf_split, streaming=True)
+        for n, record in enumerate(rows, 1):
+            yield record_document(record, f"{hf_dataset}:row {n}")
+    except Exception as e:  # offline, no such dataset, no such split: whatever the library raises
+        message = (str(e).splitlines() or [""])[0][:200]
+        fail(f"cannot load the Hugging Face dataset {hf_dataset!r} (split {hf_split!r}): it needs the network "
+             f"the first time ({type(e).__name__}: {message})")
+
+
+def deduplicated(docs, seen, stats, drop_repeats):
+    """Documents as iterators of non-empty (text, counts_in_loss) segments, without the paragraphs
+    or prompt/response pairs seen before; a document with nothing left is dropped.
+
+    `seen` holds hashes of whitespace-normalized paragraphs and of pairs (Python's hash:
+    stable within this one process, which is all the two passes need).
     """
-    seen, out, kept, dropped = set(), [], 0, 0
     for doc in docs:
-        pieces = PARAGRAPH_BREAK.split(doc)  # paragraph, break, paragraph, ..., paragraph
-        parts = []
-        for paragraph, brk in zip(pieces[0::2], pieces[1::2] + [""]):
-            key = " ".join(paragraph.split())
-            if key:
-                digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-                if digest in seen:
-                    dropped += 1
-                    continue
-                seen.add(digest)
-                kept += 1
-            parts.append(paragraph + brk)
-        doc = "".join(parts)
-        if doc.strip():
-            out.append(doc)
-    return out, kept, dropped
+        if isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
+            key = hash((doc[0][0], doc[1][0]))
+            if drop_repeats and key in seen:
+                stats["repeated_pairs"] += 1
+                continue
+            seen.add(key)
+            segments = iter(doc)
+        else:
+            segments = ((dedup_paragraphs(text, seen, stats) if drop_repeats else text, loss) for text, loss in doc)
+        segments = ((text, loss) for text, loss in segments if text)
+        held = []
+        for segment in segments:  # look ahead to the first segment with more than whitespace
+            held.append(segment)
+            if segment[0].strip():
+                break
+        else:
+            stats["empty"] += 1
+            continue
+        yield itertools.chain(held, segments)
 
 
-def split_documents(docs, val_fraction, seed):
-    """(train, val): whole documents, at least one in each, val chosen at random with the seed."""
-    if len(docs) < 2:
-        fail(f"need at least 2 documents to hold out a val split, got {len(docs)}: "
-             "give more documents, or the val documents with --val_input=...")
-    n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
-    val_ids = set(random.Random(seed).sample(range(len(docs)), n_val))
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
-    val = [d for i, d in enumerate(docs) if i in val_ids]
-    return train, val
+def dedup_paragraphs(text, seen, stats):
+    """text without the paragraphs (text between blank lines) whose whitespace-normalized text came before."""
+    pieces = PARAGRAPH_BREAK.split(text)  # paragraph, break, paragraph, ..., paragraph
+    keys = [hash(key) if (key := " ".join(p.split())) else None for p in pieces[0::2]]
+    new = [k for k in keys if k is not None]
+    if seen.isdisjoint(new) and len(set(new)) == len(new):  # the common case: nothing repeats
+        seen.update(new)
+        stats["paragraphs"] += len(new)
+        return text
+    parts = []
+    for paragraph, brk, key in zip(pieces[0::2], pieces[1::2] + [""], keys):
+        if key is not None:
+            if key in seen:
+                stats["repeats"] += 1
+                continue
+            seen.add(key)
+            stats["paragraphs"] += 1
+        parts.append(paragraph + brk)
+    return "".join(parts)
 
 
-def first_bytes(docs, max_bytes):
-    """Documents from the start until about max_bytes of text."""
-    left = max_bytes
-    for doc in docs:
-        if left <= 0:
+# -- writing: documents -> tokens (+ loss mask) in a .bin file ----------------------------------------------
+
+class SplitWriter:
+    """Appends documents to {name}.bin (and {name}_mask.bin), encoding them in batches on a thread pool.
+
+    While one batch is being encoded the next one is read, so reading, deduplication and
+    encoding overlap. The loss mask file is started only when the first prompt/response
+    document comes, with ones for every token written before it.
+    """
+
+    def __init__(self, folder, name, tok, dtype, pool, workers, progress):
+        self.folder, self.name, self.tok, self.dtype, self.pool, self.workers = folder, name, tok, dtype, pool, workers
+        self.progress, self.batch_chars = progress, workers * 2**21
+        self.file = open(os.path.join(folder, f"{name}.bin"), "wb")
+        self.mask = None
+        self.pending, self.pending_chars, self.masked, self.encoding = [], 0, False, None
+        self.tokens = self.bytes = self.documents = 0
+
+    def add(self, segments):
+        for text, loss in segments:
+            try:
+                self.bytes += len(text.encode())
+            except UnicodeEncodeError:  # lone surrogates, from JSON escapes say: as U+FFFD
+                text = SURROGATE.sub("\ufffd", text)
+                self.bytes += len(text.encode())
+            self.pending.append((text, loss))
+            self.pending_chars += len(text)
+            self.masked |= not loss
+            if self.pending_chars >= self.batch_chars:
+                self.flush()
+        self.pending.append(None)  # end of document
+        self.documents += 1
+
+    def flush(self):
+        """Start encoding the pending batch; write the one before it, whose encoding had time to finish."""
+        texts = [seg[0] for seg in self.pending if seg is not None]
+        step = -(-len(texts) // self.workers) or 1
+        jobs = [self.pool.submit(self.tok.encode_batch, texts[i:i + step], 1) for i in range(0, len(texts), step)]
+        if self.encoding:
+            self.write(*self.encoding)
+        self.encoding = (self.pending, jobs)
+        self.pending, self.pending_chars = [], 0
+
+    def write(self, segments, jobs):
+        encoded = itertools.chain.from_iterable(job.result() for job in jobs)
+        ids, mask = [], []
+        for seg in segments:
+            piece = next(encoded) if seg is not None else [self.tok.eot_id]
+            ids.append(np.array(piece, dtype=self.dtype))
+            if self.masked:
+                mask.append(np.full(len(piece), seg is None or seg[1], dtype=np.uint8))
+        if not ids:
             return
-        yield doc
-        left -= len(doc.encode())
+        ids = np.concatenate(ids)
+        ids.tofile(self.file)
+        if self.masked:
+            if self.mask is None:
+                self.mask = open(os.path.join(self.folder, f"{self.name}_mask.bin"), "wb")
+                ones(self.mask, self.tokens)
+            np.concatenate(mask).tofile(self.mask)
+        self.tokens += len(ids)
+        self.progress.show(len(ids))
+
+    def close(self, masked):
+        """Write the rest; `masked` asks for a mask file even if no document here needed one."""
+        self.flush()
+        self.write(*self.encoding)
+        self.file.close()
+        if masked and self.mask is None:
+            with open(os.path.join(self.folder, f"{self.name}_mask.bin"), "wb") as f:
+                ones(f, self.tokens)
+        elif self.mask is not None:
+            self.mask.close()
+        return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents}
 
 
-def chunks(docs, max_bytes):
-    """Runs of consecutive documents of about max_bytes of text each, with their size: (docs, bytes)."""
-    chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        size += len(doc.encode())
-        if size >= max_bytes:
-            yield chunk, size
-            chunk, size = [], 0
-    if chunk:
-        yield chunk, size
+def ones(f, n, block=1 << 24):
+    while n > 0:
+        np.ones(min(n, block), dtype=np.uint8).tofile(f)
+        n -= block
 
 
-def encode_split(tok, name, docs, total, path, dtype, workers):
-    """Write the tokens of docs (total bytes of text), each followed by end-of-text, to path;
-    return the token count."""
-    tokens, done, start = 0, 0, time.time()
-    with open(path, "wb") as f:
-        # ~4 MB of text per thread: enough to keep the threads busy, little enough to show progress
-        for chunk, size in chunks(docs, workers * 2**22):
-            batch = tok.encode_batch(chunk, num_threads=workers)
-            ids = np.concatenate([np.array(b + [tok.eot_id], dtype=dtype) for b in batch])
-            ids.tofile(f)
-            tokens, done = tokens + len(ids), done + size
-            seconds = time.time() - start
-            print(f"\rencoding {name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB, "
-                  f"{done / 1e6 / max(seconds, 1e-9):.1f} MB/s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return tokens
+# -- the two passes ----------------------------------------------------------------------------------------
+
+def corpus_documents(paths, progress, stats):
+    """The training input as a stream of deduplicated documents; each pass calls this anew."""
+    docs = file_documents(paths, progress, stats)
+    if hf_dataset:
+        docs = itertools.chain(docs, hf_documents())
+    return deduplicated(docs, set(), stats, dedup)
+
+
+def held_out(index):
+    """For a corpus larger than the first pass: each document is val with probability val_fraction.
+    (A tuple of ints hashes the same in every process, unlike a string.)"""
+    return hash((seed, index)) % 1_000_003 < val_fraction * 1_000_003
+
+
+def tokenizer_sample(paths):
+    """Pass 1: the first tokenizer_train_bytes of train text, and the val documents' indices if
+    this pass saw the whole corpus (None if not)."""
+    texts, size, complete = [], 0, True
+    docs = corpus_documents(paths, Progress(0), new_stats())
+    for index, segments in enumerate(docs):
+        for text, _ in segments:
+            texts.append((index, text))
+            size += len(text)
+            if size >= tokenizer_train_bytes:
+                break
+        if size >= tokenizer_train_bytes:
+            complete = next(docs, None) is None
+            break
+    if not texts:
+        fail(f"no text in the input: {input or hf_dataset or 'built-in legal corpus'}")
+    if val_input:
+        return [text for _, text in texts], set()
+    if not complete:
+        return [text for index, text in texts if not held_out(index)], None
+    n = texts[-1][0] + 1 if texts else 0
+    if n < 2:
+        fail(f"need at least 2 documents to hold out a val split, got {n}: "
+             "give more documents, or the val documents with --val_input=...")
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    val = set(random.Random(seed).sample(range(n), n_val))
+    return [text for index, text in texts if index not in val], val
 
 
 def main():
@@ -248,45 +580,12 @@ def main():
         fail("tokenizer_train_bytes must be positive and num_workers at least 0")
     workers = num_workers or os.cpu_count()
 
-    # documents
+    # the files and the output folder, checked before any long work
     stats = new_stats()
-    docs = read_documents(input_files(input, stats), stats) if input else legal_corpus_documents(stats)
-    if not docs:
-        fail(f"no text in the input: {input or 'built-in legal corpus'}")
-    read_docs = len(docs)
-    if dedup:
-        docs, kept, dropped = dedup_paragraphs(docs)
-    if val_input:
-        train_docs = docs
-        val_docs = read_documents(input_files(val_input, stats), stats)
-        if not val_docs:
-            fail(f"no text in the val input: {val_input}")
-    else:
-        train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    split_docs = {"train": train_docs, "val": val_docs}
-    split_bytes = {name: sum(len(d.encode()) for d in texts) for name, texts in split_docs.items()}
-    mb = sum(split_bytes.values()) / 1e6
-    print(f"read {stats['files']} files ({stats['skipped']} skipped: not .txt/.jsonl), "
-          f"{stats['empty']} empty documents dropped")
-    if dedup:
-        print(f"paragraphs: {kept} kept, {dropped} repeats dropped; "
-              f"{read_docs - len(docs)} of {read_docs} documents had nothing new and were dropped")
-    print(f"{len(train_docs)} train + {len(val_docs)} val documents, {mb:.2f} MB of text")
-    if stats["replaced_bytes"]:
-        print(f"warning: {stats['replaced_bytes']} bytes that are not UTF-8 in {stats['replaced_files']} "
-              f"files were replaced by U+FFFD")
-
-    # tokenizer, from train only
-    t0 = time.time()
-    try:
-        tok = train_tokenizer(tokenizer, first_bytes(train_docs, tokenizer_train_bytes), vocab_size)
-    except ValueError as e:
-        fail(str(e))
-    print(f"trained {tokenizer} tokenizer in {time.time() - t0:.2f}s: vocab_size {tok.vocab_size}"
-          + (f" (asked for {vocab_size}: the text supports no more merges)" if tok.vocab_size < vocab_size else ""))
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-
-    # tokens and files, into a temporary folder first
+    paths = input_files(input, stats) if input else [] if hf_dataset else legal_corpus_files()
+    val_paths = input_files(val_input, stats) if val_input else []
+    if not paths and not hf_dataset:
+        fail(f"no text in the input: {input}")
     out_dir = os.path.join(data_dir, dataset)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -294,35 +593,95 @@ def main():
     except OSError as e:
         fail(f"cannot write to {out_dir}: {e.strerror or e}")
     try:
-        files = tok.save(tmp)
-        tok = load_tokenizer(tmp)  # encode with what was saved, as every later script will
-        splits, t0 = {}, time.time()
-        for name, texts in split_docs.items():
-            nbytes = split_bytes[name]
-            tokens = encode_split(tok, name, texts, nbytes, os.path.join(tmp, f"{name}.bin"), dtype, workers)
-            splits[name] = {"tokens": tokens, "bytes": nbytes, "documents": len(texts)}
-            print(f"{name}: {len(texts)} documents, {nbytes / 1e6:.2f} MB -> {tokens:,} tokens")
-        speed = mb / max(time.time() - t0, 1e-9)
-        print(f"encoded {mb:.2f} MB at {speed:.1f} MB/s with {workers} threads ({speed / workers:.1f} MB/s per thread)")
-        meta = {
-            "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "tokenizer": {"kind": tok.kind, "files": files},
-            "eot_id": tok.eot_id, "pad_id": tok.pad_id, "mask_id": tok.mask_id,
-            "splits": splits,
-            "source": input or "built-in legal corpus",
-        }
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        for name in [*files, "train.bin", "val.bin", "meta.json"]:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        for name in [*files, "train.bin", "val.bin", "meta.json"]:
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start)
     except OSError as e:  # a full disk, say: the old dataset, if any, is still whole
         fail(f"cannot write to {out_dir}: {e.strerror or e}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
+    # pass 1: the tokenizer, from train text only
+    t0 = time.time()
+    sample, val_ids = tokenizer_sample(paths)
+    try:
+        tok = train_tokenizer(tokenizer, sample, vocab_size)
+    except ValueError as e:
+        fail(str(e))
+    sample_mb = sum(map(len, sample)) / 1e6
+    del sample
+    print(f"trained {tokenizer} tokenizer on {sample_mb:.1f} MB in {time.time() - t0:.2f}s: vocab_size "
+          f"{tok.vocab_size}" + (f" (asked for {vocab_size}: the text supports no more)"
+                                 if tok.vocab_size < vocab_size and tokenizer not in ("byte", "gpt2") else ""))
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    files = tok.save(tmp)
+    tok = load_tokenizer(tmp)  # encode with what was saved, as every later script will
+
+    # pass 2: every document, encoded, to train.bin or val.bin
+    t0 = time.time()
+    total = sum(os.path.getsize(p) for p in paths + val_paths) if not hf_dataset else 0
+    progress = Progress(total)
+    pool = concurrent.futures.ThreadPoolExecutor(workers)  # tokenizers release the GIL: threads are enough
+    writers = {name: SplitWriter(tmp, name, tok, dtype, pool, workers, progress) for name in ("train", "val")}
+    for index, segments in enumerate(corpus_documents(paths, progress, stats)):
+        if val_input:
+            split = "train"
+        else:
+            split = "val" if (index in val_ids if val_ids is not None else held_out(index)) else "train"
+        writers[split].add(segments)
+    if val_input:
+        for segments in deduplicated(file_documents(val_paths, progress, stats), set(), stats, False):
+            writers["val"].add(segments)
+    masked = any(w.mask is not None or w.masked for w in writers.values())
+    splits = {name: w.close(masked) for name, w in writers.items()}
+    pool.shutdown()
+    progress.show(0, final=True)
+    for name, split in splits.items():
+        if not split["documents"]:
+            fail(f"the {name} split has no documents: "
+                 + ("no text in the val input" if name == "val" and val_input else
+                    "raise val_fraction or give the val documents with --val_input=..."))
+    mb = sum(s["bytes"] for s in splits.values()) / 1e6
+    speed = mb / max(time.time() - t0, 1e-9)
+
+    skipped = sum(stats["unknown"].values()) + stats["binary"]
+    print(f"read {stats['files']} files; skipped {skipped} files ({stats['binary']} binary"
+          + "".join(f", {n} {ext}" for ext, n in sorted(stats["unknown"].items())) + f"); "
+          f"{stats['empty']} empty documents dropped")
+    if dedup:
+        print(f"paragraphs: {stats['paragraphs']} kept, {stats['repeats']} repeats dropped"
+              + (f"; {stats['repeated_pairs']} repeated prompt/response pairs dropped"
+                 if stats["repeated_pairs"] else ""))
+    if stats["replaced_bytes"]:
+        print(f"warning: {stats['replaced_bytes']} bytes that are not UTF-8 in {stats['replaced_files']} "
+              f"files were replaced by U+FFFD")
+    for name, split in splits.items():
+        print(f"{name}: {split['documents']} documents, {split['bytes'] / 1e6:.2f} MB -> {split['tokens']:,} tokens")
+    print(f"encoded {mb:.2f} MB at {speed:.1f} MB/s with {workers} threads"
+          + (", with a loss mask (prompt/response documents)" if masked else ""))
+
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": {"kind": tok.kind, "files": files, "fingerprint": tokenizer_fingerprint(tmp)},
+        "special_tokens": tok.special,
+        "eot_id": tok.eot_id, "pad_id": tok.pad_id, "mask_id": tok.mask_id,
+        "bos_id": tok.special.get("<|bos|>"), "unk_id": tok.special.get("<|unk|>"),
+        "loss_mask": masked,
+        "splits": splits,
+        "source": ",".join(filter(None, [input, hf_dataset])) or "built-in legal corpus",
+    }
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    names = [*files, "train.bin", "val.bin", "meta.json"] + (["train_mask.bin", "val_mask.bin"] if masked else [])
+    for name in names:
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    for stale in ("train_mask.bin", "val_mask.bin"):  # from an earlier prompt/response dataset of this name
+        if not masked and os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    for name in names:
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     print(f"wrote {out_dir}/ in {time.time() - start:.1f}s")
 
 

@@ -27,6 +27,7 @@ Design choices:
 """
 
 import base64
+import hashlib
 import json
 import os
 from typing import Iterable
@@ -197,3 +198,17 @@ def load_tokenizer(directory) -> Tokenizer:
     if kind not in KINDS:
         raise ValueError(f"{path}: unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
     return KINDS[kind].load(directory, header)
+
+
+def tokenizer_fingerprint(directory) -> str:
+    """A short hash of the tokenizer files in `directory`: equal fingerprints, equal tokenizers."""
+    header = json.loads(_read_file(os.path.join(directory, "tokenizer.json")))
+    digest = hashlib.sha256()
+    for name in ["tokenizer.json", *header.get("files", [])]:
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except OSError as e:
+            raise ValueError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
+    return digest.hexdigest()[:16]

@@ -20,10 +20,11 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--
               "--eval_interval=10", "--eval_iters=4", "--log_interval=1"]
 
 
-def run_script(script, *args, cwd=None, timeout=240):
-    """Run one of the project's scripts the way a user does, and capture what it says."""
+def run_script(script, *args, cwd=None, timeout=240, env=None):
+    """Run one of the project's scripts the way a user does (env: variables to add), and capture what it says."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout)
+                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
 
 
 def assert_clear_error(done, *fragments):
@@ -63,14 +64,18 @@ def corpus(tmp_path_factory):
     return folder
 
 
+def prepare_dataset(corpus, data_dir, name, vocab_size):
+    """Prepare a dataset from a folder of text; returns (data_dir, name)."""
+    done = run_script("prepare.py", f"--input={corpus}", f"--dataset={name}", f"--data_dir={data_dir}",
+                      f"--vocab_size={vocab_size}", "--val_fraction=0.1")
+    assert done.returncode == 0, done.stderr
+    return data_dir, name
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, corpus):
     """A prepared dataset: (data_dir, name)."""
-    data_dir = tmp_path_factory.mktemp("data")
-    done = run_script("prepare.py", f"--input={corpus}", "--dataset=tiny", f"--data_dir={data_dir}",
-                      "--vocab_size=320", "--val_fraction=0.1")
-    assert done.returncode == 0, done.stderr
-    return data_dir, "tiny"
+    return prepare_dataset(corpus, tmp_path_factory.mktemp("data"), "tiny", 320)
 
 
 def train_args(dataset, out_dir, *more):

@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import random
@@ -6,15 +7,17 @@ import numpy as np
 import pytest
 
 from conftest import assert_clear_error, run_script
-from prepare import dedup_paragraphs, legal_corpus_documents, new_stats, split_documents
+import prepare as prepare_module
+from prepare import (Progress, dedup_paragraphs, held_out, legal_corpus_files, new_stats, paragraph_cut,
+                     text_document)
 from tokenizer import load_tokenizer
 
 WORDS = ("licensee licensor agreement party warranty liability damages notice termination breach "
          "indemnify govern jurisdiction court clause section software copyright license consent").split()
 
 
-def prepare(cwd, *args):
-    return run_script("prepare.py", *args, cwd=cwd, timeout=60)
+def prepare(cwd, *args, env=None):
+    return run_script("prepare.py", *args, cwd=cwd, timeout=60, env=env)
 
 
 def document(i, paragraphs=3):
@@ -35,7 +38,7 @@ def write_corpus(root):
     lines = [json.dumps({"text": docs[6]}), "", json.dumps({"content": docs[7]}),
              json.dumps({"text": docs[8], "content": "ignored"}), json.dumps({"text": docs[9], "id": 9})]
     (root / "b" / "records.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (root / "notes.md").write_text("# not a text input\n")
+    (root / "notes.pdf").write_bytes(b"%PDF-1.4 not a text input")
     return docs
 
 
@@ -82,7 +85,7 @@ def test_documents_are_read_once_from_txt_and_jsonl_and_other_files_are_skipped(
     splits = json.loads((out / "meta.json").read_text())["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == len(docs)
     assert splits["val"]["documents"] == 2
-    assert "1 skipped" in result.stdout
+    assert "skipped 1 files (0 binary, 1 .pdf)" in result.stdout
 
 
 def test_each_document_is_followed_by_one_end_of_text_token(prepared):
@@ -136,26 +139,46 @@ def test_repeated_paragraphs_are_kept_once_across_the_corpus(tmp_path):
     assert "3 repeats dropped" in result.stdout
 
 
+def dedup_all(docs):
+    seen, stats = set(), new_stats()
+    return [dedup_paragraphs(d, seen, stats) for d in docs], stats["paragraphs"], stats["repeats"]
+
+
 def test_dedup_compares_paragraphs_with_whitespace_normalized_and_keeps_the_first():
     docs = ["Alpha  beta.\n\nGamma.\n", "alpha beta.\n\n\n  Alpha\tbeta. \n\nDelta.", "Gamma.", "Epsilon\n\n"]
-    out, kept, dropped = dedup_paragraphs(docs)
-    assert out == ["Alpha  beta.\n\nGamma.\n", "alpha beta.\n\n\nDelta.", "Epsilon\n\n"]
+    out, kept, dropped = dedup_all(docs)
+    assert out == ["Alpha  beta.\n\nGamma.\n", "alpha beta.\n\n\nDelta.", "", "Epsilon\n\n"]
     assert (kept, dropped) == (5, 2)
 
 
 def test_dedup_leaves_documents_without_repeats_byte_for_byte():
     docs = ["  indented\r\n\r\nsecond\n\n\n\nthird  \n", "\n\nleading blank lines", "Unique \x00 text"]
-    assert dedup_paragraphs(docs) == (docs, 5, 0)
+    assert dedup_all(docs) == (docs, 5, 0)
 
 
-def test_split_is_by_whole_document_and_reproducible_with_the_seed():
-    docs = [f"doc {i}" for i in range(40)]
-    train, val = split_documents(docs, 0.1, 1337)
-    assert len(val) == 4 and sorted(train + val) == sorted(docs)
-    assert split_documents(docs, 0.1, 1337) == (train, val)
-    assert split_documents(docs, 0.1, 7)[1] != val
-    assert [len(s) for s in split_documents(docs[:2], 0.01, 1)] == [1, 1]
-    assert [len(s) for s in split_documents(docs[:2], 0.99, 1)] == [1, 1]
+def test_a_repeat_within_one_document_is_dropped_too():
+    assert dedup_all(["Same.\n\nOther.\n\nSame.\n"]) == (["Same.\n\nOther.\n\n"], 2, 1)
+
+
+def test_held_out_documents_are_reproducible_and_about_val_fraction(monkeypatch):
+    monkeypatch.setattr(prepare_module, "val_fraction", 0.1)
+    picks = [held_out(i) for i in range(20_000)]
+    assert picks == [held_out(i) for i in range(20_000)]
+    assert 1800 < sum(picks) < 2200
+    monkeypatch.setattr(prepare_module, "seed", 7)
+    assert [held_out(i) for i in range(20_000)] != picks
+
+
+def test_a_long_text_file_is_read_in_segments_cut_between_paragraphs(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "READ_CHARS", 500)
+    text = "".join(document(i, 4) + ("\n\n\n" if i % 3 else "\n") for i in range(30))
+    (tmp_path / "long.txt").write_text(text)
+    segments = [s for s, _ in text_document(str(tmp_path / "long.txt"), Progress(0), new_stats())]
+    assert len(segments) > 10 and "".join(segments) == text
+    for a, b in zip(segments, segments[1:]):
+        assert a.endswith("\n\n") and not b[0].isspace()
+    assert paragraph_cut("one\n\ntwo\n\n\nthree") == len("one\n\ntwo\n\n\n")
+    assert paragraph_cut("no break here\n") == -1
 
 
 def test_bytes_that_are_not_utf8_are_replaced_and_reported(tmp_path):
@@ -173,17 +196,16 @@ def test_bytes_that_are_not_utf8_are_replaced_and_reported(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/common-licenses"), reason="no Debian license texts here")
 def test_the_built_in_legal_corpus_is_read_and_deduplicated(tmp_path):
-    stats = new_stats()
-    docs = legal_corpus_documents(stats)
-    assert stats["files"] == len(docs) > 10
-    assert any("GNU GENERAL PUBLIC LICENSE" in d for d in docs)
-    deduped, kept, dropped = dedup_paragraphs(docs)
-    assert 0 < len(deduped) <= len(docs) and dropped > 0
+    paths = legal_corpus_files()
+    assert len(paths) > 10 and len({os.path.realpath(p) for p in paths}) == len(paths)
     result = prepare(tmp_path)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "data" / "legal" / "meta.json").read_text())
     assert meta["source"] == "built-in legal corpus" and meta["vocab_size"] == 8192
     assert meta["splits"]["val"]["documents"] >= 1 and meta["splits"]["train"]["tokens"] > 100_000
+    assert "repeats dropped" in result.stdout
+    out = tmp_path / "data" / "legal"
+    assert "GNU GENERAL PUBLIC LICENSE" in load_tokenizer(out).decode(np.fromfile(out / "train.bin", dtype=np.uint16))
 
 
 def test_the_same_input_and_seed_give_the_same_files(prepared):
@@ -219,9 +241,9 @@ def test_input_of_only_empty_files_is_an_error(prepared, tmp_path):
     assert "no text" in fails_cleanly(prepared, f"--input={tmp_path}")
 
 
-def test_a_file_that_is_not_txt_or_jsonl_is_an_error(prepared, tmp_path):
+def test_a_file_of_an_unknown_format_is_an_error(prepared, tmp_path):
     (tmp_path / "contract.pdf").write_bytes(b"%PDF-1.4")
-    assert "not a .txt or .jsonl file" in fails_cleanly(prepared, f"--input={tmp_path / 'contract.pdf'}")
+    assert "not a supported format" in fails_cleanly(prepared, f"--input={tmp_path / 'contract.pdf'}")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
@@ -241,7 +263,8 @@ def test_a_file_that_cannot_be_opened_is_an_error(prepared, tmp_path):
 @pytest.mark.parametrize("line, message", [
     ('{"text": "unterminated', "not valid JSON"),
     ('{"body": "no text field"}', 'string field "text" or "content"'),
-    ('{"text": null}', 'string field "text" or "content"'),
+    ('{"text": 5}', 'string field "text" or "content"'),
+    ('{"prompt": "only a prompt"}', '"prompt" and "response"'),
     ('["a list"]', 'string field "text" or "content"'),
 ])
 def test_a_bad_jsonl_line_is_an_error_naming_file_and_line(prepared, tmp_path, line, message):
@@ -274,3 +297,178 @@ def test_a_bad_setting_is_an_error(prepared, setting, message):
     root = prepared[0]
     assert message in fails_cleanly(prepared, f"--input={root / 'corpus'}", setting)
 
+
+
+# -- every input format ---------------------------------------------------------------------------------------
+
+def prepared_documents(out):
+    """Every document in a prepared dataset, decoded, sorted (train and val together)."""
+    tok = load_tokenizer(out)
+    return sorted(tok.decode(s) for split in ("train", "val") for s in segments(out / f"{split}.bin", tok.eot_id))
+
+
+def write_jsonl(path, records, opener=open):
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def write_csv(path, docs, column="text"):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", column])
+        writer.writerows([i, d] for i, d in enumerate(docs))
+
+
+def write_arrow(path, docs, how):
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"id": list(range(len(docs))), "text": docs})
+    if how == "parquet":
+        import pyarrow.parquet
+        pyarrow.parquet.write_table(table, path)
+    elif how == "feather":
+        import pyarrow.feather
+        pyarrow.feather.write_feather(table, path)
+    else:  # Arrow IPC: the file format, or the stream format Hugging Face writes
+        new = pa.ipc.new_file if how == "arrow-file" else pa.ipc.new_stream
+        with new(str(path), table.schema) as writer:
+            writer.write_table(table, max_chunksize=2)
+
+
+def write_zst(path, text):
+    zstandard = pytest.importorskip("zstandard")
+    path.write_bytes(zstandard.ZstdCompressor().compress(text.encode()))
+
+
+FORMATS = {
+    "txt": ("a.txt", lambda p, docs: [(p.parent / f"{i}.txt").write_text(d) for i, d in enumerate(docs)], []),
+    "md": ("a.md", lambda p, docs: [(p.parent / f"{i}.md").write_text(d) for i, d in enumerate(docs)], []),
+    "jsonl": ("docs.jsonl", lambda p, docs: write_jsonl(p, [{"text": d} for d in docs]), []),
+    "jsonl.gz": ("docs.jsonl.gz", lambda p, docs: write_jsonl(p, [{"content": d} for d in docs], gzip.open), []),
+    "txt.gz": ("a.txt.gz", lambda p, docs: [gzip.open(p.parent / f"{i}.txt.gz", "wt").write(d)
+                                            for i, d in enumerate(docs)], []),
+    "jsonl.zst": ("docs.jsonl.zst", lambda p, docs: write_zst(p, "".join(json.dumps({"text": d}) + "\n"
+                                                                          for d in docs)), []),
+    "csv": ("docs.csv", lambda p, docs: write_csv(p, docs), []),
+    "csv-column": ("docs.csv", lambda p, docs: write_csv(p, docs, "opinion"), ["--text_column=opinion"]),
+    "parquet": ("docs.parquet", lambda p, docs: write_arrow(p, docs, "parquet"), []),
+    "feather": ("docs.feather", lambda p, docs: write_arrow(p, docs, "feather"), []),
+    "arrow-file": ("docs.arrow", lambda p, docs: write_arrow(p, docs, "arrow-file"), []),
+    "arrow-stream": ("docs.arrow", lambda p, docs: write_arrow(p, docs, "arrow-stream"), []),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_input_format_gives_the_same_documents(tmp_path, fmt):
+    name, write, settings = FORMATS[fmt]
+    (tmp_path / "in").mkdir()
+    docs = [document(i) for i in range(4)]
+    write(tmp_path / "in" / name, docs)
+    result = prepare(tmp_path, "--input=in", "--vocab_size=300", "--val_fraction=0.25", *settings)
+    assert result.returncode == 0, result.stderr
+    assert prepared_documents(tmp_path / "data" / "legal") == sorted(docs)
+
+
+def test_globs_pick_files_anywhere_below(tmp_path):
+    for i, folder in enumerate(["a", "a/b", "c"]):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / f"{i}.txt").write_text(document(i))
+        (tmp_path / folder / f"{i}.md").write_text("not matched by the glob")
+    result = prepare(tmp_path, "--input=**/*.txt", "--vocab_size=300", "--val_fraction=0.3")
+    assert result.returncode == 0, result.stderr
+    assert prepared_documents(tmp_path / "data" / "legal") == sorted(document(i) for i in range(3))
+
+
+def test_a_folder_with_a_binary_and_a_non_utf8_file_skips_one_and_repairs_the_other(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(document(i))
+    (tmp_path / "scan.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    (tmp_path / "latin1.txt").write_bytes("Clause 7: the d\xe9biteur shall pay.\n".encode("latin-1"))
+    result = prepare(tmp_path, "--input=.", "--vocab_size=300", "--val_fraction=0.3")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 files (1 binary, 1 .png)" in result.stdout
+    assert "1 bytes that are not UTF-8 in 1 files" in result.stdout
+    assert prepared_documents(tmp_path / "data" / "legal") == sorted(
+        [document(i) for i in range(3)] + ["Clause 7: the d\ufffdbiteur shall pay.\n"])
+
+
+def fake_module(root, name, body):
+    """A package that shadows an installed one, to see what users without it (or offline) get."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(body)
+    return {"PYTHONPATH": str(root)}
+
+
+@pytest.mark.parametrize("file_name, package", [("docs.parquet", "pyarrow"), ("docs.feather", "pyarrow"),
+                                                ("docs.arrow", "pyarrow"), ("docs.jsonl.zst", "zstandard")])
+def test_a_format_whose_package_is_missing_says_which_package(tmp_path, file_name, package):
+    (tmp_path / file_name).write_bytes(b"whatever")
+    env = fake_module(tmp_path / "fake", package, f"raise ImportError('No module named {package}')")
+    result = prepare(tmp_path, f"--input={file_name}", env=env)
+    assert_clear_error(result, file_name, f"needs the {package} package", f"pip install {package}")
+
+
+def test_a_hugging_face_dataset_without_the_datasets_package_is_a_clear_error(tmp_path):
+    env = fake_module(tmp_path / "fake", "datasets", "raise ImportError('No module named datasets')")
+    result = prepare(tmp_path, "--hf_dataset=pile-of-law/pile-of-law", env=env)
+    assert_clear_error(result, "needs the datasets package")
+
+
+def test_a_hugging_face_dataset_offline_is_a_clear_error(tmp_path):
+    env = fake_module(tmp_path / "fake", "datasets", "def load_dataset(*args, **kwargs):\n"
+                      "    raise ConnectionError(\"Couldn't reach 'lexlms/lex_files' on the Hub (LocalEntryNotFoundError)\")\n")
+    result = prepare(tmp_path, "--hf_dataset=lexlms/lex_files", env=env)
+    assert_clear_error(result, "cannot load the Hugging Face dataset 'lexlms/lex_files'", "network", "ConnectionError")
+
+
+def test_a_hugging_face_dataset_is_streamed_row_by_row(tmp_path):
+    docs = [document(i) for i in range(5)]
+    env = fake_module(tmp_path / "fake", "datasets", "def load_dataset(name, split, streaming):\n"
+                      "    assert streaming and split == 'train'\n"
+                      f"    return iter([{{'text': d, 'year': 2020}} for d in {docs!r}])\n")
+    result = prepare(tmp_path, "--hf_dataset=some/corpus", "--vocab_size=300", "--val_fraction=0.2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert prepared_documents(tmp_path / "data" / "legal") == sorted(docs)
+    assert json.loads((tmp_path / "data" / "legal" / "meta.json").read_text())["source"] == "some/corpus"
+
+
+def test_a_csv_without_the_text_column_names_the_columns(prepared, tmp_path):
+    write_csv(tmp_path / "docs.csv", ["a document"], column="body")
+    assert "no column 'text' (columns: id, body)" in fails_cleanly(prepared, f"--input={tmp_path / 'docs.csv'}")
+
+
+def test_a_damaged_compressed_file_is_an_error(prepared, tmp_path):
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a document"}\n' * 100)[:-30])
+    assert "cannot read" in fails_cleanly(prepared, f"--input={tmp_path / 'docs.jsonl.gz'}")
+
+
+def test_a_glob_that_matches_nothing_is_an_error(prepared, tmp_path):
+    assert "no files match" in fails_cleanly(prepared, f"--input={tmp_path}/*.parquet")
+
+
+# -- prompt/response data: a loss mask --------------------------------------------------------------------------
+
+def test_prompt_response_pairs_get_a_loss_mask_on_the_response_and_its_end(tmp_path):
+    pairs = [{"prompt": f"Question {i}: may {WORDS[i]} be assigned?\nAnswer:",
+              "response": f" Only with consent, clause {i}."} for i in range(12)]
+    write_jsonl(tmp_path / "qa.jsonl", pairs + [pairs[0], {"text": document(99)}])
+    result = prepare(tmp_path, "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.25")
+    assert result.returncode == 0, result.stderr
+    assert "1 repeated prompt/response pairs dropped" in result.stdout
+    out = tmp_path / "data" / "legal"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["loss_mask"] is True
+    tok = load_tokenizer(out)
+    seen = []
+    for split in ("train", "val"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        mask = np.fromfile(out / f"{split}_mask.bin", dtype=np.uint8)
+        assert len(mask) == len(tokens) == meta["splits"][split]["tokens"]
+        ends = np.flatnonzero(tokens == tok.eot_id)
+        assert mask[ends].all()  # the end of a response is learnt
+        for a, b in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
+            doc, counts = tokens[a:b], mask[a:b]
+            seen.append((tok.decode(doc[counts == 0]), tok.decode(doc[counts == 1])))
+            assert (np.diff(counts.astype(int)) >= 0).all()  # prompt first, then response
+    assert sorted(seen) == sorted([(p["prompt"], p["response"]) for p in pairs] + [("", document(99))])
