@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from model import GPT, ModelConfig
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
 # ----------------------------------------------------------------------------------
@@ -137,6 +137,8 @@ def load_run(out_dir, device="cpu"):
     except (TypeError, ValueError) as e:
         raise ValueError(f"{out_dir}/ckpt.pt has model_args this version cannot build: {e}")
     check_vocab(config.vocab_size, tokenizer, f"{out_dir}/ckpt.pt")
+    if ckpt.get("tokenizer_fingerprint", tokenizer_fingerprint(out_dir)) != tokenizer_fingerprint(out_dir):
+        raise ValueError(f"{out_dir}: the tokenizer files are not the ones ckpt.pt was trained with")
     model = GPT(config)
     try:
         model.load_state_dict(ckpt["model"])

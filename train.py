@@ -76,7 +76,7 @@ config = configure(globals())
 from model import GPT, ModelConfig, peak_flops  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, load_checkpoint,  # noqa: E402
                      pick_device, pick_dtype, save_checkpoint)
-from tokenizer import load_tokenizer  # noqa: E402
+from tokenizer import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 # ---- processes and device ---------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -133,13 +133,25 @@ try:
     tokenizer = load_tokenizer(data_path)
     bins = {split: np.memmap(os.path.join(data_path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
             for split in ("train", "val")}
+    # prompt/response data: 1 where a target token counts in the loss (the responses)
+    masks = {split: np.memmap(os.path.join(data_path, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
+             for split in ("train", "val")} if meta.get("loss_mask") else None
     # bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
     val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
+    data_fingerprint = meta["tokenizer"]["fingerprint"]
 except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
     fail(f"cannot read the dataset at {data_path} ({type(e).__name__}: {e}); prepare it again with prepare.py")
+if tokenizer_fingerprint(data_path) != data_fingerprint:
+    fail(f"{data_path}: the tokenizer files are not the ones meta.json was written with; prepare it again")
 for split, data in bins.items():
-    if len(data) <= block_size:
+    if len(data) <= block_size and not masks:
         fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
+    if masks and len(masks[split]) != len(data):
+        fail(f"{data_path}/{split}_mask.bin does not match {split}.bin ({len(masks[split])} vs {len(data)} "
+             "tokens); prepare it again")
+if masks:  # windows start where a document starts
+    doc_starts = {split: np.concatenate([[0], np.flatnonzero(data[:-1] == tokenizer.eot_id) + 1])
+                  for split, data in bins.items()}
 
 TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)
 
@@ -155,16 +167,39 @@ def batch_generator(*key):
     return torch.Generator().manual_seed(stream_seed(*key))
 
 
+def document_window(split, start):
+    """block_size+1 tokens from a document's start, and which of them count as targets.
+
+    Only whole documents count: a document cut by the window's end is left to the windows
+    that start with it (unless it is the first, longer than a window). Past the end of
+    the data is padding, counted nowhere.
+    """
+    tokens = bins[split][start:start + block_size + 1]
+    window = np.full(block_size + 1, tokenizer.pad_id, dtype=np.int64)
+    counts = np.zeros(block_size + 1, dtype=bool)
+    window[:len(tokens)], counts[:len(tokens)] = tokens, masks[split][start:start + block_size + 1]
+    ends = np.flatnonzero(tokens == tokenizer.eot_id)
+    if len(ends):
+        counts[ends[-1] + 1:] = False
+    return window, counts
+
+
 def get_batch(split, generator):
     data = bins[split]
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    # one read of block_size+1 tokens per row: inputs are its first block_size, targets its last
-    windows = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
-    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        windows = windows.pin_memory().to(device, non_blocking=True)
+    if masks:  # prompt/response data: windows of whole documents, loss only on the responses
+        starts = doc_starts[split][torch.randint(len(doc_starts[split]), (batch_size,), generator=generator).numpy()]
+        windows, counts = zip(*(document_window(split, s) for s in starts.tolist()))
+        windows = torch.from_numpy(np.stack(windows))
+        targets = torch.where(torch.from_numpy(np.stack(counts))[:, 1:], windows[:, 1:], -1)
+        x, y = windows[:, :-1], targets
     else:
-        windows = windows.to(device)
-    return windows[:, :-1], windows[:, 1:]
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        # one read of block_size+1 tokens per row: inputs are its first block_size, targets its last
+        windows = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix.tolist()])
+        x, y = windows[:, :-1], windows[:, 1:]
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 # ---- model ------------------------------------------------------------------
@@ -177,6 +212,9 @@ if init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path, device)
     except ValueError as e:
         fail(str(e))
+    if checkpoint.get("tokenizer_fingerprint", data_fingerprint) != data_fingerprint:
+        fail(f"{ckpt_path} was trained with another tokenizer than the dataset {data_path} has; "
+             "resume on the dataset it was trained on, or train from scratch in another --out_dir")
     model_args = checkpoint["model_args"]  # the run's shape wins over settings
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
     sampler = checkpoint["sampler"]
@@ -272,6 +310,7 @@ def save(iter_num):
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
         "config": config,
+        "tokenizer_fingerprint": data_fingerprint,  # sample.py and resume check the tokenizer is this one
         "sampler": {"seed": seed, "world_size": world_size, "batch_size": batch_size, "block_size": block_size},
     }, ckpt_path)
 

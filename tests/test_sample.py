@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_clear_error, run_script
+from conftest import assert_clear_error, prepare_dataset, run_script
 
 SEPARATOR = "-" * 40
 
@@ -78,11 +78,18 @@ def test_a_corrupt_checkpoint_is_refused(run_alone):
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "is not a nanolex checkpoint")
 
 
+def swap_tokenizer(run_dir, corpus, tmp_path, vocab_size):
+    """Put another dataset's tokenizer files into a run directory."""
+    data_dir, name = prepare_dataset(corpus, tmp_path, "other", vocab_size)
+    for file in ("tokenizer.json", "tokenizer.bpe"):
+        shutil.copyfile(data_dir / name / file, run_dir / file)
+
+
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(run_alone, tmp_path, corpus):
-    # a run directory whose tokenizer files were swapped for a bigger vocabulary's
-    done = run_script("prepare.py", f"--input={corpus}", "--dataset=big", f"--data_dir={tmp_path}",
-                      "--vocab_size=600")
-    assert done.returncode == 0, done.stderr
-    for name in ("tokenizer.json", "tokenizer.bpe"):
-        shutil.copyfile(tmp_path / "big" / name, run_alone / name)
+    swap_tokenizer(run_alone, corpus, tmp_path, 600)
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "do not belong together")
+
+
+def test_a_tokenizer_other_than_the_one_trained_with_is_refused(run_alone, tmp_path, corpus):
+    swap_tokenizer(run_alone, corpus, tmp_path, 300)  # smaller: only the fingerprint can tell
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}"), "not the ones ckpt.pt was trained with")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_clear_error, run_script, train_args
+from conftest import ROOT, assert_clear_error, prepare_dataset, run_script, train_args
 
 LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
 EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
@@ -176,3 +176,43 @@ def test_the_compiled_path_trains_like_eager(tmp_path, dataset):
         losses[compiled] = train_losses(read_log(out_dir))
     assert sorted(losses[True]) == [1, 2, 3, 4, 5]
     assert all(abs(losses[True][i] - losses[False][i]) < 0.05 for i in range(1, 6))
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory, corpus):
+    """The same corpus prepared with another (smaller) tokenizer."""
+    return prepare_dataset(corpus, tmp_path_factory.mktemp("other"), "other", 300)
+
+
+def test_resuming_on_a_dataset_with_another_tokenizer_is_refused(tmp_path, trained_run, other_dataset):
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained_run, run_copy)
+    done = run_script("train.py", *train_args(other_dataset, run_copy, "--init_from=resume", "--max_iters=40"))
+    assert_clear_error(done, "was trained with another tokenizer than the dataset")
+
+
+def test_a_dataset_whose_tokenizer_is_not_its_meta_is_refused(tmp_path, dataset, other_dataset):
+    def swap_tokenizer(d):
+        for name in ("tokenizer.json", "tokenizer.bpe"):
+            shutil.copyfile(other_dataset[0] / "other" / name, d / name)
+    broken = broken_dataset(tmp_path, dataset, swap_tokenizer)
+    done = run_script("train.py", *train_args(broken, tmp_path / "out", "--max_iters=5"))
+    assert_clear_error(done, "not the ones meta.json was written with")
+
+
+def test_prompt_response_data_trains_only_on_the_responses(tmp_path):
+    # The prompts are random letters nobody can predict (a loss over them stays above ~2.5
+    # nats per token); every response is the same, so the loss over responses alone falls.
+    rng = __import__("random").Random(0)
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for i in range(300):
+            prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(20, 90)))
+            f.write(json.dumps({"prompt": f"{prompt}\nIs it lawful?", "response": " It is lawful."}) + "\n")
+    done = run_script("prepare.py", "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args((tmp_path / "data", "legal"), out_dir, "--max_iters=30"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    evals = [r for r in read_log(out_dir) if "val_loss" in r]
+    assert evals[0]["val_loss"] > evals[1]["val_loss"] > evals[2]["val_loss"]
+    assert evals[-1]["val_loss"] < 1.2
