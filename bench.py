@@ -1,15 +1,27 @@
 """
+Speed and memory numbers. The last line printed is one JSON object.
+
 Training speed of a model shape: forward + backward + optimizer step on random tokens,
-timed after warm-up. The last line printed is one JSON object.
+timed after warm-up:
 
     python bench.py --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=16
     python bench.py ... --compare     # also the same model in plain fp32 eager mode, and the ratio
+
+The data pipeline:
+
+    python bench.py --what=tokenizers  # every tokenizer kind on the built-in legal corpus
+    python bench.py --what=prepare     # prepare.py on a generated corpus of corpus_mb MB
 """
 
+import glob
 import json
+import os
+import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -40,9 +52,119 @@ fp32_eager = False          # the plain baseline: float32, no compile
 compare = False             # run the configured path and the fp32 eager baseline, report both
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
+# what to measure
+what = "train"              # train | tokenizers | prepare
+kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
+corpus_mb = 1000            # prepare: size of the generated corpus
+work_dir = ""               # prepare: where the corpus and dataset go ("" = a temporary folder, removed)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
+
+
+def bench_tokenizers():
+    """Each kind learns from the same train text prepare.py would use, then encodes the corpus."""
+    import prepare
+    from tokenizer import train_tokenizer
+    paths = prepare.legal_corpus_files()
+    sample, val_ids = prepare.tokenizer_sample(paths)
+    docs = [("".join(text for text, _ in segments), index in val_ids) for index, segments in
+            enumerate(prepare.corpus_documents(paths, prepare.Progress(0), prepare.new_stats()))]
+    val = [text for text, is_val in docs if is_val]
+    everything = [text for text, _ in docs]
+    mb = sum(len(t.encode()) for t in everything) / 1e6
+    rows = {}
+    for kind in kinds.split(","):
+        try:
+            t0 = time.perf_counter()
+            tok = train_tokenizer(kind, sample, vocab_size)
+            train_s = time.perf_counter() - t0
+        except ValueError as e:
+            print(f"{kind}: {e}")
+            rows[kind] = {"error": str(e)}
+            continue
+        speeds = {}
+        for threads in (1, 2):
+            t0 = time.perf_counter()
+            tok.encode_batch(everything, num_threads=threads)
+            speeds[threads] = mb / (time.perf_counter() - t0)
+        val_ids = tok.encode_batch(val)
+        row = {
+            "vocab_size": tok.vocab_size,
+            "train_s": round(train_s, 2),
+            "encode_mb_s_1_thread": round(speeds[1], 1),
+            "encode_mb_s_2_threads": round(speeds[2], 1),
+            "val_bytes_per_token": round(sum(len(t.encode()) for t in val) / sum(map(len, val_ids)), 3),
+            "round_trip": sum(tok.decode(ids) == text for ids, text in zip(val_ids, val)) / len(val),
+        }
+        print(f"{kind}: {json.dumps(row)}")
+        rows[kind] = row
+    print(f"corpus: {len(everything)} documents, {mb:.2f} MB; {len(val)} val documents; "
+          f"tokenizers learn from {sum(map(len, sample)) / 1e6:.2f} MB of train text")
+    print(json.dumps(rows))
+
+
+def generate_corpus(folder, megabytes):
+    """Made-up legal documents: lines of the built-in corpus drawn at random into new paragraphs,
+    so that nothing repeats and deduplication keeps it all. JSONL files of 10,000 documents."""
+    import prepare
+    lines = sorted({line.strip() for path in prepare.legal_corpus_files()
+                    for line in open(path, encoding="utf-8", errors="replace") if len(line.strip()) > 20})
+    rng, size, n = random.Random(seed), 0, 0
+    while size < megabytes * 1e6:
+        with open(os.path.join(folder, f"part{n // 10_000:04d}.jsonl"), "w") as f:
+            for _ in range(10_000):
+                paragraphs = ["\n".join(rng.choices(lines, k=rng.randint(2, 6))) for _ in range(rng.randint(5, 30))]
+                line = json.dumps({"text": "\n\n".join(paragraphs) + "\n"}) + "\n"
+                f.write(line)
+                size, n = size + len(line), n + 1
+                if size >= megabytes * 1e6:
+                    break
+    return n
+
+
+def bench_prepare():
+    """prepare.py on a generated corpus: wall time, MB/s and peak memory of the whole run."""
+    root = work_dir or tempfile.mkdtemp(prefix="nanolex-bench-")
+    try:
+        corpus = os.path.join(root, "corpus")
+        os.makedirs(corpus, exist_ok=True)
+        if not glob.glob(os.path.join(corpus, "*.jsonl")):
+            t0 = time.time()
+            n = generate_corpus(corpus, corpus_mb)
+            print(f"generated {n} documents in {time.time() - t0:.0f}s")
+        size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(corpus, "*.jsonl")))
+        t0 = time.time()
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
+                               f"--input={corpus}", "--dataset=bench", f"--data_dir={root}", f"--vocab_size={vocab_size}",
+                               f"--seed={seed}"], capture_output=True, text=True)
+        seconds = time.time() - t0
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            fail("prepare.py failed")
+        print(done.stdout, end="")
+        meta = json.load(open(os.path.join(root, "bench", "meta.json")))
+        print(json.dumps({
+            "input_mb": round(size / 1e6, 1),
+            "seconds": round(seconds, 1),
+            "mb_per_s": round(size / 1e6 / seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10, 1),
+            "tokens": sum(s["tokens"] for s in meta["splits"].values()),
+            "cpus": os.cpu_count(),
+        }))
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if what not in ("train", "tokenizers", "prepare"):
+    fail(f"what={what!r} is not one of train, tokenizers, prepare")
+if what == "tokenizers":
+    bench_tokenizers()
+    sys.exit(0)
+if what == "prepare":
+    bench_prepare()
+    sys.exit(0)
 
 from model import GPT, ModelConfig, peak_flops  # noqa: E402
 from runtime import autocast, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
