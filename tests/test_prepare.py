@@ -472,3 +472,19 @@ def test_prompt_response_pairs_get_a_loss_mask_on_the_response_and_its_end(tmp_p
             seen.append((tok.decode(doc[counts == 0]), tok.decode(doc[counts == 1])))
             assert (np.diff(counts.astype(int)) >= 0).all()  # prompt first, then response
     assert sorted(seen) == sorted([(p["prompt"], p["response"]) for p in pairs] + [("", document(99))])
+
+
+def test_a_corpus_larger_than_the_tokenizer_sample_holds_out_each_document_by_chance(tmp_path, monkeypatch):
+    docs = [document(i) for i in range(60)]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    result = prepare(tmp_path, "--input=docs.jsonl", "--vocab_size=300", "--val_fraction=0.2",
+                     "--tokenizer_train_bytes=5000", "--seed=3")
+    assert result.returncode == 0, result.stderr
+    assert "tokenizer on 0.0 MB" in result.stdout  # ~5000 bytes: pass 1 stopped early
+    out = tmp_path / "data" / "legal"
+    monkeypatch.setattr(prepare_module, "val_fraction", 0.2)
+    monkeypatch.setattr(prepare_module, "seed", 3)
+    expected_val = sorted(d for i, d in enumerate(docs) if held_out(i))
+    tok = load_tokenizer(out)
+    assert sorted(tok.decode(s) for s in segments(out / "val.bin", tok.eot_id)) == expected_val
+    assert prepared_documents(out) == sorted(docs)
