@@ -482,7 +482,7 @@ class SplitWriter:
         """Start encoding the pending batch; write the one before it, whose encoding had time to finish."""
         texts = [seg[0] for seg in self.pending if seg is not None]
         step = -(-len(texts) // self.workers) or 1
-        jobs = [self.pool.submit(self.tok.encode_batch, texts[i:i + step], 1) for i in range(0, len(texts), step)]
+        jobs = [self.pool.submit(self.tok.encode_arrays, texts[i:i + step]) for i in range(0, len(texts), step)]
         if self.encoding:
             self.write(*self.encoding)
         self.encoding = (self.pending, jobs)
@@ -490,21 +490,20 @@ class SplitWriter:
 
     def write(self, segments, jobs):
         encoded = itertools.chain.from_iterable(job.result() for job in jobs)
-        ids, mask = [], []
-        for seg in segments:
-            piece = next(encoded) if seg is not None else [self.tok.eot_id]
-            ids.append(np.array(piece, dtype=self.dtype))
-            if self.masked:
-                mask.append(np.full(len(piece), seg is None or seg[1], dtype=np.uint8))
+        eot = np.array([self.tok.eot_id], dtype=np.uint32)
+        ids = [next(encoded) if seg is not None else eot for seg in segments]
         if not ids:
             return
-        ids = np.concatenate(ids)
+        if self.masked:
+            mask = np.concatenate([np.full(len(piece), seg is None or seg[1], dtype=np.uint8)
+                                   for piece, seg in zip(ids, segments)])
+        ids = np.concatenate(ids).astype(self.dtype)
         ids.tofile(self.file)
         if self.masked:
             if self.mask is None:
                 self.mask = open(os.path.join(self.folder, f"{self.name}_mask.bin"), "wb")
                 ones(self.mask, self.tokens)
-            np.concatenate(mask).tofile(self.mask)
+            mask.tofile(self.mask)
         self.tokens += len(ids)
         self.progress.show(len(ids))
 
