@@ -351,8 +351,13 @@ def input_files(spec, stats):
             files.append(item)
         else:
             fail(f"{item}: not a supported format ({', '.join(FORMATS)}, optionally .gz or .zst)")
+    return each_file_once(files)
+
+
+def each_file_once(paths):
+    """Paths in order, without a second name (a link, say) for a file already there."""
     seen, unique = set(), []
-    for path in files:
+    for path in paths:
         real = os.path.realpath(path)
         if real not in seen:
             seen.add(real)
@@ -365,12 +370,7 @@ def legal_corpus_files():
     if not paths:
         fail("the built-in legal corpus needs /usr/share/common-licenses or /usr/share/doc/*/copyright "
              "(Debian/Ubuntu); give your own text with --input=...")
-    seen, unique = set(), []
-    for path in paths:
-        if os.path.realpath(path) not in seen:
-            seen.add(os.path.realpath(path))
-            unique.append(path)
-    return unique
+    return each_file_once(paths)
 
 
 def file_documents(paths, progress, stats):
