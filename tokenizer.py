@@ -1,38 +1,61 @@
 """
 Tokenizers for nanolex: every kind behind one small interface.
 
-    tok = train_tokenizer("bpe", texts, vocab_size=8192)
-    ids = tok.encode("The Licensee shall ...")        # list[int]
-    tok.decode(ids)                                   # the same text back
-    tok.save("data/legal")                            # -> ["tokenizer.json", "tokenizer.bpe"]
+    tok = train_tokenizer("bpe", texts, vocab_size=8192)   # texts: any iterable of str, read once
+    ids = tok.encode("The Licensee shall ...")              # list[int]
+    tok.decode(ids)                                         # the text back
+    tok.save("data/legal")                                  # -> ["tokenizer.json", "tokenizer.bpe"]
     tok = load_tokenizer("data/legal")
 
-Design choices:
-- One interface, many kinds: KINDS maps a kind name to its class; each class has
-  train(texts, vocab_size) and load(directory, header). Callers only ever use
-  train_tokenizer() and load_tokenizer(), so a new kind is one class and one entry.
-- Three special tokens, <|endoftext|> <|pad|> <|mask|>, in every kind, with the ids
-  right after the ordinary ones. vocab_size counts them.
+The kinds (KINDS):
+- bpe: byte-level BPE. The 256 bytes are the base alphabet, so every string round-trips
+  exactly. A GPT-4 style regex splits text into chunks (words, numbers of at most two
+  digits, punctuation runs, whitespace runs) that merges never cross; rustbpe learns the
+  merges, tiktoken encodes and decodes with them (fast, and batched in threads that
+  release the GIL; long texts are cut where the pattern cuts anyway).
+- gpt2: the pretrained GPT-2 encoding (tiktoken). Its files come from the network the
+  first time (tiktoken caches them, see TIKTOKEN_CACHE_DIR); once saved with a dataset it
+  needs no network again. <|endoftext|> is GPT-2's own 50256.
+- wordpiece: WordPiece, trained and run here in plain Python. Words are runs of letters
+  and digits, single punctuation marks, and newlines; merges are chosen by likelihood,
+  count(ab) / (count(a) count(b)), not by frequency; continuation pieces start with
+  "##"; encoding is greedy longest-match-first, and a word becomes <|unk|> only if it has
+  a character never seen in training. Decoding puts one space between words: spaces and
+  tabs are not kept (newlines are).
+- unigram, sentencepiece: SentencePiece's Unigram and BPE models, with byte fallback, so
+  no text becomes <|unk|>; no normalization and no dummy prefix, so text round-trips
+  (except U+2581 "▁", SentencePiece's own space mark, which comes back as a space).
+- byte: the 256 byte values. char: one id per character seen in training (the most
+  frequent first, as many as vocab_size allows), <|unk|> for the others. Both are for
+  tiny experiments; they ignore vocab_size beyond that.
+
+What every kind shares:
+- Special tokens <|endoftext|> <|pad|> <|mask|> <|bos|>, plus <|unk|> in the kinds
+  whose algorithm needs one (wordpiece, char, unigram, sentencepiece). Their ids follow
+  the ordinary ones (sentencepiece kinds keep SentencePiece's own unk id) and are written
+  in tokenizer.json. vocab_size counts them.
 - Text in, text out: encode() treats special-token strings in the text as ordinary text
   unless allow_special=True, so a document cannot smuggle in an end-of-text token.
-- bpe: byte-level BPE. The 256 bytes are the base alphabet, so every string round-trips
-  exactly. A GPT-4 style regex splits text into chunks (words, numbers of at most
-  two digits, punctuation runs, whitespace runs) that merges never cross; rustbpe learns
-  the merges, tiktoken encodes and decodes with them (fast, and batched in threads
-  that release the GIL; long texts are cut where the pattern cuts anyway, so that a
-  single big document is spread over the threads too).
-- Saved as plain text, never pickle: tokenizer.json (kind, vocab_size, pattern, special
-  token ids, data file names) plus the data file, for bpe one "base64(token) rank" line
-  per token. Files are written to a temporary name and renamed, so never half-written.
+  Lone surrogates (not valid Unicode) are encoded as U+FFFD, a surrogate pair as its
+  character; nothing raises.
+- Saved as plain text or the library's own model format, never pickle: tokenizer.json
+  (kind, vocab_size, special token ids, data file names, settings) plus a data file.
+  Files are written to a temporary name and renamed, so never half-written.
 """
 
 import base64
+import collections
 import hashlib
+import heapq
+import io
 import json
 import os
+import re
+import socket
 from typing import Iterable
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
+UNK = "<|unk|>"
 
 # GPT-4's split pattern without its lookahead and possessive quantifiers, and with
 # numbers cut into chunks of at most two digits (a small vocabulary should not spend
@@ -62,16 +85,26 @@ def _cut(text, size):
     return pieces
 
 
-def _write_file(path, text):
+def _valid(text):
+    """text that UTF-8 can hold: a surrogate pair becomes its character (as UTF-16 would read it)
+    and a lone surrogate U+FFFD, as tiktoken does."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _write_file(path, data):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
-def _read_file(path):
+def _read_file(path, binary=False):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") if binary else open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
         raise ValueError(f"no tokenizer in {os.path.dirname(path) or '.'}: {path} does not exist") from None
@@ -80,19 +113,57 @@ def _read_file(path):
 
 
 class Tokenizer:
-    """What every kind shares: the special tokens and the tokenizer.json header."""
+    """What every kind shares: the special tokens, encode/decode around them, the tokenizer.json header.
+
+    A kind implements _encode_ordinary(text) and _decode_ordinary(ids) (or overrides
+    encode/decode for speed), train(texts, vocab_size), load(directory, header) and save().
+    """
 
     kind = None
+    data_file = None
 
     def __init__(self, vocab_size, special):
         self.vocab_size = vocab_size
         self.special = dict(special)  # token string -> id
-        self.eot_id, self.pad_id, self.mask_id = (self.special[s] for s in SPECIAL_TOKENS)
+        self.eot_id, self.pad_id, self.mask_id, self.bos_id = (self.special[s] for s in SPECIAL_TOKENS)
+        self.unk_id = self.special.get(UNK)
+        self._special_text = {i: s for s, i in self.special.items()}
+        self._special_pattern = re.compile("|".join(map(re.escape, self.special)))
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        text = _valid(text)
+        if not allow_special:
+            return self._encode_ordinary(text)
+        ids, start = [], 0
+        for match in self._special_pattern.finditer(text):
+            ids += self._encode_ordinary(text[start:match.start()])
+            ids.append(self.special[match.group()])
+            start = match.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
 
     def encode_arrays(self, texts):
         """encode_batch in one thread, as numpy arrays: what prepare.py's encoding threads call."""
         import numpy as np
         return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts, num_threads=1)]
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        out, run = [], []
+        for i in ids:
+            if i in self._special_text:
+                out.append(self._decode_ordinary(run))
+                out.append(self._special_text[i])
+                run = []
+            else:
+                run.append(i)
+        out.append(self._decode_ordinary(run))
+        return self._join(out)
+
+    def _join(self, parts):
+        return "".join(parts)
 
     def _save_header(self, directory, extra, files):
         header = {"kind": self.kind, "vocab_size": self.vocab_size, **extra,
@@ -100,19 +171,32 @@ class Tokenizer:
         _write_file(os.path.join(directory, "tokenizer.json"), json.dumps(header, indent=2) + "\n")
         return ["tokenizer.json", *files]
 
+    def _check_header(self, directory, header):
+        if header.get("vocab_size") != self.vocab_size or header.get("special_tokens") != self.special:
+            raise ValueError(f"{directory}: tokenizer.json does not match {self.data_file or 'its kind'} "
+                             f"(vocab_size {header.get('vocab_size')} vs {self.vocab_size})")
+        return self
+
+
+def _specials_after(n, unk=False):
+    """The special tokens' ids when n ordinary ids come first."""
+    names = SPECIAL_TOKENS + ((UNK,) if unk else ())
+    return {s: n + i for i, s in enumerate(names)}
+
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: merges learned by rustbpe, encoding and decoding by tiktoken."""
 
     kind = "bpe"
     data_file = "tokenizer.bpe"
+    min_vocab_size = 256 + len(SPECIAL_TOKENS)
 
     def __init__(self, ranks, pattern):
-        special = {s: len(ranks) + i for i, s in enumerate(SPECIAL_TOKENS)}
+        special = _specials_after(len(ranks))
         super().__init__(len(ranks) + len(special), special)
         self.ranks, self.pattern = ranks, pattern  # ranks: token bytes -> id
         import tiktoken
-        self.enc = tiktoken.Encoding("nanolex-bpe", pat_str=pattern, mergeable_ranks=ranks,
+        self.enc = tiktoken.Encoding(f"nanolex-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=special, explicit_n_vocab=self.vocab_size)
 
     @classmethod
@@ -137,11 +221,7 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"{path}: the ranks must be 0..n-1 and include all 256 single bytes")
         if not isinstance(header.get("pattern"), str):
             raise ValueError(f"{directory}: tokenizer.json has no split pattern")
-        tok = cls(ranks, header["pattern"])
-        if header.get("vocab_size") != tok.vocab_size or header.get("special_tokens") != tok.special:
-            raise ValueError(f"{directory}: tokenizer.json does not match {cls.data_file} "
-                             f"(vocab_size {header.get('vocab_size')} vs {tok.vocab_size})")
-        return tok
+        return cls(ranks, header["pattern"])._check_header(directory, header)
 
     def save(self, directory):
         lines = (f"{base64.b64encode(t).decode('ascii')} {r}\n"
@@ -151,8 +231,8 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if allow_special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode_ordinary(text)
+            return self.enc.encode(_valid(text), allowed_special="all")
+        return self.enc.encode_ordinary(text)  # tiktoken replaces lone surrogates itself
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         # Long texts go in pieces, so that one big document still keeps every thread busy.
@@ -171,28 +251,358 @@ class BPETokenizer(Tokenizer):
 
     def encode_arrays(self, texts):
         # numpy straight from tiktoken's buffer: no Python int per token (1.2-1.5x faster)
-        return [self.enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+        return [self.enc.encode_to_numpy(_valid(text), disallowed_special=()) for text in texts]
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self.enc.decode(ids, errors="replace")
 
 
-KINDS = {"bpe": BPETokenizer}
+class GPT2Tokenizer(BPETokenizer):
+    """GPT-2's own byte-level BPE (50,257 ids with <|endoftext|> = 50256), fetched by tiktoken."""
+
+    kind = "gpt2"
+    min_vocab_size = 1  # vocab_size is GPT-2's, whatever is asked
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        import tiktoken_ext.openai_public
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)  # tiktoken's download has no timeout of its own
+        try:
+            gpt2 = tiktoken_ext.openai_public.gpt2()
+        except Exception as e:  # offline: whatever requests or the cache raise
+            reason = (str(e).splitlines() or [""])[0][:160]
+            raise ValueError("the gpt2 tokenizer's files could not be downloaded (it needs the network the first "
+                             "time; tiktoken caches them in $TIKTOKEN_CACHE_DIR, which works offline once filled): "
+                             f"{type(e).__name__}: {reason}") from None
+        finally:
+            socket.setdefaulttimeout(previous)
+        return cls(gpt2["mergeable_ranks"], gpt2["pat_str"])
+
+
+class PieceListTokenizer(Tokenizer):
+    """A kind whose vocabulary is a list of strings, an id each, then the specials and <|unk|>.
+
+    Saved as one JSON string a line (JSON, so that a piece may be a newline).
+    """
+
+    min_vocab_size = len(SPECIAL_TOKENS) + 2
+
+    def __init__(self, pieces):
+        super().__init__(len(pieces) + len(SPECIAL_TOKENS) + 1, _specials_after(len(pieces), unk=True))
+        self.pieces = pieces
+        self.ids = {p: i for i, p in enumerate(pieces)}
+
+    @classmethod
+    def load(cls, directory, header):
+        path = os.path.join(directory, cls.data_file)
+        try:
+            pieces = [json.loads(line) for line in _read_file(path).splitlines()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not one JSON string a line ({e})") from None
+        if not pieces or not all(isinstance(p, str) and cls.valid_piece(p) for p in pieces) \
+                or len(set(pieces)) != len(pieces):
+            raise ValueError(f"{path}: the pieces must be distinct strings, {cls.valid_piece.__doc__}")
+        return cls(pieces)._check_header(directory, header)
+
+    def save(self, directory):
+        _write_file(os.path.join(directory, self.data_file), "".join(json.dumps(p) + "\n" for p in self.pieces))
+        return self._save_header(directory, {}, [self.data_file])
+
+
+# -- WordPiece, in plain Python -------------------------------------------------------------------------------
+
+WORD = re.compile(r"\n|[^\W_]+|[^\w\s]|_")  # a newline, a run of letters/digits, or one other visible character
+
+
+def wordpiece_vocabulary(word_counts, size):
+    """Pieces (alphabet first, then one per merge) learned from {word: count}, at most `size` of them.
+
+    A word starts as its characters, all but the first marked "##". Each step merges the
+    adjacent pair with the highest count(ab) / (count(a) count(b)): the pair that occurs
+    together most often compared with how often its parts occur at all. Pair and symbol
+    counts are updated only for the words that hold the merged pair; a heap gives the best
+    pair, and every pair whose score changes is pushed again, so an entry that no longer
+    matches its pair's score is simply dropped when it comes up.
+    """
+    words, freqs, symbol_count = [], [], collections.Counter()
+    for word, freq in word_counts.items():
+        symbols = [word[0]] + ["##" + c for c in word[1:]]
+        words.append(symbols)
+        freqs.append(freq)
+        for s in symbols:
+            symbol_count[s] += freq
+    pieces = sorted(symbol_count, key=lambda s: (-symbol_count[s], s))[:size]
+    known = set(pieces)
+    pair_count, pair_words, symbol_pairs = collections.Counter(), collections.defaultdict(set), collections.defaultdict(set)
+    for w, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_count[pair] += freqs[w]
+            pair_words[pair].add(w)
+    for pair in pair_count:
+        symbol_pairs[pair[0]].add(pair)
+        symbol_pairs[pair[1]].add(pair)
+
+    def score(pair):
+        return pair_count[pair] / (symbol_count[pair[0]] * symbol_count[pair[1]])
+
+    heap = [(-score(p), p) for p in pair_count]
+    heapq.heapify(heap)
+    while len(pieces) < size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count[pair] <= 0 or -neg != score(pair):
+            continue  # stale: the pair is gone, or its current score was pushed again
+        a, b = pair
+        merged = a + b[2:]
+        if merged not in known:
+            known.add(merged)
+            pieces.append(merged)
+        changed = set()
+        for w in pair_words.pop(pair):
+            symbols, freq = words[w], freqs[w]
+            old = list(zip(symbols, symbols[1:]))
+            new_symbols, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                    new_symbols.append(merged)
+                    symbol_count[a] -= freq
+                    symbol_count[b] -= freq
+                    symbol_count[merged] += freq
+                    i += 2
+                else:
+                    new_symbols.append(symbols[i])
+                    i += 1
+            words[w] = new_symbols
+            for p in old:
+                pair_count[p] -= freq
+                changed.add(p)
+            for p in zip(new_symbols, new_symbols[1:]):
+                if pair_count[p] <= 0:
+                    symbol_pairs[p[0]].add(p)
+                    symbol_pairs[p[1]].add(p)
+                pair_count[p] += freq
+                changed.add(p)
+            for p in set(old) - set(zip(new_symbols, new_symbols[1:])):
+                pair_words[p].discard(w)
+            for p in zip(new_symbols, new_symbols[1:]):
+                pair_words[p].add(w)
+        pair_words.pop(pair, None)
+        # the scores that moved: pairs whose count changed, and every pair holding a or b
+        for p in changed | symbol_pairs[a] | symbol_pairs[b]:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-score(p), p))
+    return pieces
+
+
+class WordPieceTokenizer(PieceListTokenizer):
+    """WordPiece: likelihood-scored merges, "##" continuation pieces, greedy longest match."""
+
+    kind = "wordpiece"
+    data_file = "tokenizer.vocab"
+
+    def __init__(self, pieces):
+        super().__init__(pieces)
+        self.longest = max((len(p.removeprefix("##")) for p in pieces), default=1)
+        self.cache = {}  # word -> ids
+
+    @staticmethod
+    def valid_piece(piece):
+        """non-empty"""
+        return bool(piece.removeprefix("##"))
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(WORD.findall(_valid(text)))
+        return cls(wordpiece_vocabulary(counts, vocab_size - len(SPECIAL_TOKENS) - 1))
+
+    def _encode_ordinary(self, text):
+        ids = []
+        for word in WORD.findall(text):
+            known = self.cache.get(word)
+            if known is None:
+                if len(self.cache) > 1_000_000:
+                    self.cache.clear()
+                known = self.cache[word] = self._longest_match_first(word)
+            ids += known
+        return ids
+
+    def _longest_match_first(self, word):
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(min(len(word), start + self.longest), start, -1):
+                i = self.ids.get(word[start:end] if start == 0 else "##" + word[start:end])
+                if i is not None:
+                    break
+            else:
+                return [self.unk_id]  # a character never seen in training
+            ids.append(i)
+            start = end
+        return ids
+
+    def decode(self, ids) -> str:
+        words = []
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            piece = self._special_text.get(int(i)) or self.pieces[int(i)]
+            if piece.startswith("##") and words and words[-1] != "\n":
+                words[-1] += piece[2:]
+            else:
+                words.append(piece)
+        out = []
+        for word in words:  # one space between words, none around newlines
+            if out and word != "\n" and out[-1] != "\n":
+                out.append(" ")
+            out.append(word)
+        return "".join(out)
+
+
+# -- SentencePiece ---------------------------------------------------------------------------------------------
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece BPE with byte fallback (unigram: the same, with a Unigram model)."""
+
+    kind = "sentencepiece"
+    model_type = "bpe"
+    data_file = "tokenizer.model"
+    min_vocab_size = 300  # the 256 byte pieces, the specials, and a few characters
+
+    def __init__(self, model):
+        import sentencepiece
+        self.model = model  # the serialized ModelProto
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+        n = self.sp.get_piece_size()
+        special = _specials_after(n)
+        special[UNK] = self.sp.unk_id()
+        super().__init__(n + len(SPECIAL_TOKENS), special)
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        import sentencepiece
+        # SentencePiece learns from lines (newlines come back through byte fallback) and skips
+        # lines over max_sentence_length bytes: long ones go in pieces.
+        lines = (line[i:i + 1000] for text in texts for line in _valid(text).split("\n")
+                 for i in range(0, len(line), 1000) if line.strip())
+        model = io.BytesIO()
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=lines, model_writer=model, model_type=cls.model_type,
+                vocab_size=vocab_size - len(SPECIAL_TOKENS), byte_fallback=True, hard_vocab_limit=False,
+                normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+                split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=8192,
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0,
+                input_sentence_size=5_000_000, shuffle_input_sentence=True,
+                num_threads=os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece could not learn a {cls.kind} tokenizer of vocab_size {vocab_size}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]}") from None
+        return cls(model.getvalue())
+
+    @classmethod
+    def load(cls, directory, header):
+        path = os.path.join(directory, cls.data_file)
+        model = _read_file(path, binary=True)
+        try:
+            tok = cls(model)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a SentencePiece model ({e})") from None
+        return tok._check_header(directory, header)
+
+    def save(self, directory):
+        _write_file(os.path.join(directory, self.data_file), self.model)
+        return self._save_header(directory, {"model_type": self.model_type}, [self.data_file])
+
+    def _encode_ordinary(self, text):
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts, num_threads=8):
+        return self.sp.encode([_valid(t) for t in texts], num_threads=num_threads)
+
+    def _decode_ordinary(self, ids):
+        return self.sp.decode(ids)
+
+
+class UnigramTokenizer(SentencePieceTokenizer):
+    kind = "unigram"
+    model_type = "unigram"
+
+
+# -- bytes and characters --------------------------------------------------------------------------------------
+
+class ByteTokenizer(Tokenizer):
+    """One id per byte of the UTF-8 text: 256 ids plus the specials."""
+
+    kind = "byte"
+    min_vocab_size = 1  # vocab_size is 256 + the specials, whatever is asked
+
+    def __init__(self):
+        super().__init__(256 + len(SPECIAL_TOKENS), _specials_after(256))
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        return cls()
+
+    @classmethod
+    def load(cls, directory, header):
+        return cls()._check_header(directory, header)
+
+    def save(self, directory):
+        return self._save_header(directory, {}, [])
+
+    def _encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_arrays(self, texts):
+        import numpy as np
+        return [np.frombuffer(_valid(t).encode("utf-8"), dtype=np.uint8).astype(np.uint32) for t in texts]
+
+    def _decode_ordinary(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer(PieceListTokenizer):
+    """One id per character seen in training, the most frequent first; <|unk|> for the rest."""
+
+    kind = "char"
+    data_file = "tokenizer.chars"
+
+    @staticmethod
+    def valid_piece(piece):
+        """one character each"""
+        return len(piece) == 1
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        counts = collections.Counter()
+        for text in texts:
+            counts.update(_valid(text))
+        return cls(sorted(counts, key=lambda c: (-counts[c], c))[:vocab_size - len(SPECIAL_TOKENS) - 1])
+
+    def _encode_ordinary(self, text):
+        ids, unk = self.ids, self.unk_id
+        return [ids.get(c, unk) for c in text]
+
+    def _decode_ordinary(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+KINDS = {tok.kind: tok for tok in (BPETokenizer, WordPieceTokenizer, UnigramTokenizer, SentencePieceTokenizer,
+                                   ByteTokenizer, CharTokenizer, GPT2Tokenizer)}
 
 
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Learn a tokenizer of `kind` with `vocab_size` ids (special tokens included) from texts.
 
-    A small corpus may support fewer merges than asked for: the result's vocab_size says
-    how many ids it really has.
+    A small corpus may support fewer ids than asked for: the result's vocab_size says how
+    many it really has. byte and gpt2 have a fixed size and ignore vocab_size.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind '{kind}' (known: {', '.join(KINDS)})")
-    smallest = 256 + len(SPECIAL_TOKENS)
+    smallest = KINDS[kind].min_vocab_size
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not smallest <= vocab_size < 2**31:
-        raise ValueError(f"vocab_size must be an integer from {smallest} (256 bytes + "
-                         f"{len(SPECIAL_TOKENS)} special tokens) to 2**31 - 1, got {vocab_size!r}")
+        raise ValueError(f"vocab_size must be an integer from {smallest} to 2**31 - 1 for the {kind} "
+                         f"tokenizer (special tokens included), got {vocab_size!r}")
     return KINDS[kind].train(texts, vocab_size)
 
 

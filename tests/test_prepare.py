@@ -488,3 +488,33 @@ def test_a_corpus_larger_than_the_tokenizer_sample_holds_out_each_document_by_ch
     tok = load_tokenizer(out)
     assert sorted(tok.decode(s) for s in segments(out / "val.bin", tok.eot_id)) == expected_val
     assert prepared_documents(out) == sorted(docs)
+
+
+# -- every tokenizer kind ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, vocab_size", [("bpe", 300), ("wordpiece", 300), ("unigram", 400),
+                                              ("sentencepiece", 400), ("byte", 8192), ("char", 200)])
+def test_every_tokenizer_kind_prepares_a_dataset_that_decodes_back(tmp_path, kind, vocab_size):
+    docs = [document(i) for i in range(5)]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    result = prepare(tmp_path, "--input=docs.jsonl", f"--tokenizer={kind}", f"--vocab_size={vocab_size}",
+                     "--val_fraction=0.2")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "legal"
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(out)
+    assert meta["tokenizer"]["kind"] == tok.kind == kind and meta["vocab_size"] == tok.vocab_size
+    assert meta["special_tokens"] == tok.special and meta["bos_id"] == tok.bos_id and meta["unk_id"] == tok.unk_id
+    # wordpiece normalizes whitespace, char has <|unk|> for what only val holds: the others are exact
+    expected = docs if kind not in ("wordpiece", "char") else [tok.decode(tok.encode(d)) for d in docs]
+    assert prepared_documents(out) == sorted(expected)
+
+
+def test_the_gpt2_tokenizer_offline_is_a_clear_error(prepared, tmp_path):
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "https_proxy": "http://127.0.0.1:9", "TIKTOKEN_CACHE_DIR": str(tmp_path)}
+    root, out, _, _, snapshot = prepared
+    result = prepare(root, "--dataset=tiny", f"--data_dir={root / 'data'}", f"--input={root / 'corpus'}",
+                     "--tokenizer=gpt2", env=offline)
+    assert_clear_error(result, "gpt2", "network")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot

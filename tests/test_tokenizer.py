@@ -1,11 +1,17 @@
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tokenizer import KINDS, PIECE_CHARS, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenizer import (KINDS, PIECE_CHARS, SPECIAL_TOKENS, UNK, WordPieceTokenizer, load_tokenizer, train_tokenizer,
+                       wordpiece_vocabulary)
 
 CORPUS = [
     "The Licensee shall indemnify the Licensor against all claims arising from the use of the Software.",
@@ -30,45 +36,115 @@ UNICODE_TEXTS = [
 ]
 
 
+# vocab sizes that train in a blink on CORPUS; byte and gpt2 ignore theirs
+VOCAB = {"bpe": 400, "wordpiece": 300, "unigram": 400, "sentencepiece": 400, "byte": 1000, "char": 100, "gpt2": 1000}
+EXACT = ["bpe", "byte", "unigram", "sentencepiece", "gpt2"]  # decode(encode(x)) == x
+NEEDS_UNK = {"wordpiece", "char", "unigram", "sentencepiece"}
+_trained = {}
+
+
+def trained(kind):
+    if kind == "gpt2" and not os.environ.get("NANOLEX_TEST_NETWORK"):
+        pytest.skip("gpt2 needs the network the first time; set NANOLEX_TEST_NETWORK=1 to test it")
+    if kind not in _trained:
+        try:
+            _trained[kind] = train_tokenizer(kind, iter(CORPUS), VOCAB[kind])  # any iterable, read once
+        except ValueError as e:
+            _trained[kind] = e
+    if isinstance(_trained[kind], ValueError):
+        pytest.skip(f"{kind}: {_trained[kind]}")  # gpt2 offline
+    return _trained[kind]
+
+
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer("bpe", CORPUS, 400)
+    return trained("bpe")
 
 
-def test_bpe_is_a_known_kind():
-    assert "bpe" in KINDS
+def test_every_kind_is_known():
+    assert set(KINDS) == {"bpe", "wordpiece", "unigram", "sentencepiece", "byte", "char", "gpt2"}
 
 
-def test_vocab_size_counts_the_special_tokens(tok):
-    assert tok.kind == "bpe"
-    assert tok.vocab_size == 400
-    assert len(tok.ranks) + len(SPECIAL_TOKENS) == tok.vocab_size
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_tokens_have_distinct_ids_and_ordinary_text_never_gets_them(kind):
+    t = trained(kind)
+    names = SPECIAL_TOKENS + ((UNK,) if kind in NEEDS_UNK else ())
+    assert set(t.special) == set(names)
+    assert len(set(t.special.values())) == len(names) and max(t.special.values()) < t.vocab_size
+    assert (t.eot_id, t.pad_id, t.mask_id, t.bos_id) == tuple(t.special[s] for s in SPECIAL_TOKENS)
+    assert t.unk_id == t.special.get(UNK)
+    ordinary = {i for text in UNICODE_TEXTS + CORPUS for i in t.encode(text)}
+    assert not ordinary & {t.eot_id, t.pad_id, t.mask_id, t.bos_id}
+    assert max(ordinary) < t.vocab_size
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_special_token_text_is_ordinary_text_unless_allowed(kind):
+    t = trained(kind)
+    text = "The Licensee<|endoftext|><|bos|>"
+    assert t.encode(text, allow_special=True) == t.encode("The Licensee") + [t.eot_id, t.bos_id]
+    assert not set(t.encode(text)) & {t.eot_id, t.bos_id}
+    between = " " if kind == "wordpiece" else ""  # wordpiece puts a space between words
+    assert t.decode([t.eot_id, t.mask_id]) == f"<|endoftext|>{between}<|mask|>"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_then_load_gives_identical_ids(kind, tmp_path):
+    t = trained(kind)
+    files = t.save(tmp_path)
+    assert files[0] == "tokenizer.json" and sorted(files) == sorted(os.listdir(tmp_path))
+    header = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert header["kind"] == kind and header["vocab_size"] == t.vocab_size and header["files"] == files[1:]
+    assert header["special_tokens"] == t.special
+    loaded = load_tokenizer(tmp_path)
+    assert type(loaded) is type(t) and loaded.vocab_size == t.vocab_size and loaded.special == t.special
+    for text in UNICODE_TEXTS + CORPUS[:6]:
+        assert loaded.encode(text) == t.encode(text)
+        assert loaded.encode(text, allow_special=True) == t.encode(text, allow_special=True)
+        assert loaded.decode(t.encode(text)) == t.decode(t.encode(text))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_batch_and_arrays_give_the_same_ids_as_encode(kind):
+    t = trained(kind)
+    texts = UNICODE_TEXTS + CORPUS[:6]
+    assert t.encode_batch(texts, num_threads=2) == [t.encode(x) for x in texts]
+    assert [a.tolist() for a in t.encode_arrays(texts)] == [t.encode(x) for x in texts]
+
+
+@pytest.mark.parametrize("kind", EXACT)
 @pytest.mark.parametrize("text", UNICODE_TEXTS)
-def test_decode_inverts_encode_for_any_text(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+def test_decode_inverts_encode_for_any_text(kind, text):
+    t = trained(kind)
+    assert t.decode(t.encode(text)) == text
 
 
-def test_special_ids_are_distinct_and_after_every_ordinary_id(tok):
-    ids = [tok.eot_id, tok.pad_id, tok.mask_id]
-    assert len(set(ids)) == 3
-    assert tok.special == dict(zip(SPECIAL_TOKENS, ids))
-    assert all(tok.vocab_size - 3 <= i < tok.vocab_size for i in ids)
-    ordinary = [i for text in UNICODE_TEXTS + CORPUS for i in tok.encode(text)]
-    assert max(ordinary) < min(ids)
+@pytest.mark.parametrize("kind", ["bpe", "byte", "unigram", "sentencepiece"])
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\u2581")))
+def test_byte_level_kinds_round_trip_any_string(kind, text):
+    t = trained(kind)
+    assert t.decode(t.encode(text)) == text
+    assert t.decode(t.encode(text, allow_special=True)) == text
 
 
-def test_special_token_text_is_ordinary_text_unless_allowed(tok):
-    text = "end<|endoftext|><|pad|><|mask|>"
-    plain = tok.encode(text)
-    assert not set(plain) & set(tok.special.values())
-    assert tok.encode(text, allow_special=True) == tok.encode("end") + [tok.eot_id, tok.pad_id, tok.mask_id]
-    assert tok.decode(plain) == text
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=20, deadline=None)
+@given(text=st.text(st.sampled_from(["\udc00", "\udfff", "a", " ", "\n", "\U0001f600"]), min_size=1))
+def test_lone_surrogates_never_raise_and_come_back_as_replacement_characters(kind, text):
+    t = trained(kind)
+    ids = t.encode(text)
+    assert t.encode_batch([text]) == [ids]
+    if kind in EXACT:
+        assert t.decode(ids) == text.replace("\udc00", "\ufffd").replace("\udfff", "\ufffd")
 
 
-def test_encode_batch_gives_the_same_ids_as_encode(tok):
-    assert tok.encode_batch(UNICODE_TEXTS) == [tok.encode(t) for t in UNICODE_TEXTS]
+def test_decode_accepts_numpy_arrays_and_tuples_and_replaces_invalid_utf8(tok):
+    ids = tok.encode("The Licensee shall")
+    assert tok.decode(np.array(ids, dtype=np.uint16)) == "The Licensee shall"
+    assert tok.decode(tuple(ids)) == "The Licensee shall"
+    partial_emoji = tok.encode("\U0001f600")[:1]  # the first byte(s) of a 4-byte character
+    assert tok.decode(partial_emoji) == "\ufffd"
 
 
 def test_encode_batch_cuts_long_texts_without_changing_their_ids(tok):
@@ -80,33 +156,54 @@ def test_encode_batch_cuts_long_texts_without_changing_their_ids(tok):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
-def test_decode_accepts_numpy_arrays_and_tuples_and_replaces_invalid_utf8(tok):
-    ids = tok.encode("The Licensee shall")
-    assert tok.decode(np.array(ids, dtype=np.uint16)) == "The Licensee shall"
-    assert tok.decode(tuple(ids)) == "The Licensee shall"
-    partial_emoji = tok.encode("\U0001f600")[:1]  # the first byte(s) of a 4-byte character
-    assert tok.decode(partial_emoji) == "\ufffd"
-
-
-def test_save_then_load_gives_identical_ids(tok, tmp_path):
-    files = tok.save(tmp_path)
-    assert files[0] == "tokenizer.json"
-    assert sorted(files) == sorted(os.listdir(tmp_path))
-    header = json.loads((tmp_path / "tokenizer.json").read_text())
-    assert header["kind"] == "bpe" and header["vocab_size"] == 400 and header["files"] == files[1:]
-    loaded = load_tokenizer(tmp_path)
-    assert loaded.vocab_size == tok.vocab_size and loaded.special == tok.special
-    for text in UNICODE_TEXTS + CORPUS[:6]:
-        assert loaded.encode(text) == tok.encode(text)
-        assert loaded.encode(text, allow_special=True) == tok.encode(text, allow_special=True)
-
-
 def test_a_small_corpus_gives_fewer_ids_with_specials_right_after_the_merges():
     small = train_tokenizer("bpe", ["aaaa bbbb"], 1000)
     assert small.vocab_size < 1000
-    assert small.eot_id == small.vocab_size - 3
+    assert small.eot_id == small.vocab_size - len(SPECIAL_TOKENS)
     assert small.decode(small.encode("aaaa bbbb cccc")) == "aaaa bbbb cccc"
 
+
+def test_byte_and_char_have_their_natural_sizes():
+    assert trained("byte").vocab_size == 256 + len(SPECIAL_TOKENS)
+    char = trained("char")
+    assert char.vocab_size == len(set("".join(CORPUS))) + len(SPECIAL_TOKENS) + 1
+    assert char.encode(" ") == [0]  # the most frequent character first
+    assert char.encode("Zé") == [char.unk_id, char.unk_id]  # never seen
+
+
+# -- WordPiece ---------------------------------------------------------------------------------------------------
+
+def test_wordpiece_merges_by_likelihood_not_frequency():
+    # (a, ##b) occurs 50 times but a is everywhere; (x, ##y) occurs 10 times and x, y never apart
+    counts = {"ab": 50, "ac": 50, "ad": 50, "xy": 10}
+    pieces = wordpiece_vocabulary(counts, 7)
+    assert sorted(pieces[:6]) == sorted(["a", "##b", "##c", "##d", "x", "##y"])
+    assert pieces[6] == "xy"
+
+
+def test_wordpiece_encodes_greedily_with_the_longest_piece_first():
+    tok = WordPieceTokenizer(["u", "n", "un", "##n", "##b", "##e", "##l", "##i", "##v", "##a", "##believ",
+                              "##able", "##ab", "##le"])
+    ids = tok.encode("unbelievable")
+    assert [tok.pieces[i] for i in ids] == ["un", "##believ", "##able"]
+
+
+def test_wordpiece_gives_unk_only_for_a_word_with_an_unseen_character():
+    tok = trained("wordpiece")
+    ids = tok.encode("Licensee Lic\u00e9nsee shall")  # no é in the corpus
+    assert ids.count(tok.unk_id) == 1
+    assert tok.decode(ids) == "Licensee <|unk|> shall"
+    pieces = [tok.pieces[i] for i in tok.encode("indemnify")]
+    assert not pieces[0].startswith("##") and all(p.startswith("##") for p in pieces[1:])
+
+
+def test_wordpiece_decode_keeps_words_and_newlines_but_not_spacing():
+    tok = train_tokenizer("wordpiece", CORPUS + ["(a)\n\n"], 300)
+    assert tok.decode(tok.encode("The  Licensee\tshall,\n\nindemnify (the) Licensor.")) == \
+        "The Licensee shall ,\n\nindemnify ( the ) Licensor ."
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
 
 def test_load_of_a_missing_directory_raises_value_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
@@ -130,12 +227,41 @@ def test_load_of_a_corrupt_tokenizer_raises_value_error(tok, tmp_path, damage):
         load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram", "sentencepiece", "char"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
+def test_a_damaged_data_file_of_any_kind_raises_value_error(kind, damage, tmp_path):
+    files = trained(kind).save(tmp_path)
+    data = tmp_path / files[1]
+    if damage == "missing":
+        data.unlink()
+    elif damage == "garbage":
+        data.write_bytes(b"\x00\xffgarbage\n")
+    else:
+        data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
+    with pytest.raises(ValueError):
+        load_tokenizer(tmp_path)
+
+
 def test_unknown_kind_raises_value_error():
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         train_tokenizer("nonesuch", CORPUS, 400)
 
 
-@pytest.mark.parametrize("vocab_size", [0, 258, 2**40, 300.0, True])
-def test_a_vocab_size_too_small_or_unsupported_raises_value_error(vocab_size):
+@pytest.mark.parametrize("kind, vocab_size", [("bpe", 0), ("bpe", 259), ("bpe", 2**40), ("bpe", 300.0),
+                                              ("bpe", True), ("char", 5), ("wordpiece", -1), ("byte", "big")])
+def test_a_vocab_size_too_small_or_unsupported_raises_value_error(kind, vocab_size):
     with pytest.raises(ValueError, match="vocab_size"):
-        train_tokenizer("bpe", CORPUS, vocab_size)
+        train_tokenizer(kind, CORPUS, vocab_size)
+
+
+def test_gpt2_offline_says_so_in_one_line(tmp_path):
+    # no network: a proxy that refuses connections, and an empty tiktoken cache
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "TIKTOKEN_CACHE_DIR": str(tmp_path)}
+    code = ("from tokenizer import train_tokenizer\n"
+            "try:\n    train_tokenizer('gpt2', [], 50260)\nexcept ValueError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 1, done.stdout + done.stderr
+    assert "gpt2" in lines[0] and "network" in lines[0] and "TIKTOKEN_CACHE_DIR" in lines[0]
