@@ -174,11 +174,12 @@ def test_byte_and_char_have_their_natural_sizes():
 # -- WordPiece ---------------------------------------------------------------------------------------------------
 
 def test_wordpiece_merges_by_likelihood_not_frequency():
-    # (a, ##b) occurs 50 times but a is everywhere; (x, ##y) occurs 10 times and x, y never apart
-    counts = {"ab": 50, "ac": 50, "ad": 50, "xy": 10}
-    pieces = wordpiece_vocabulary(counts, 7)
-    assert sorted(pieces[:6]) == sorted(["a", "##b", "##c", "##d", "x", "##y"])
-    assert pieces[6] == "xy"
+    # each (a, ##?) pair occurs 30 times but a is everywhere; (x, ##y) occurs 20 times and x, y never apart
+    counts = {"a" + c: 30 for c in "bcdefghijklmnopqrstu"} | {"xy": 20}
+    pieces = wordpiece_vocabulary(counts, 24)
+    assert sorted(pieces[:23]) == sorted(["a", "x", "##y"] + ["##" + c for c in "bcdefghijklmnopqrstu"])
+    assert pieces[23] == "xy"
+    assert wordpiece_vocabulary({"ab": 1000, "xy": 1}, 5)[4] == "ab"  # a pair seen once does not win on rarity
 
 
 def test_wordpiece_encodes_greedily_with_the_longest_piece_first():
