@@ -646,7 +646,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     skipped = sum(stats["unknown"].values()) + stats["binary"]
     print(f"read {stats['files']} files; skipped {skipped} files ({stats['binary']} binary"
           + "".join(f", {n} {ext}" for ext, n in sorted(stats["unknown"].items())) + f"); "
-          f"{stats['empty']} empty documents dropped")
+          f"{stats['empty']} documents dropped as empty or wholly repeated")
     if dedup:
         print(f"paragraphs: {stats['paragraphs']} kept, {stats['repeats']} repeats dropped"
               + (f"; {stats['repeated_pairs']} repeated prompt/response pairs dropped"
