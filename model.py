@@ -267,8 +267,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                 use_cache=True, generator=None):
-        """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy.
+                 use_cache=True, generator=None, vocab_limit=None):
+        """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy. Ids from vocab_limit
+        up (the rows padding the vocabulary past the tokenizer's) are never picked.
 
         The cache holds the whole context; once the sequence outgrows block_size the
         window slides and the cache is rebuilt from the window, so the output is the same
@@ -288,7 +289,7 @@ class GPT(nn.Module):
                 logits, _ = self(window, cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 

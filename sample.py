@@ -63,10 +63,11 @@ x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
 with autocast(device, ptdtype):
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       use_cache=use_cache, generator=generator)
+                       use_cache=use_cache, generator=generator, vocab_limit=tokenizer.vocab_size)
 for row in y.tolist():
     new = row[len(ids):]
     if tokenizer.eot_id in new:  # a document ended: stop there
         new = new[:new.index(tokenizer.eot_id)]
-    print(start + tokenizer.decode(new))
+    # prompt and continuation decoded together: a piece may join the prompt's last word (wordpiece "##")
+    print(tokenizer.decode((ids if start else []) + new))
     print("-" * 40)

@@ -99,6 +99,13 @@ def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     assert set(sample_next(logits, 0).flatten().tolist()) == {0}
 
 
+def test_generation_never_picks_the_padding_rows_past_the_tokenizers_vocabulary():
+    model, prompt = tiny(), torch.zeros(4, 3, dtype=torch.long)
+    free = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
+    limited = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0), vocab_limit=10)
+    assert free[:, 3:].max() >= 10 and limited[:, 3:].max() < 10
+
+
 def test_weight_decay_applies_to_matrices_only():
     model = tiny(bias=True, tie_embeddings=False)
     decay, no_decay = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
