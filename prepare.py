@@ -400,7 +400,8 @@ def deduplicated(docs, seen, stats, drop_repeats):
     or prompt/response pairs seen before; a document with nothing left is dropped.
 
     `seen` holds hashes of whitespace-normalized paragraphs and of pairs (Python's hash:
-    stable within this one process, which is all the two passes need).
+    stable within this one process, which is all the two passes need). Deduplication
+    happens as segments are read: read each document whole before taking the next.
     """
     for doc in docs:
         if isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
