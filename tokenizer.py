@@ -15,19 +15,23 @@ The kinds (KINDS):
   release the GIL; long texts are cut where the pattern cuts anyway).
 - gpt2: the pretrained GPT-2 encoding (tiktoken). Its files come from the network the
   first time (tiktoken caches them, see TIKTOKEN_CACHE_DIR); once saved with a dataset it
-  needs no network again. <|endoftext|> is GPT-2's own 50256.
+  needs no network again. <|endoftext|> is GPT-2's own 50256. Offline, training raises a
+  ValueError saying so (within GPT2_DOWNLOAD_SECONDS, even on a network that never answers).
 - wordpiece: WordPiece, trained and run here in plain Python. Words are runs of letters
   and digits, single punctuation marks, and newlines; merges are chosen by the gain in
   likelihood, not by frequency (see wordpiece_vocabulary); continuation pieces start with
   "##"; encoding is greedy longest-match-first, and a word becomes <|unk|> only if it has
-  a character never seen in training. Decoding puts one space between words: spaces and
-  tabs are not kept (newlines are).
+  a character never seen in training in that place (first in a word, or inside one; or too
+  rare for a vocab_size smaller than the alphabet). Decoding puts one space between words:
+  decode(encode(x)) normalizes whitespace (spaces and tabs are not kept, newlines are).
 - unigram, sentencepiece: SentencePiece's Unigram and BPE models, with byte fallback, so
   no text becomes <|unk|>; no normalization and no dummy prefix, so text round-trips
-  (except U+2581 "▁", SentencePiece's own space mark, which comes back as a space).
-- byte: the 256 byte values. char: one id per character seen in training (the most
-  frequent first, as many as vocab_size allows), <|unk|> for the others. Both are for
-  tiny experiments; they ignore vocab_size beyond that.
+  (except U+2581 "▁", SentencePiece's own space mark, which always comes back as a space).
+  A vocab_size too small for the text's characters plus the 256 bytes is a ValueError.
+- byte: the 256 byte values; it learns nothing and ignores vocab_size (any positive
+  integer is accepted). char: one id per character seen in training (the most frequent
+  first, as many as vocab_size allows), <|unk|> for the others. Both are for tiny
+  experiments.
 
 What every kind shares:
 - Special tokens <|endoftext|> <|pad|> <|mask|> <|bos|>, plus <|unk|> in the kinds
@@ -37,7 +41,10 @@ What every kind shares:
 - Text in, text out: encode() treats special-token strings in the text as ordinary text
   unless allow_special=True, so a document cannot smuggle in an end-of-text token.
   Lone surrogates (not valid Unicode) are encoded as U+FFFD, a surrogate pair as its
-  character; nothing raises.
+  character; nothing raises. So the byte-level kinds (bpe, byte, gpt2) give back every str
+  without surrogates exactly: decode(encode(x)) == x.
+- A learning kind given no text at all (wordpiece, char, unigram, sentencepiece) raises a
+  ValueError; a text that supports fewer ids than asked for gives a smaller vocab_size.
 - Saved as plain text or the library's own model format, never pickle: tokenizer.json
   (kind, vocab_size, special token ids, data file names, settings) plus a data file.
   Files are written to a temporary name and renamed, so never half-written.
@@ -48,11 +55,12 @@ import collections
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import math
 import os
 import re
-import socket
+import tempfile
 from typing import Iterable
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
@@ -68,15 +76,17 @@ PIECE_CHARS = 1 << 16  # encode_batch cuts longer texts into pieces of about thi
 
 
 def _cut(text, size):
-    """Pieces of text of about `size` characters, cut after a newline that a non-space follows.
+    r"""Pieces of text of about `size` characters, cut after a newline with a non-space on both sides.
 
-    No chunk of SPLIT_PATTERN holds a newline followed by a non-space character, so the
-    pieces encode to exactly the ids of the whole text.
+    Both SPLIT_PATTERN and GPT-2's pattern end a chunk at such a newline and never look
+    back, so the pieces encode to exactly the ids of the whole text. (GPT-2's \s+(?!\S)
+    is why the character before the newline matters: at the end of a piece it would take
+    a whole run of whitespace that, in the whole text, leaves its last newline apart.)
     """
     pieces, start = [], 0
     while len(text) - start > size:
         cut = text.find("\n", start + size)
-        while cut != -1 and cut + 1 < len(text) and text[cut + 1].isspace():
+        while cut != -1 and cut + 1 < len(text) and (text[cut + 1].isspace() or text[cut - 1].isspace()):
             cut = text.find("\n", cut + 1)
         if cut == -1 or cut + 1 == len(text):
             break
@@ -96,10 +106,21 @@ def _valid(text):
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _int_list(ids, vocab_size):
+    """ids (a list, tuple, numpy array, any iterable of integers) as a list of Python ints, each a valid id."""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(map(int, ids))
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(f"token id {bad} is not in the vocabulary (ids 0 to {vocab_size - 1})")
+    return ids
+
+
 def _write_file(path, data):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -151,7 +172,9 @@ class Tokenizer:
         return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts, num_threads=1)]
 
     def decode(self, ids) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        ids = _int_list(ids, self.vocab_size)
+        if self._special_text.keys().isdisjoint(ids):  # the common case, without a Python loop
+            return self._decode_ordinary(ids)
         out, run = [], []
         for i in ids:
             if i in self._special_text:
@@ -161,10 +184,7 @@ class Tokenizer:
             else:
                 run.append(i)
         out.append(self._decode_ordinary(run))
-        return self._join(out)
-
-    def _join(self, parts):
-        return "".join(parts)
+        return "".join(out)
 
     def _save_header(self, directory, extra, files):
         header = {"kind": self.kind, "vocab_size": self.vocab_size, **extra,
@@ -255,8 +275,43 @@ class BPETokenizer(Tokenizer):
         return [self.enc.encode_to_numpy(_valid(text), disallowed_special=()) for text in texts]
 
     def decode(self, ids) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        ids = _int_list(ids, self.vocab_size)
         return self.enc.decode(ids, errors="replace")
+
+
+GPT2_DOWNLOAD_SECONDS = 120  # tiktoken's download has no time limit of its own; a dead network would hang
+
+
+def _fetch_gpt2():
+    """tiktoken's GPT-2 ranks and pattern: from its cache, else downloaded, within GPT2_DOWNLOAD_SECONDS."""
+    import threading
+    import tiktoken_ext.openai_public
+    result = {}
+
+    def fetch():
+        try:
+            result["gpt2"] = tiktoken_ext.openai_public.gpt2()
+        except Exception as e:  # offline: whatever requests, the cache or the hash check raise
+            result["error"] = e
+
+    # requests waits forever on a connection that never answers (socket.setdefaulttimeout
+    # does not reach it), so the download runs in a daemon thread that may be left behind.
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    thread.join(GPT2_DOWNLOAD_SECONDS)
+    if "gpt2" in result:
+        return result["gpt2"]
+    if "error" in result:
+        error = result["error"]
+        message = (str(error).splitlines() or [""])[0]
+        why = type(error).__name__ + (f": {message}" if message and len(message) <= 100 else "")
+    else:
+        why = f"no answer within {GPT2_DOWNLOAD_SECONDS} s"
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") \
+        or os.path.join(tempfile.gettempdir(), "data-gym-cache")  # where tiktoken keeps them
+    raise ValueError(f"the gpt2 tokenizer's files could not be downloaded ({why}): it needs the network the "
+                     f"first time, then works offline from tiktoken's cache {cache} "
+                     "(point TIKTOKEN_CACHE_DIR at a folder that holds them)")
 
 
 class GPT2Tokenizer(BPETokenizer):
@@ -267,18 +322,7 @@ class GPT2Tokenizer(BPETokenizer):
 
     @classmethod
     def train(cls, texts, vocab_size):
-        import tiktoken_ext.openai_public
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(30)  # tiktoken's download has no timeout of its own
-        try:
-            gpt2 = tiktoken_ext.openai_public.gpt2()
-        except Exception as e:  # offline: whatever requests or the cache raise
-            reason = (str(e).splitlines() or [""])[0][:160]
-            raise ValueError("the gpt2 tokenizer's files could not be downloaded (it needs the network the first "
-                             "time; tiktoken caches them in $TIKTOKEN_CACHE_DIR, which works offline once filled): "
-                             f"{type(e).__name__}: {reason}") from None
-        finally:
-            socket.setdefaulttimeout(previous)
+        gpt2 = _fetch_gpt2()
         return cls(gpt2["mergeable_ranks"], gpt2["pat_str"])
 
 
@@ -423,6 +467,8 @@ class WordPieceTokenizer(PieceListTokenizer):
         counts = collections.Counter()
         for text in texts:
             counts.update(WORD.findall(_valid(text)))
+        if not counts:
+            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
         return cls(wordpiece_vocabulary(counts, vocab_size - len(SPECIAL_TOKENS) - 1))
 
     def _encode_ordinary(self, text):
@@ -450,13 +496,14 @@ class WordPieceTokenizer(PieceListTokenizer):
         return ids
 
     def decode(self, ids) -> str:
-        words = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
-            piece = self._special_text.get(int(i)) or self.pieces[int(i)]
-            if piece.startswith("##") and words and words[-1] != "\n":
+        words, glue = [], False  # glue: the last word may take a "##" piece
+        for i in _int_list(ids, self.vocab_size):
+            piece = self._special_text.get(i) or self.pieces[i]
+            if piece.startswith("##") and glue:
                 words[-1] += piece[2:]
             else:
                 words.append(piece)
+                glue = piece != "\n" and i not in self._special_text
         out = []
         for word in words:  # one space between words, none around newlines
             if out and word != "\n" and out[-1] != "\n":
@@ -492,19 +539,26 @@ class SentencePieceTokenizer(Tokenizer):
         # lines over max_sentence_length bytes: long ones go in pieces.
         lines = (line[i:i + 1000] for text in texts for line in _valid(text).split("\n")
                  for i in range(0, len(line), 1000) if line.strip())
+        first = next(lines, None)
+        if first is None:
+            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
         model = io.BytesIO()
         try:
             sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=lines, model_writer=model, model_type=cls.model_type,
+                sentence_iterator=itertools.chain([first], lines), model_writer=model, model_type=cls.model_type,
                 vocab_size=vocab_size - len(SPECIAL_TOKENS), byte_fallback=True, hard_vocab_limit=False,
                 normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
                 split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=8192,
-                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0,
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=0.9995,
                 input_sentence_size=5_000_000, shuffle_input_sentence=True,
                 num_threads=os.cpu_count() or 1, minloglevel=2)
         except RuntimeError as e:
-            raise ValueError(f"sentencepiece could not learn a {cls.kind} tokenizer of vocab_size {vocab_size}: "
-                             f"{(str(e).splitlines() or [''])[0][:200]}") from None
+            # e.g. "Vocabulary size is smaller than required_chars. 296 vs 2257." (that count includes the bytes)
+            needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+            raise ValueError(f"vocab_size {vocab_size} is too small for a {cls.kind} tokenizer of this text: its "
+                             f"characters and the 256 bytes need at least {int(needed[1]) + len(SPECIAL_TOKENS)}"
+                             if needed else f"sentencepiece could not learn a {cls.kind} tokenizer of vocab_size "
+                             f"{vocab_size}: {(str(e).splitlines() or [''])[0][:200]}") from None
         return cls(model.getvalue())
 
     @classmethod
@@ -540,7 +594,9 @@ class SentencePieceTokenizer(Tokenizer):
         return out
 
     def _decode_ordinary(self, ids):
-        return self.sp.decode(ids)
+        # "▁" is SentencePiece's space: a space once learned as a piece decodes as " ", a "▁"
+        # that came through byte fallback would not; this makes "▁" always a space.
+        return self.sp.decode(ids).replace("\u2581", " ")
 
 
 class UnigramTokenizer(SentencePieceTokenizer):
@@ -597,6 +653,8 @@ class CharTokenizer(PieceListTokenizer):
         counts = collections.Counter()
         for text in texts:
             counts.update(_valid(text))
+        if not counts:
+            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
         return cls(sorted(counts, key=lambda c: (-counts[c], c))[:vocab_size - len(SPECIAL_TOKENS) - 1])
 
     def _encode_ordinary(self, text):
@@ -604,7 +662,7 @@ class CharTokenizer(PieceListTokenizer):
         return [ids.get(c, unk) for c in text]
 
     def _decode_ordinary(self, ids):
-        return "".join(self.pieces[i] for i in ids)
+        return "".join(map(self.pieces.__getitem__, ids))
 
 
 KINDS = {tok.kind: tok for tok in (BPETokenizer, WordPieceTokenizer, UnigramTokenizer, SentencePieceTokenizer,
