@@ -314,6 +314,15 @@ def _fetch_gpt2():
                      "(point TIKTOKEN_CACHE_DIR at a folder that holds them)")
 
 
+# GPT-2's split pattern, as tiktoken writes it (r50k_pat_str) but with its lookahead-free
+# alternatives in one group: the regex engine runs that group as one automaton instead of
+# trying them one by one in its backtracking VM, which is 1.6x faster (22 vs 13.5 MB/s per
+# thread on the legal corpus). Same chunks, so the same ids: leftmost-first alternation does
+# not care about the grouping, and nothing follows the possessive quantifiers tiktoken uses
+# that could backtrack into them (tested against tiktoken's own pattern).
+GPT2_PATTERN = r"""(?:'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+)|\s+$|\s+(?!\S)|\s"""
+
+
 class GPT2Tokenizer(BPETokenizer):
     """GPT-2's own byte-level BPE (50,257 ids with <|endoftext|> = 50256), fetched by tiktoken."""
 
@@ -322,8 +331,7 @@ class GPT2Tokenizer(BPETokenizer):
 
     @classmethod
     def train(cls, texts, vocab_size):
-        gpt2 = _fetch_gpt2()
-        return cls(gpt2["mergeable_ranks"], gpt2["pat_str"])
+        return cls(_fetch_gpt2()["mergeable_ranks"], GPT2_PATTERN)
 
 
 class PieceListTokenizer(Tokenizer):

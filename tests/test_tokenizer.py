@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenizer
-from tokenizer import (KINDS, PIECE_CHARS, SPECIAL_TOKENS, UNK, BPETokenizer, WordPieceTokenizer, load_tokenizer,
-                       train_tokenizer, wordpiece_vocabulary)
+from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern is code, not a download
+from tokenizer import (GPT2_PATTERN, KINDS, PIECE_CHARS, SPECIAL_TOKENS, UNK, BPETokenizer, WordPieceTokenizer,
+                       load_tokenizer, train_tokenizer, wordpiece_vocabulary)
 
 CORPUS = [
     "The Licensee shall indemnify the Licensor against all claims arising from the use of the Software.",
@@ -218,17 +219,41 @@ def test_decode_of_an_id_outside_the_vocabulary_raises_value_error(kind):
             t.decode(ids)
 
 
-@pytest.mark.parametrize("pattern", ["ours", "gpt2"])
+@pytest.mark.parametrize("pattern", ["ours", "gpt2", "tiktoken's gpt2"])
 def test_encode_batch_cuts_long_texts_without_changing_their_ids(tok, pattern):
-    import tiktoken_ext.openai_public  # GPT-2's split pattern is code, not a download
-    if pattern == "gpt2":  # our merges with GPT-2's pattern, whose whitespace lookahead needs care when cutting
-        tok = BPETokenizer(tok.ranks, tiktoken_ext.openai_public.r50k_pat_str)
+    # our merges with GPT-2's pattern, whose whitespace lookahead needs care when cutting
+    if pattern != "ours":
+        tok = BPETokenizer(tok.ranks, GPT2_PATTERN if pattern == "gpt2" else r50k_pat_str)
     rng = random.Random(0)
     alphabet = ["\n"] * 8 + [" ", "\r", "\t", "'", "s", "ll", "a", "Z", "1", "23", ".", "(", "\u00a0", "\u3000",
                               "\u0085", "\x1c", "\u2028", "\u65e5", "\U0001f600", "e\u0301", "<|endoftext|>"]
     long_text = "".join(rng.choice(alphabet) for _ in range(3 * PIECE_CHARS))
     texts = [long_text, "short", long_text[:PIECE_CHARS + 7], ""]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=any_text())
+def test_our_gpt2_pattern_cuts_text_where_tiktokens_own_does(text):
+    import regex  # tiktoken's own dependency: the same patterns in another engine
+    assert regex.findall(GPT2_PATTERN, text) == regex.findall(r50k_pat_str, text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=any_text())
+def test_our_gpt2_pattern_gives_the_ids_of_tiktokens_own(tok, text):
+    ours, theirs = BPETokenizer(tok.ranks, GPT2_PATTERN), BPETokenizer(tok.ranks, r50k_pat_str)
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.encode(text, allow_special=True) == theirs.encode(text, allow_special=True)
+
+
+def test_the_gpt2_kind_encodes_as_tiktokens_gpt2():
+    import tiktoken
+    gpt2 = trained("gpt2")
+    reference = tiktoken.get_encoding("gpt2")  # from the same cache as the gpt2 kind's files
+    for text in UNICODE_TEXTS + CORPUS[:6] + ["  leading\n\n\n  Trailing   \t\n ", " " * 70 + "x"]:
+        assert gpt2.encode(text) == reference.encode_ordinary(text)
+    assert gpt2.encode("<|endoftext|>", allow_special=True) == [50256]
 
 
 def test_a_small_corpus_gives_fewer_ids_with_specials_right_after_the_merges():
