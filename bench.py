@@ -55,11 +55,23 @@ seed = 1337
 # what to measure
 what = "train"              # train | tokenizers | prepare
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
+repeats = 3                 # tokenizers: timed encoding passes per kind; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
 work_dir = ""               # prepare: where the corpus and dataset go ("" = a temporary folder, removed)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
+
+
+def median_seconds(fn, times):
+    """Median wall time of `times` calls of fn, after one untimed call (caches, thread pools, lazy DFAs)."""
+    fn()
+    runs = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return sorted(runs)[len(runs) // 2]
 
 
 def bench_tokenizers():
@@ -83,11 +95,8 @@ def bench_tokenizers():
             print(f"{kind}: {e}")
             rows[kind] = {"error": str(e)}
             continue
-        speeds = {}
-        for threads in (1, 2):
-            t0 = time.perf_counter()
-            tok.encode_batch(everything, num_threads=threads)
-            speeds[threads] = mb / (time.perf_counter() - t0)
+        speeds = {threads: mb / median_seconds(lambda: tok.encode_batch(everything, num_threads=threads), repeats)
+                  for threads in (1, 2)}
         val_ids = tok.encode_batch(val)
         row = {
             "vocab_size": tok.vocab_size,
@@ -95,12 +104,16 @@ def bench_tokenizers():
             "encode_mb_s_1_thread": round(speeds[1], 1),
             "encode_mb_s_2_threads": round(speeds[2], 1),
             "val_bytes_per_token": round(sum(len(t.encode()) for t in val) / sum(map(len, val_ids)), 3),
+            # decode(encode(text)) == text; and encode(decode(ids)) == ids, which a kind that
+            # normalizes text (wordpiece's spacing) should still keep
             "round_trip": sum(tok.decode(ids) == text for ids, text in zip(val_ids, val)) / len(val),
+            "ids_round_trip": sum(tok.encode(tok.decode(ids)) == ids for ids in val_ids) / len(val),
         }
         print(f"{kind}: {json.dumps(row)}")
         rows[kind] = row
     print(f"corpus: {len(everything)} documents, {mb:.2f} MB; {len(val)} val documents; "
-          f"tokenizers learn from {sum(map(len, sample)) / 1e6:.2f} MB of train text")
+          f"tokenizers learn from {sum(map(len, sample)) / 1e6:.2f} MB of train text; "
+          f"encoding speeds are medians of {repeats} passes over the corpus")
     print(json.dumps(rows))
 
 
