@@ -404,15 +404,17 @@ def deduplicated(docs, seen, stats, drop_repeats):
     happens as segments are read: read each document whole before taking the next.
     """
     for doc in docs:
-        if isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
+        if not drop_repeats:
+            segments = iter(doc)
+        elif isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
             key = hash((doc[0][0], doc[1][0]))
-            if drop_repeats and key in seen:
+            if key in seen:
                 stats["repeated_pairs"] += 1
                 continue
             seen.add(key)
             segments = iter(doc)
         else:
-            segments = ((dedup_paragraphs(text, seen, stats) if drop_repeats else text, loss) for text, loss in doc)
+            segments = ((dedup_paragraphs(text, seen, stats), loss) for text, loss in doc)
         segments = ((text, loss) for text, loss in segments if text)
         held = []
         for segment in segments:  # look ahead to the first segment with more than whitespace
@@ -610,9 +612,12 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
         fail(str(e))
     sample_mb = sum(map(len, sample)) / 1e6
     del sample
-    print(f"trained {tokenizer} tokenizer on {sample_mb:.1f} MB in {time.time() - t0:.2f}s: vocab_size "
-          f"{tok.vocab_size}" + (f" (asked for {vocab_size}: the text supports no more)"
-                                 if tok.vocab_size < vocab_size and tokenizer not in ("byte", "gpt2") else ""))
+    if tokenizer in ("byte", "gpt2"):  # fixed vocabularies: nothing to learn
+        print(f"{tokenizer} tokenizer ready in {time.time() - t0:.2f}s: vocab_size {tok.vocab_size}")
+    else:
+        print(f"trained {tokenizer} tokenizer on {sample_mb:.1f} MB in {time.time() - t0:.2f}s: vocab_size "
+              f"{tok.vocab_size}" + (f" (asked for {vocab_size}: the text supports no more)"
+                                     if tok.vocab_size < vocab_size else ""))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     files = tok.save(tmp)
     tok = load_tokenizer(tmp)  # encode with what was saved, as every later script will
@@ -630,7 +635,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
             split = "val" if (index in val_ids if val_ids is not None else held_out(index)) else "train"
         writers[split].add(segments)
     if val_input:
-        for segments in deduplicated(file_documents(val_paths, progress, stats), set(), stats, False):
+        for segments in deduplicated(file_documents(val_paths, progress, stats), None, stats, False):
             writers["val"].add(segments)
     masked = any(w.mask is not None or w.masked for w in writers.values())
     splits = {name: w.close(masked) for name, w in writers.items()}
