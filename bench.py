@@ -109,6 +109,12 @@ def bench_tokenizers():
             "round_trip": sum(tok.decode(ids) == text for ids, text in zip(val_ids, val)) / len(val),
             "ids_round_trip": sum(tok.encode(tok.decode(ids)) == ids for ids in val_ids) / len(val),
         }
+        if kind == "gpt2":  # the same ranks with tiktoken's own GPT-2 pattern, which GPT2_PATTERN speeds up
+            from tiktoken_ext.openai_public import r50k_pat_str
+            from tokenizer import BPETokenizer
+            theirs = BPETokenizer(tok.ranks, r50k_pat_str)
+            row["tiktoken_pattern_encode_mb_s_1_thread"] = round(
+                mb / median_seconds(lambda: theirs.encode_batch(everything, num_threads=1), repeats), 1)
         print(f"{kind}: {json.dumps(row)}")
         rows[kind] = row
     print(f"corpus: {len(everything)} documents, {mb:.2f} MB; {len(val)} val documents; "
