@@ -612,7 +612,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
         fail(str(e))
     sample_mb = sum(map(len, sample)) / 1e6
     del sample
-    if tokenizer in ("byte", "gpt2"):  # fixed vocabularies: nothing to learn
+    if tok.fixed_vocab:
         print(f"{tokenizer} tokenizer ready in {time.time() - t0:.2f}s: vocab_size {tok.vocab_size}")
     else:
         print(f"trained {tokenizer} tokenizer on {sample_mb:.1f} MB in {time.time() - t0:.2f}s: vocab_size "

@@ -115,6 +115,10 @@ def _int_list(ids, vocab_size):
     return ids
 
 
+def _no_text(kind):
+    return ValueError(f"the {kind} tokenizer has no text to learn from")
+
+
 def _write_file(path, data):
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
@@ -143,6 +147,7 @@ class Tokenizer:
 
     kind = None
     data_file = None
+    fixed_vocab = False  # True: the vocabulary is given (byte, gpt2); train() learns nothing and ignores vocab_size
 
     def __init__(self, vocab_size, special):
         self.vocab_size = vocab_size
@@ -317,7 +322,7 @@ def _fetch_gpt2():
 # GPT-2's split pattern, as tiktoken writes it (r50k_pat_str) but with its lookahead-free
 # alternatives in one group: the regex engine runs that group as one automaton instead of
 # trying them one by one in its backtracking VM, which makes encoding 1.6x faster (bench.py
-# --what=tokenizers --kinds=gpt2: 16.7 vs 10.6 MB/s per thread on the legal corpus). Same
+# --what=tokenizers --kinds=gpt2: 16.8 vs 10.2 MB/s per thread on the legal corpus). Same
 # chunks, so the same ids: leftmost-first alternation does not care about the grouping, and
 # nothing follows the possessive quantifiers tiktoken uses that could backtrack into them
 # (tested against tiktoken's own pattern).
@@ -329,6 +334,7 @@ class GPT2Tokenizer(BPETokenizer):
 
     kind = "gpt2"
     min_vocab_size = 1  # vocab_size is GPT-2's, whatever is asked
+    fixed_vocab = True
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -477,7 +483,7 @@ class WordPieceTokenizer(PieceListTokenizer):
         for text in texts:
             counts.update(WORD.findall(_valid(text)))
         if not counts:
-            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
+            raise _no_text(cls.kind)
         return cls(wordpiece_vocabulary(counts, vocab_size - len(SPECIAL_TOKENS) - 1))
 
     def _encode_ordinary(self, text):
@@ -550,7 +556,7 @@ class SentencePieceTokenizer(Tokenizer):
                  for i in range(0, len(line), 1000) if line.strip())
         first = next(lines, None)
         if first is None:
-            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
+            raise _no_text(cls.kind)
         model = io.BytesIO()
         try:
             sentencepiece.SentencePieceTrainer.train(
@@ -620,6 +626,7 @@ class ByteTokenizer(Tokenizer):
 
     kind = "byte"
     min_vocab_size = 1  # vocab_size is 256 + the specials, whatever is asked
+    fixed_vocab = True
 
     def __init__(self):
         super().__init__(256 + len(SPECIAL_TOKENS), _specials_after(256))
@@ -663,7 +670,7 @@ class CharTokenizer(PieceListTokenizer):
         for text in texts:
             counts.update(_valid(text))
         if not counts:
-            raise ValueError(f"the {cls.kind} tokenizer has no text to learn from")
+            raise _no_text(cls.kind)
         return cls(sorted(counts, key=lambda c: (-counts[c], c))[:vocab_size - len(SPECIAL_TOKENS) - 1])
 
     def _encode_ordinary(self, text):

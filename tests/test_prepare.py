@@ -169,6 +169,22 @@ def test_held_out_documents_are_reproducible_and_about_val_fraction(monkeypatch)
     assert [held_out(i) for i in range(20_000)] != picks
 
 
+def test_the_progress_line_shows_megabytes_speed_eta_and_tokens(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(b"x" * 3_000_000)
+    progress = Progress(6_000_000)  # two such files
+    with open(tmp_path / "a.txt", "rb") as f:
+        progress.opened(f)
+        f.read(1_500_000)
+        progress.shown = 0  # as if the last line were old enough to redraw
+        progress.show(1234)
+    line = capsys.readouterr().err
+    assert line.startswith("\rencoding: read 1.5/6.0 MB (25%), ") and not line.endswith("\n")
+    assert " MB/s, ETA " in line and line.endswith("s, 1,234 tokens")
+    progress.closed(3_000_000)
+    progress.show(10, final=True)
+    assert capsys.readouterr().err.startswith("\rencoding: read 6.0/6.0 MB (100%)")
+
+
 def test_a_long_text_file_is_read_in_segments_cut_between_paragraphs(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "READ_CHARS", 500)
     text = "".join(document(i, 4) + ("\n\n\n" if i % 3 else "\n") for i in range(30))

@@ -153,19 +153,12 @@ def test_decode_inverts_encode_for_any_text(kind, text):
     assert t.decode(t.encode(text)) == text
 
 
-@pytest.mark.parametrize("kind", BYTE_LEVEL)
+@pytest.mark.parametrize("kind", EXACT)
 @settings(max_examples=80, deadline=None)
-@given(text=any_text())
-def test_byte_level_kinds_round_trip_any_string(kind, text):
-    t = trained(kind)
-    assert t.decode(t.encode(text)) == text
-    assert t.decode(t.encode(text, allow_special=True)) == text
-
-
-@pytest.mark.parametrize("kind", SENTENCEPIECE)
-@settings(max_examples=60, deadline=None)
-@given(text=any_text(exclude="\u2581"))
-def test_sentencepiece_kinds_round_trip_any_string_without_their_space_mark(kind, text):
+@given(data=st.data())
+def test_exact_kinds_round_trip_any_string(kind, data):
+    # the sentencepiece kinds: any string without their space mark "▁" (see the next test)
+    text = data.draw(any_text(exclude="\u2581" if kind in SENTENCEPIECE else ""), label="text")
     t = trained(kind)
     assert t.decode(t.encode(text)) == text
     assert t.decode(t.encode(text, allow_special=True)) == text
