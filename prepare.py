@@ -5,6 +5,7 @@ Raw text -> documents -> tokens -> data/<dataset>/{train.bin, val.bin, meta.json
     python prepare.py --input=contracts/,cases.jsonl --dataset=contracts
     python prepare.py --input='court/**/*.parquet' --text_column=opinion --tokenizer=unigram
     python prepare.py --input=qa.jsonl --dataset=qa             # prompt/response pairs -> also *_mask.bin
+    python prepare.py --input=contracts/ --labels=True          # a control label per document -> also *_label.bin
 
 Inputs: files, folders (recursive) and globs of .txt and .md (a file is a document),
 .jsonl (a line is a document: its "text" or "content" field, or a "prompt" and a
@@ -27,10 +28,18 @@ probability. --val_input= gives the val documents instead.
 
 Prompt/response documents also get a loss mask, {split}_mask.bin (uint8, 1 = this
 token is a target the loss counts): their prompt tokens are 0; the response and its
-end-of-text are 1, as is all plain text. The .bin files are raw uint16 (uint32 for
-vocabularies over 65536), read with np.memmap(path, dtype, mode="r"). Everything is
-written to a temporary folder and moved into place only when all of it is done, so a
-failed run leaves an existing dataset as it was.
+end-of-text are 1, as is all plain text.
+
+With --labels=True every document also gets a control label (for arch="conditional"):
+the "label" field of its record in .jsonl, .csv, .parquet and .arrow (a number is taken
+as text), else the name of the folder that holds its file (the dataset's name for
+--hf_dataset=). {split}_label.bin (uint16) holds for every token the id of its
+document's label, the document's end-of-text included; meta.json's "labels" lists the
+names, index = id, in the order first seen. At most 65535 labels.
+
+The token files are raw uint16 (uint32 for vocabularies over 65536), read with
+np.memmap(path, dtype, mode="r"). Everything is written to a temporary folder and moved
+into place only when all of it is done, so a failed run leaves an existing dataset as it was.
 """
 
 import codecs
@@ -63,6 +72,7 @@ dedup = True         # drop paragraphs (whitespace-normalized) already seen in a
 # output
 dataset = "legal"    # writes data_dir/dataset/
 data_dir = "data"
+labels = False       # True: a label per document for arch="conditional": its record's "label", else its folder's name
 # tokenizer
 tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
 vocab_size = 8192    # special tokens included
@@ -83,6 +93,7 @@ COMPRESSED = (".gz", ".zst")
 PARAGRAPH_BREAK = re.compile(r"(\n(?:[^\S\n]*\n)+)")  # one or more blank lines, kept by split()
 SURROGATE = re.compile("[\ud800-\udfff]")
 READ_CHARS = 1 << 20  # a .txt file is read (and deduplicated, and encoded) in segments of about this size
+MAX_LABELS = 65535   # {split}_label.bin holds uint16 ids
 
 # Bytes that are not UTF-8 become U+FFFD, as with errors="replace", and are counted.
 _replaced_bytes = 0
@@ -228,21 +239,32 @@ def text_document(path, progress, stats):
             yield rest, True
 
 
+def record_label(record, where):
+    """The record's "label" field as text; None when labels are off or it has none (its folder names it then)."""
+    value = record.get("label") if labels else None
+    if value is not None and not isinstance(value, (str, int, float)):
+        fail(f'{where}: the "label" field must be a string or a number, got {type(value).__name__} '
+             f"{str(value)[:60]}")
+    return str(value) if value not in (None, "") else None
+
+
 def record_document(record, where):
-    """A row of .jsonl/.csv/.parquet/.arrow or of a Hugging Face dataset as a document; a null text is empty."""
+    """A row of .jsonl/.csv/.parquet/.arrow or of a Hugging Face dataset as (label or None, segments);
+    a null text is empty."""
     if isinstance(record, dict):
+        label = record_label(record, where)
         for field in (text_column, "content"):
             if field in record:
                 value = record[field]
                 if isinstance(value, str):
-                    return [(value, True)]
+                    return label, [(value, True)]
                 if value is None:
-                    return []
+                    return label, []
                 break
         else:
             prompt, response = record.get("prompt"), record.get("response")
             if isinstance(prompt, str) and isinstance(response, str):
-                return [(prompt, False), (response, True)]
+                return label, [(prompt, False), (response, True)]
     fields = f'"{text_column}" or "content"' if text_column != "content" else '"content"'
     fail(f'{where}: expected a JSON object with a string field {fields}, or string fields "prompt" and "response"')
 
@@ -302,7 +324,7 @@ def arrow_documents(path, progress, stats):
                 table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
             columns = table.column_names
         check_columns(path, columns)
-        keep = [c for c in (text_column, "content", "prompt", "response") if c in columns]
+        keep = [c for c in (text_column, "content", "prompt", "response", "label") if c in columns]
         batches = (parquet.iter_batches(batch_size=1024, columns=keep) if kind == ".parquet"
                    else table.select(keep).to_batches(max_chunksize=1024))
         n = 0
@@ -316,7 +338,7 @@ def arrow_documents(path, progress, stats):
         progress.closed(os.path.getsize(path) if os.path.isfile(path) else 0)
 
 
-READERS = {".txt": lambda *a: [text_document(*a)], ".md": lambda *a: [text_document(*a)],
+READERS = {".txt": lambda *a: [(None, text_document(*a))], ".md": lambda *a: [(None, text_document(*a))],
            ".jsonl": jsonl_documents, ".csv": csv_documents,
            ".parquet": arrow_documents, ".arrow": arrow_documents, ".feather": arrow_documents}
 
@@ -374,13 +396,16 @@ def legal_corpus_files():
 
 
 def file_documents(paths, progress, stats):
+    """(label, document) for every document in the files: a record's own label, else its file's folder name."""
     for path in paths:
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))  # abspath: "a.txt" is in a folder too
         # the built-in corpus's copyright files have no extension: they are text
-        yield from READERS.get(format_of(path)[0], READERS[".txt"])(path, progress, stats)
+        for label, doc in READERS.get(format_of(path)[0], READERS[".txt"])(path, progress, stats):
+            yield label or folder, doc
 
 
 def hf_documents():
-    """The rows of a Hugging Face dataset, streamed."""
+    """(label, document) for each row of a Hugging Face dataset, streamed; unlabelled rows get the dataset's name."""
     try:
         import datasets
     except ImportError:
@@ -388,7 +413,8 @@ def hf_documents():
     try:
         rows = datasets.load_dataset(hf_dataset, split=hf_split, streaming=True)
         for n, record in enumerate(rows, 1):
-            yield record_document(record, f"{hf_dataset}:row {n}")
+            label, doc = record_document(record, f"{hf_dataset}:row {n}")
+            yield label or hf_dataset, doc
     except Exception as e:  # offline, no such dataset, no such split: whatever the library raises
         message = (str(e).splitlines() or [""])[0][:200]
         fail(f"cannot load the Hugging Face dataset {hf_dataset!r} (split {hf_split!r}): it needs the network "
@@ -396,14 +422,15 @@ def hf_documents():
 
 
 def deduplicated(docs, seen, stats, drop_repeats):
-    """Documents as iterators of non-empty (text, counts_in_loss) segments, without the paragraphs
-    or prompt/response pairs seen before; a document with nothing left is dropped.
+    """(label, document) pairs with each document as an iterator of non-empty (text, counts_in_loss)
+    segments, without the paragraphs or prompt/response pairs seen before; a document with nothing
+    left is dropped.
 
     `seen` holds hashes of whitespace-normalized paragraphs and of pairs (Python's hash:
     stable within this one process, which is all the two passes need). Deduplication
     happens as segments are read: read each document whole before taking the next.
     """
-    for doc in docs:
+    for label, doc in docs:
         if not drop_repeats:
             segments = iter(doc)
         elif isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
@@ -424,7 +451,7 @@ def deduplicated(docs, seen, stats, drop_repeats):
         else:
             stats["empty"] += 1
             continue
-        yield itertools.chain(held, segments)
+        yield label, itertools.chain(held, segments)
 
 
 def dedup_paragraphs(text, seen, stats):
@@ -448,42 +475,55 @@ def dedup_paragraphs(text, seen, stats):
     return "".join(parts)
 
 
-# -- writing: documents -> tokens (+ loss mask) in a .bin file ----------------------------------------------
+# -- writing: documents -> tokens (+ loss mask, labels) in a .bin file -------------------------------------
 
 class SplitWriter:
-    """Appends documents to {name}.bin (and {name}_mask.bin), encoding them in batches on a thread pool.
+    """Appends documents to {name}.bin (and {name}_mask.bin, {name}_label.bin), encoding them in
+    batches on a thread pool.
 
     While one batch is being encoded the next one is read, so reading, deduplication and
     encoding overlap. The loss mask file is started only when the first prompt/response
-    document comes, with ones for every token written before it.
+    document comes, with ones for every token written before it. The label file is there
+    from the start when `label_ids` (label -> id, shared by the splits) is given.
     """
 
-    def __init__(self, folder, name, tok, dtype, pool, workers, progress):
+    def __init__(self, folder, name, tok, dtype, pool, workers, progress, label_ids):
         self.folder, self.name, self.tok, self.dtype, self.pool, self.workers = folder, name, tok, dtype, pool, workers
-        self.progress, self.batch_chars = progress, workers * 2**21
+        self.progress, self.batch_chars, self.label_ids = progress, workers * 2**21, label_ids
         self.file = open(os.path.join(folder, f"{name}.bin"), "wb")
+        self.labels = open(os.path.join(folder, f"{name}_label.bin"), "wb") if label_ids is not None else None
         self.mask = None
         self.pending, self.pending_chars, self.masked, self.encoding = [], 0, False, None
         self.tokens = self.bytes = self.documents = 0
 
-    def add(self, segments):
+    def add(self, segments, label):
+        label_id = self.label_id(label) if self.labels is not None else 0
         for text, loss in segments:
             try:
                 self.bytes += len(text.encode())
             except UnicodeEncodeError:  # lone surrogates, from JSON escapes say: as U+FFFD
                 text = SURROGATE.sub("\ufffd", text)
                 self.bytes += len(text.encode())
-            self.pending.append((text, loss))
+            self.pending.append((text, loss, label_id))
             self.pending_chars += len(text)
             self.masked |= not loss
             if self.pending_chars >= self.batch_chars:
                 self.flush()
-        self.pending.append(None)  # end of document
+        self.pending.append((None, True, label_id))  # end of document: its end-of-text is learnt, under its label
         self.documents += 1
+
+    def label_id(self, label):
+        """0, 1, 2, ... in the order labels are first seen, in either split."""
+        if label not in self.label_ids:
+            if len(self.label_ids) == MAX_LABELS:
+                fail(f"more than {MAX_LABELS} distinct labels (the next is {label[:60]!r}): label ids are stored "
+                     "as uint16; use fewer labels, or --labels=False")
+            self.label_ids[label] = len(self.label_ids)
+        return self.label_ids[label]
 
     def flush(self):
         """Start encoding the pending batch; write the one before it, whose encoding had time to finish."""
-        texts = [seg[0] for seg in self.pending if seg is not None]
+        texts = [text for text, _, _ in self.pending if text is not None]
         step = -(-len(texts) // self.workers) or 1
         jobs = [self.pool.submit(self.tok.encode_arrays, texts[i:i + step]) for i in range(0, len(texts), step)]
         if self.encoding:
@@ -494,19 +534,19 @@ class SplitWriter:
     def write(self, segments, jobs):
         encoded = itertools.chain.from_iterable(job.result() for job in jobs)
         eot = np.array([self.tok.eot_id], dtype=np.uint32)
-        ids = [next(encoded) if seg is not None else eot for seg in segments]
+        ids = [next(encoded) if text is not None else eot for text, _, _ in segments]
         if not ids:
             return
-        if self.masked:
-            mask = np.concatenate([np.full(len(piece), seg is None or seg[1], dtype=np.uint8)
-                                   for piece, seg in zip(ids, segments)])
+        lengths = [len(piece) for piece in ids]
         ids = np.concatenate(ids).astype(self.dtype)
         ids.tofile(self.file)
         if self.masked:
             if self.mask is None:
                 self.mask = open(os.path.join(self.folder, f"{self.name}_mask.bin"), "wb")
                 ones(self.mask, self.tokens)
-            mask.tofile(self.mask)
+            np.repeat(np.array([loss for _, loss, _ in segments], dtype=np.uint8), lengths).tofile(self.mask)
+        if self.labels is not None:
+            np.repeat(np.array([label for _, _, label in segments], dtype=np.uint16), lengths).tofile(self.labels)
         self.tokens += len(ids)
         self.progress.show(len(ids))
 
@@ -520,6 +560,8 @@ class SplitWriter:
                 ones(f, self.tokens)
         elif self.mask is not None:
             self.mask.close()
+        if self.labels is not None:
+            self.labels.close()
         return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents}
 
 
@@ -550,7 +592,7 @@ def tokenizer_sample(paths):
     this pass saw the whole corpus (None if not)."""
     texts, size, complete = [], 0, True
     docs = corpus_documents(paths, Progress(0), new_stats())
-    for index, segments in enumerate(docs):
+    for index, (_, segments) in enumerate(docs):
         for text, _ in segments:
             texts.append((index, text))
             size += len(text)
@@ -627,16 +669,18 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     total = sum(os.path.getsize(p) for p in paths + val_paths) if not hf_dataset else 0
     progress = Progress(total)
     pool = concurrent.futures.ThreadPoolExecutor(workers)  # tokenizers release the GIL: threads are enough
-    writers = {name: SplitWriter(tmp, name, tok, dtype, pool, workers, progress) for name in ("train", "val")}
-    for index, segments in enumerate(corpus_documents(paths, progress, stats)):
+    label_ids = {} if labels else None
+    writers = {name: SplitWriter(tmp, name, tok, dtype, pool, workers, progress, label_ids)
+               for name in ("train", "val")}
+    for index, (label, segments) in enumerate(corpus_documents(paths, progress, stats)):
         if val_input:
             split = "train"
         else:
             split = "val" if (index in val_ids if val_ids is not None else held_out(index)) else "train"
-        writers[split].add(segments)
+        writers[split].add(segments, label)
     if val_input:
-        for segments in deduplicated(file_documents(val_paths, progress, stats), None, stats, False):
-            writers["val"].add(segments)
+        for label, segments in deduplicated(file_documents(val_paths, progress, stats), None, stats, False):
+            writers["val"].add(segments, label)
     masked = any(w.mask is not None or w.masked for w in writers.values())
     splits = {name: w.close(masked) for name, w in writers.items()}
     pool.shutdown()
@@ -663,7 +707,8 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     for name, split in splits.items():
         print(f"{name}: {split['documents']} documents, {split['bytes'] / 1e6:.2f} MB -> {split['tokens']:,} tokens")
     print(f"encoded {mb:.2f} MB at {speed:.1f} MB/s with {workers} threads"
-          + (", with a loss mask (prompt/response documents)" if masked else ""))
+          + (", with a loss mask (prompt/response documents)" if masked else "")
+          + (f", {len(label_ids)} labels" if labels else ""))
 
     meta = {
         "vocab_size": tok.vocab_size,
@@ -673,17 +718,19 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
         "eot_id": tok.eot_id, "pad_id": tok.pad_id, "mask_id": tok.mask_id,
         "bos_id": tok.special.get("<|bos|>"), "unk_id": tok.special.get("<|unk|>"),
         "loss_mask": masked,
+        "labels": list(label_ids) if labels else None,
         "splits": splits,
         "source": ",".join(filter(None, [input, hf_dataset])) or "built-in legal corpus",
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    names = [*files, "train.bin", "val.bin", "meta.json"] + (["train_mask.bin", "val_mask.bin"] if masked else [])
+    optional = {"train_mask.bin": masked, "val_mask.bin": masked, "train_label.bin": labels, "val_label.bin": labels}
+    names = [*files, "train.bin", "val.bin", "meta.json", *(name for name, written in optional.items() if written)]
     for name in names:
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
-    for stale in ("train_mask.bin", "val_mask.bin"):  # from an earlier prompt/response dataset of this name
-        if not masked and os.path.exists(os.path.join(out_dir, stale)):
+    for stale in (name for name, written in optional.items() if not written):  # from an earlier dataset of this name
+        if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
     for name in names:
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

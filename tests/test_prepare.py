@@ -323,6 +323,18 @@ def prepared_documents(out):
     return sorted(tok.decode(s) for split in ("train", "val") for s in segments(out / f"{split}.bin", tok.eot_id))
 
 
+def documents_with(out, kind, dtype):
+    """(tokens, their entries in {split}_{kind}.bin) for every document of both splits, its end-of-text last."""
+    meta = json.loads((out / "meta.json").read_text())
+    for split in ("train", "val"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        entries = np.fromfile(out / f"{split}_{kind}.bin", dtype=dtype)
+        assert len(entries) == len(tokens) == meta["splits"][split]["tokens"]
+        ends = np.flatnonzero(tokens == meta["eot_id"]) + 1
+        for a, b in zip(np.concatenate([[0], ends[:-1]]), ends):
+            yield tokens[a:b], entries[a:b]
+
+
 def write_jsonl(path, records, opener=open):
     with opener(path, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -473,20 +485,14 @@ def test_prompt_response_pairs_get_a_loss_mask_on_the_response_and_its_end(tmp_p
     assert result.returncode == 0, result.stderr
     assert "1 repeated prompt/response pairs dropped" in result.stdout
     out = tmp_path / "data" / "legal"
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["loss_mask"] is True
+    assert json.loads((out / "meta.json").read_text())["loss_mask"] is True
     tok = load_tokenizer(out)
     seen = []
-    for split in ("train", "val"):
-        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
-        mask = np.fromfile(out / f"{split}_mask.bin", dtype=np.uint8)
-        assert len(mask) == len(tokens) == meta["splits"][split]["tokens"]
-        ends = np.flatnonzero(tokens == tok.eot_id)
-        assert mask[ends].all()  # the end of a response is learnt
-        for a, b in zip(np.concatenate([[-1], ends[:-1]]) + 1, ends):
-            doc, counts = tokens[a:b], mask[a:b]
-            seen.append((tok.decode(doc[counts == 0]), tok.decode(doc[counts == 1])))
-            assert (np.diff(counts.astype(int)) >= 0).all()  # prompt first, then response
+    for doc, counts in documents_with(out, "mask", np.uint8):
+        assert counts[-1] == 1  # the end of a response is learnt
+        doc, counts = doc[:-1], counts[:-1]
+        seen.append((tok.decode(doc[counts == 0]), tok.decode(doc[counts == 1])))
+        assert (np.diff(counts.astype(int)) >= 0).all()  # prompt first, then response
     assert sorted(seen) == sorted([(p["prompt"], p["response"]) for p in pairs] + [("", document(99))])
 
 
@@ -504,6 +510,114 @@ def test_a_corpus_larger_than_the_tokenizer_sample_holds_out_each_document_by_ch
     tok = load_tokenizer(out)
     assert sorted(tok.decode(s) for s in segments(out / "val.bin", tok.eot_id)) == expected_val
     assert prepared_documents(out) == sorted(docs)
+
+
+# -- control labels (for arch="conditional") --------------------------------------------------------------------
+
+def labelled_documents(out):
+    """(text, the label names its tokens and its end-of-text carry) for every document, sorted."""
+    tok = load_tokenizer(out)
+    names = json.loads((out / "meta.json").read_text())["labels"]
+    return sorted((tok.decode(doc[:-1]), {names[i] for i in labels})
+                  for doc, labels in documents_with(out, "label", np.uint16))
+
+
+def write_folders(root, folders):
+    """Three .txt documents in each folder; returns (document, folder) pairs."""
+    docs = []
+    for f, folder in enumerate(folders):
+        (root / folder).mkdir(parents=True)
+        for i in range(3):
+            docs.append((document(10 * f + i), folder))
+            (root / folder / f"{i}.txt").write_text(docs[-1][0])
+    return docs
+
+
+def test_with_labels_every_token_of_a_document_carries_its_folders_label(tmp_path):
+    docs = write_folders(tmp_path / "in", ["lease", "license"])
+    result = prepare(tmp_path, "--input=in", "--labels=True", "--vocab_size=300", "--val_fraction=0.34")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "legal"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["labels"] == ["lease", "license"]  # ids in the order first seen
+    assert meta["splits"]["val"]["documents"] == 2
+    assert labelled_documents(out) == sorted((doc, {folder}) for doc, folder in docs)
+    assert "2 labels" in result.stdout
+
+
+def write_records(path, docs, labels):
+    """Records with a "text" and, where labels has one, a "label" (None: no label field, or an empty cell)."""
+    if path.suffix == ".jsonl":
+        write_jsonl(path, [{"text": d, **({"label": l} if l is not None else {})} for d, l in zip(docs, labels)])
+    elif path.suffix == ".csv":
+        import csv
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("text", "label")] + [(d, l or "") for d, l in zip(docs, labels)])
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet
+        pyarrow.parquet.write_table(pa.table({"text": docs, "label": labels}), path)
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.csv", "docs.parquet"])
+def test_a_records_label_field_is_its_label_and_without_one_its_folder_is(tmp_path, name):
+    docs = [document(i) for i in range(5)]
+    labels = ["statute", "contract", None, "", "statute"]
+    (tmp_path / "cases").mkdir()
+    write_records(tmp_path / "cases" / name, docs, labels)
+    result = prepare(tmp_path, "--input=cases", "--labels=True", "--vocab_size=300", "--val_fraction=0.2")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "data" / "legal"
+    assert json.loads((out / "meta.json").read_text())["labels"] == ["statute", "contract", "cases"]
+    assert labelled_documents(out) == sorted((d, {l or "cases"}) for d, l in zip(docs, labels))
+
+
+def test_a_number_label_is_taken_as_text(tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": document(i), "label": 1990 + i % 2} for i in range(4)])
+    result = prepare(tmp_path, "--input=docs.jsonl", "--labels=True", "--vocab_size=300", "--val_fraction=0.25")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "data" / "legal" / "meta.json").read_text())["labels"] == ["1990", "1991"]
+
+
+def test_hugging_face_rows_are_labelled_by_their_label_field_else_the_dataset_name(tmp_path):
+    rows = [{"text": document(i), **({"label": "opinion"} if i % 2 else {})} for i in range(4)]
+    env = fake_module(tmp_path / "fake", "datasets", f"def load_dataset(name, split, streaming):\n"
+                      f"    return iter({rows!r})\n")
+    result = prepare(tmp_path, "--hf_dataset=some/corpus", "--labels=True", "--vocab_size=300",
+                     "--val_fraction=0.25", env=env)
+    assert result.returncode == 0, result.stderr
+    assert labelled_documents(tmp_path / "data" / "legal") == sorted(
+        (r["text"], {r.get("label", "some/corpus")}) for r in rows)
+
+
+def test_without_labels_no_label_files_are_written_and_stale_ones_are_removed(tmp_path):
+    write_folders(tmp_path / "in", ["lease", "license"])
+    out = tmp_path / "data" / "legal"
+    assert prepare(tmp_path, "--input=in", "--labels=True", "--vocab_size=300").returncode == 0
+    assert (out / "train_label.bin").exists() and (out / "val_label.bin").exists()
+    result = prepare(tmp_path, "--input=in", "--vocab_size=300")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*_label.bin"))
+    assert json.loads((out / "meta.json").read_text())["labels"] is None
+
+
+@pytest.mark.parametrize("label, message", [
+    (["lease", "sublease"], '"label" field must be a string or a number, got list'),
+    ({"kind": "lease"}, '"label" field must be a string or a number, got dict'),
+])
+def test_a_label_that_is_not_text_is_an_error_naming_file_and_line(prepared, tmp_path, label, message):
+    path = tmp_path / "records.jsonl"
+    write_jsonl(path, [{"text": document(1), "label": "lease"}, {"text": document(2), "label": label}])
+    error = fails_cleanly(prepared, f"--input={path}", "--labels=True")
+    assert f"{path}:2:" in error and message in error
+
+
+def test_more_labels_than_uint16_ids_is_an_error(prepared, tmp_path):
+    records = [{"text": f"Clause {i}: the party shall pay.", "label": f"party {i}"} for i in range(65535)]
+    write_jsonl(tmp_path / "docs.jsonl", records + [{"text": "Clause 0 again.", "label": "party 0"},
+                                                    {"text": "One clause too many.", "label": "one too many"}])
+    error = fails_cleanly(prepared, f"--input={tmp_path / 'docs.jsonl'}", "--labels=True")
+    assert "more than 65535 distinct labels" in error and "'one too many'" in error
 
 
 # -- every tokenizer kind ---------------------------------------------------------------------------------------
