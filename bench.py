@@ -80,7 +80,7 @@ def bench_tokenizers():
     from tokenizer import train_tokenizer
     paths = prepare.legal_corpus_files()
     sample, val_ids = prepare.tokenizer_sample(paths)
-    docs = [("".join(text for text, _ in segments), index in val_ids) for index, segments in
+    docs = [("".join(text for text, _ in segments), index in val_ids) for index, (_, segments) in
             enumerate(prepare.corpus_documents(paths, prepare.Progress(0), prepare.new_stats()))]
     val = [text for text, is_val in docs if is_val]
     everything = [text for text, _ in docs]
@@ -185,7 +185,7 @@ if what == "prepare":
     bench_prepare()
     sys.exit(0)
 
-from model import GPT, ModelConfig, peak_flops  # noqa: E402
+from model import ModelConfig, build_model, peak_flops  # noqa: E402
 from runtime import autocast, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
 
 if iters < 1 or warmup_iters < 0 or rounds < 1:
@@ -222,7 +222,7 @@ device_type = device.split(":")[0]
 if device_type == "cpu":
     keep_freed_memory()  # as train.py does, for both paths
 torch.manual_seed(seed)
-model = GPT(model_config).to(device)
+model = build_model(model_config).to(device)
 optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
 step_model = torch.compile(model) if use_compile else model
 ctx = autocast(device, ptdtype)
