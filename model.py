@@ -1,16 +1,30 @@
 """
-nanolex models: every architecture in one file, built from one set of blocks.
+nanolex models: every architecture in one file, assembled from one set of blocks.
 
-The decoder (arch="gpt") is a GPT with a few switches, each read in exactly one place:
-- positions:   pos="learned" (GPT-2 table) or "rope" (rotary, applied to q and k)
-- norm:        norm="layernorm" or "rmsnorm", pre-norm residual blocks
-- MLP:         mlp="gelu" (4x, GPT-2) or "swiglu" (gated, ~8/3 x so the size matches)
-- attention:   n_kv_head < n_head shares keys/values between heads (GQA; 1 = MQA);
-               computed by F.scaled_dot_product_attention (flash kernels where available)
-- embeddings:  tie_embeddings shares the input table with the output head
-- dropout, bias
-Generation keeps its keys and values in a KVCache object passed in by the caller,
-never in the layers, so a model is just weights and one forward().
+The blocks, shared by every transformer below:
+- Attention    self- or cross-attention, causal or bidirectional. attention="sdpa" is
+               softmax attention by F.scaled_dot_product_attention (flash kernels where
+               available); attention="linear" is kernelized linear attention (elu+1 feature
+               maps, causal by running sums), whose cost grows linearly with the length.
+               n_kv_head < n_head shares keys/values between heads (GQA; 1 = MQA).
+- MLP / MoE    gelu (4x, GPT-2) or swiglu (gated, ~8/3 x); n_expert > 0 replaces it with
+               a mixture of such MLPs, top-k routed, with a capacity and a balancing loss.
+- Block        attention (+ cross-attention) + MLP, pre-norm (norm_first) or post-norm
+               (the original Transformer's), with layernorm or rmsnorm.
+- positions    learned (GPT-2 table) | sinusoidal (fixed table) | rope (rotates q and k)
+               | alibi (a per-head linear penalty on distance added to the scores).
+
+The architectures, picked by arch=:
+- gpt          decoder-only, next-token prediction
+- conditional  the same decoder plus a control label (document type, jurisdiction...)
+               whose vector is added at every position
+- encoder      the same stack, bidirectional: BERT-style masked-language modelling
+- encdec       encoder + decoder with cross-attention and one shared embedding (T5-style)
+- lstm         embedding -> n_layer LSTM layers -> projection (no blocks, no positions)
+
+Generation keeps its state (keys/values, linear-attention sums, the encoder's output,
+the LSTM's h and c) in a cache object passed in by the caller, never in the layers, so
+a model is just weights and one forward().
 """
 
 import math
@@ -21,43 +35,65 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
+
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"
+    arch: str = "gpt"          # gpt | conditional | encoder | encdec | lstm
     vocab_size: int = 8192
-    block_size: int = 1024     # longest context the model sees
-    n_layer: int = 12
+    block_size: int = 1024     # longest context the model sees (each side, for encdec)
+    n_layer: int = 12          # blocks (for encdec: on each side), or LSTM layers
     n_head: int = 12
     n_kv_head: int = 0         # 0 = n_head (plain multi-head attention)
-    n_embd: int = 768
+    n_embd: int = 768          # also the LSTM's embedding and hidden size
     dropout: float = 0.0
     bias: bool = False         # bias in Linear and LayerNorm layers
-    pos: str = "learned"       # learned | rope
+    pos: str = "learned"       # learned | sinusoidal | rope | alibi
     norm: str = "layernorm"    # layernorm | rmsnorm
+    norm_first: bool = True    # pre-norm blocks; False = post-norm (normalize after each residual add)
     mlp: str = "gelu"          # gelu | swiglu
+    attention: str = "sdpa"    # sdpa (softmax) | linear (kernelized; self-attention only)
+    n_expert: int = 0          # > 0: a mixture of this many experts replaces every MLP
+    expert_top_k: int = 1      # experts each token is sent to
+    expert_capacity: float = 1.25  # in training an expert takes at most this x its fair share of tokens
+    balance_weight: float = 0.01   # weight of the experts' load-balancing loss in the loss
+    n_labels: int = 0          # conditional: how many control labels there are
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        choices = {"arch": ("gpt",), "pos": ("learned", "rope"),
-                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+        choices = {"arch": ARCHS, "pos": ("learned", "sinusoidal", "rope", "alibi"),
+                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "attention": ("sdpa", "linear")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "conditional" and self.n_labels <= 0:
+            raise ValueError("arch='conditional' needs n_labels > 0: prepare the dataset with --labels=True")
+        if self.arch == "lstm":
+            if self.n_expert:
+                raise ValueError("n_expert (mixture of experts) replaces a transformer's MLP; arch='lstm' has none")
+            return  # heads, positions and attention do not apply to an LSTM
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos == "alibi" and self.attention == "linear":
+            raise ValueError("pos='alibi' biases softmax scores, which attention='linear' does not compute")
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.expert_top_k <= self.n_expert):
+            raise ValueError(f"need n_expert >= 0 and 1 <= expert_top_k <= n_expert, got "
+                             f"n_expert={self.n_expert}, expert_top_k={self.expert_top_k}")
+        if self.expert_capacity <= 0 or self.balance_weight < 0:
+            raise ValueError("expert_capacity must be positive and balance_weight not negative")
 
     @classmethod
     def from_settings(cls, settings):
@@ -74,6 +110,17 @@ def make_norm(config):
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
+def sinusoid_table(length, dim):
+    """The fixed positions of 'Attention Is All You Need': sin and cos of position x frequency,
+    interleaved, frequencies from 1 down to 1/10000. (length, dim)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.outer(torch.arange(length).float(), inv_freq)  # (length, ceil(dim/2))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles[:, :dim // 2].cos()
+    return table
+
+
 def rope_tables(head_size, length, theta):
     """cos and sin of each position times each rotation frequency: two (length, head_size/2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
@@ -88,18 +135,84 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens generated so far.
+def alibi_slopes(n_head):
+    """ALiBi's per-head slopes, a geometric sequence from 2^(-8/n_head) down to 2^-8:
+    some heads look far back, some only nearby."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
 
-    Lives outside the model: generate() makes one, forward() writes into it, and
-    `pos` says how many positions are filled.
+
+def attention_mask(causal, T, start, keep=None, slopes=None, device=None):
+    """What F.scaled_dot_product_attention needs besides q, k, v, for T queries at positions
+    start.. over the S = start + T keys so far: (attn_mask, is_causal).
+
+    keep (B, S) marks real keys (False = padding). slopes turn on ALiBi: a float mask of
+    -slope * distance, -inf where a key may not be seen. Without either, a causal pass
+    over a fresh sequence is is_causal=True, the fast path of the flash kernels.
+    """
+    S = start + T
+    if slopes is None and keep is None and not (causal and start > 0 and T > 1):
+        return None, causal and T > 1
+    q_pos = torch.arange(start, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    visible = (k_pos <= q_pos) if causal else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
+    if keep is not None:
+        visible = visible & keep[:, None, None, :]  # (B, 1, T, S)
+    if slopes is None:
+        return visible, False
+    bias = -slopes.to(device)[:, None, None] * (q_pos - k_pos).abs()  # (nh, T, S)
+    return bias.masked_fill(~visible, float("-inf")), False
+
+
+def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
+    """softmax(q k^T) v replaced by phi(q) (phi(k)^T v) / phi(q) sum(phi(k)), phi = elu + 1.
+
+    q, k, v: (B, nh, T, hs). Bidirectional: one (hs, hs) summary of all keys and values.
+    Causal: the same summary as a running sum, computed chunk by chunk so memory stays
+    O(T): inside a chunk of 64 a masked quadratic product, between chunks the carried sums.
+    state: (kv (B, nh, hs, hs), z (B, nh, hs)) of the tokens before these, or None.
+    Sums are kept in fp32: they add up thousands of terms. Returns (y, new state).
+    """
+    dtype = v.dtype
+    q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
+    if keep is not None:
+        k = k * keep[:, None, :, None]  # padding contributes nothing
+    B, nh, T, hs = q.shape
+    if state is None:
+        state = (q.new_zeros(B, nh, hs, hs), q.new_zeros(B, nh, hs))
+    kv, z = state
+    if not causal:
+        kv, z = kv + k.transpose(-2, -1) @ v, z + k.sum(dim=2)
+        y = (q @ kv) / (q @ z[..., None])
+        return y.to(dtype), (kv, z)
+    within = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    ys = []
+    for s in range(0, T, chunk):
+        qc, kc, vc = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]  # (B, nh, c, hs)
+        n = qc.size(2)
+        scores = (qc @ kc.transpose(-2, -1)).masked_fill(~within[:n, :n], 0.0)  # (B, nh, c, c)
+        numerator = qc @ kv + scores @ vc
+        denominator = qc @ z[..., None] + scores.sum(dim=-1, keepdim=True)
+        ys.append(numerator / denominator)
+        kv, z = kv + kc.transpose(-2, -1) @ vc, z + kc.sum(dim=2)
+    return torch.cat(ys, dim=2).to(dtype), (kv, z)
+
+
+class KVCache:
+    """A transformer's generation state, kept outside the model: keys and values of every
+    layer (or, for linear attention, its running sums), and for encdec the encoder's output
+    and the cross-attention keys/values computed from it once. `pos` says how many
+    positions are filled.
     """
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        linear = config.attention == "linear"
+        self.k = None if linear else torch.zeros(shape, device=device, dtype=dtype)
+        self.v = None if linear else torch.zeros(shape, device=device, dtype=dtype)
+        self.sums = [None] * config.n_layer   # linear attention: (kv, z) per layer
+        self.cross = [None] * config.n_layer  # encdec: cross-attention (k, v) per layer
+        self.memory = None                    # encdec: the encoder's output
         self.pos = 0
 
     def update(self, layer, k, v):
@@ -110,44 +223,73 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class LSTMCache:
+    """An LSTM's generation state: (h, c) of every layer after the tokens read so far."""
+
+    def __init__(self):
+        self.hc, self.pos = None, 0
+
+
 # ----------------------------------------------------------------------------------
 # blocks
 
 class Attention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, causal, cross=False):
         super().__init__()
+        self.causal, self.cross = causal, cross
+        self.linear = config.attention == "linear" and not cross  # cross-attention is always softmax
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_size = config.n_embd // config.n_head
         kv_size = self.n_kv_head * self.head_size
+        # one matrix for q, k and v; cross-attention applies its q rows to x, its k, v rows to the memory
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
+    def heads(self, x, n):
+        B, T, _ = x.size()
+        return x.view(B, T, n, self.head_size)  # (B, T, n, hs)
+
+    def forward(self, x, rope=None, mask=(None, False), keep=None, memory=None, cache=None, layer=0):
+        """x (B, T, C). mask: (attn_mask, is_causal) from attention_mask(). keep (B, S): real keys,
+        for linear attention (softmax gets them through the mask). memory (B, S, C): the
+        encoder's output, for cross-attention."""
         B, T, C = x.size()
         kv_size = self.n_kv_head * self.head_size
-        q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
-        q = q.view(B, T, self.n_head, self.head_size)
-        k = k.view(B, T, self.n_kv_head, self.head_size)
-        v = v.view(B, T, self.n_kv_head, self.head_size)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-        mask, is_causal = None, T > 1
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = tokens so far
-            if T > 1 and cache.pos > 0:  # several new tokens after a filled cache: explicit mask
-                S = k.size(2)
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-                is_causal = False
+        if self.cross:
+            w_q, w_kv = self.c_attn.weight.split([C, 2 * kv_size])
+            b_q, b_kv = self.c_attn.bias.split([C, 2 * kv_size]) if self.c_attn.bias is not None else (None, None)
+            q = self.heads(F.linear(x, w_q, b_q), self.n_head).transpose(1, 2)
+            if cache is not None and cache.cross[layer] is not None:  # the memory's keys/values: once
+                k, v = cache.cross[layer]
+            else:
+                k, v = F.linear(memory, w_kv, b_kv).split([kv_size, kv_size], dim=2)
+                k, v = self.heads(k, self.n_kv_head).transpose(1, 2), self.heads(v, self.n_kv_head).transpose(1, 2)
+                if cache is not None:
+                    cache.cross[layer] = (k, v)
+        else:
+            q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
+            q, k, v = self.heads(q, self.n_head), self.heads(k, self.n_kv_head), self.heads(v, self.n_kv_head)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+            if cache is not None and not self.linear:
+                k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = tokens so far
         if self.n_kv_head != self.n_head:  # each group of heads reads the same keys/values
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        # flash attention on GPU, fused memory-efficient kernels on CPU
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.linear:
+            y, sums = linear_attention(q, k, v, self.causal, keep, cache.sums[layer] if cache is not None else None)
+            if cache is not None:
+                cache.sums[layer] = sums
+        else:  # flash attention on GPU, fused memory-efficient kernels on CPU
+            attn_mask, is_causal = mask
+            if attn_mask is not None and attn_mask.is_floating_point():  # alibi: in attention's dtype
+                attn_mask = attn_mask.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -173,44 +315,144 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """A mixture of experts in the MLP's place (Switch Transformer / GShard).
+
+    A router scores the experts for each token; the token goes to its top-k, and their
+    outputs are mixed by the router's probabilities (renormalized over the k). In training
+    an expert takes at most `capacity` tokens of the batch, the earliest first: the others
+    skip it (the residual carries them), which bounds the work of an unbalanced router.
+    In eval every token gets its experts, so an output never depends on the rest of the batch.
+    The balancing loss (Switch's: n_expert * sum over experts of the share of tokens sent to
+    it times its mean probability; 1 when perfectly even) is left in self.balance_loss.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.capacity_factor = config.expert_top_k, config.expert_capacity
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.balance_loss = torch.zeros(())
+
+    def forward(self, x):
+        B, T, C = x.size()
+        flat = x.reshape(B * T, C)
+        n_tokens, n_expert = flat.size(0), len(self.experts)
+        probs = self.router(flat).float().softmax(dim=-1)       # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)        # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        share = F.one_hot(chosen, n_expert).float().sum(dim=1).mean(dim=0) / self.top_k  # (E,)
+        self.balance_loss = n_expert * (share * probs.mean(dim=0)).sum()
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / n_expert) if self.training else n_tokens
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # tokens sent to e, in order
+            token, slot = token[:capacity], slot[:capacity]
+            y = expert(flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(B, T, C)
+
+
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, causal, cross=False):
         super().__init__()
-        self.ln_1, self.attn = make_norm(config), Attention(config)
-        self.ln_2, self.mlp = make_norm(config), MLP(config)
+        self.norm_first = config.norm_first
+        self.ln_1, self.attn = make_norm(config), Attention(config, causal)
+        if cross:
+            self.ln_x, self.cross_attn = make_norm(config), Attention(config, causal=False, cross=True)
+        self.ln_2 = make_norm(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
-        return x + self.mlp(self.ln_2(x))
+    def residual(self, x, norm, sublayer):
+        if self.norm_first:  # pre-norm: the residual stream itself is never normalized
+            return x + sublayer(norm(x))
+        return norm(x + sublayer(x))  # post-norm, as in 'Attention Is All You Need'
+
+    def forward(self, x, rope=None, mask=(None, False), keep=None, memory=None, memory_mask=(None, False),
+                memory_keep=None, cache=None, layer=0):
+        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, mask, keep, cache=cache, layer=layer))
+        if memory is not None:
+            x = self.residual(x, self.ln_x, lambda h: self.cross_attn(h, mask=memory_mask, keep=memory_keep,
+                                                                      memory=memory, cache=cache, layer=layer))
+        return self.residual(x, self.ln_2, self.mlp)
 
 
-# ----------------------------------------------------------------------------------
-# the decoder
+class Stack(nn.Module):
+    """n_layer blocks and a final norm: the body of every transformer here. It owns the
+    position tables that act inside attention (rope, alibi) and the attention masks."""
 
-class GPT(nn.Module):
-
-    def __init__(self, config):
+    def __init__(self, config, causal, cross=False):
         super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.wte.weight = self.lm_head.weight
+        self.config, self.causal = config, causal
+        self.blocks = nn.ModuleList(Block(config, causal, cross) for _ in range(config.n_layer))
+        # post-norm blocks already end with a norm
+        self.ln_f = make_norm(config) if config.norm_first else nn.Identity()
         if config.pos == "rope":
             cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if config.pos == "alibi":
+            self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def forward(self, x, start=0, cache=None, keep=None, memory=None, memory_keep=None):
+        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, T): real tokens;
+        memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
+        T = x.size(1)
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.config.pos == "rope" else None
+        slopes = self.slopes if self.config.pos == "alibi" else None
+        mask = attention_mask(self.causal, T, start, keep, slopes, x.device)
+        memory_mask = (None, False)
+        if memory is not None and memory_keep is not None:
+            memory_mask = (memory_keep[:, None, None, :], False)  # (B, 1, 1, S)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, keep, memory, memory_mask, memory_keep, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+
+class Embedding(nn.Module):
+    """Token ids -> vectors, plus the absolute positions (learned or sinusoidal) and, for
+    the conditional model, the control label's vector at every position."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        if config.pos == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoid_table(config.block_size, config.n_embd), persistent=False)
+        self.wle = nn.Embedding(config.n_labels, config.n_embd) if config.arch == "conditional" else None
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, idx, start=0, labels=None):
+        """idx (B, T) at positions start..start+T; labels (B,) or (B, T) -> (B, T, C)."""
+        T = idx.size(1)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        elif hasattr(self, "sinusoid"):
+            x = x + self.sinusoid[start:start + T]
+        if self.wle is not None and labels is not None:  # no label: a representation for retrieval
+            label = self.wle(labels)
+            x = x + (label[:, None, :] if labels.dim() == 1 else label)
+        return self.drop(x)
+
+
+# ----------------------------------------------------------------------------------
+# the architectures
+
+class Model(nn.Module):
+    """What every architecture shares: initialization, the output head and loss, parameter
+    and FLOP counts, the optimizer, and the sampling loop around next_logits()."""
+
+    def init_weights(self):
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections down so the residual stream's variance
         # does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -218,37 +460,34 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.wpe is not None:
-            n -= self.wpe.weight.numel()
-        return n
+    def make_head(self, wte):
+        self.lm_head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)
+        if self.config.tie_embeddings:
+            wte.weight = self.lm_head.weight
 
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss if targets are given.
-
-        Without targets only the last position's logits are computed (all generation needs).
-        Targets of -1 are ignored in the loss.
-        """
-        B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.wpe is None else None
-        x = self.drop(x)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
-        if cache is not None:
-            cache.pos += T
-        x = self.ln_f(x)
+    def head(self, x, targets, every_position=False):
+        """Final hidden states (B, T, C) -> logits, and the mean loss if targets are given
+        (targets of -1 do not count). Without targets a causal model needs only the last
+        position's logits; every_position (the encoder) asks for all of them."""
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x if every_position else x[:, [-1], :]), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        if self.config.n_expert and self.training:  # eval losses stay comparable with dense models
+            loss = loss + self.config.balance_weight * self.balance_loss()
         return logits, loss
+
+    def balance_loss(self):
+        """The experts' load-balancing loss of the last forward, averaged over the MoE layers."""
+        losses = [m.balance_loss for m in self.modules() if isinstance(m, MoE)]
+        return sum(losses) / len(losses)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        wpe = getattr(getattr(self, "embed", None), "wpe", None)
+        if non_embedding and wpe is not None:
+            n -= wpe.weight.numel()
+        return n
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (linear layers, embeddings) only."""
@@ -260,38 +499,181 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kind)
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores."""
+        """Training FLOPs per token: 6 per weight a token passes through (forward + backward;
+        of an MoE layer only its top-k experts), plus attention's scores and mixing."""
         c = self.config
-        attention = 12 * c.n_layer * c.n_embd * c.block_size
-        return 6 * self.num_params() + attention
+        n = self.num_params()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                n -= (1 - c.expert_top_k / c.n_expert) * sum(p.numel() for p in m.experts.parameters())
+        stacks = {"lstm": 0, "encdec": 3}.get(c.arch, 1)  # encdec: encoder, decoder, cross-attention
+        return 6 * n + stacks * 12 * c.n_layer * c.n_embd * c.block_size
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                 use_cache=True, generator=None, vocab_limit=None):
+                 use_cache=True, generator=None, vocab_limit=None, **inputs):
         """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy. Ids from vocab_limit
         up (the rows padding the vocabulary past the tokenizer's) are never picked.
-
-        The cache holds the whole context; once the sequence outgrows block_size the
-        window slides and the cache is rebuilt from the window, so the output is the same
-        token for token as without a cache.
-        """
-        cache = None
-        # the cache holds keys/values in the dtype attention computes in, so no step re-casts it
-        device_type = idx.device.type
-        cache_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                       else self.lm_head.weight.dtype)
+        inputs: what the architecture reads besides idx (labels=, src=, src_mask=).
+        With use_cache each step reads only the new token and the state of the steps before;
+        without, each step reads the whole sequence again: the output is the same."""
+        state = None
         for _ in range(max_new_tokens):
-            window = idx[:, -self.config.block_size:]
-            if not use_cache:
-                logits, _ = self(window)
-            elif cache is None or cache.pos + 1 > self.config.block_size:
-                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
-                logits, _ = self(window, cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_id = sample_next(logits[:, -1, :vocab_limit].float(), temperature, top_k, top_p, generator)
+            logits, state = self.next_logits(idx, state if use_cache else None, use_cache, **inputs)
+            next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+    def cache_dtype(self, device_type):
+        """The cache holds keys/values in the dtype attention computes in, so no step re-casts it."""
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.lm_head.weight.dtype
+
+
+class Transformer(Model):
+    """gpt, conditional and encoder: embedding -> blocks -> head. One class, because they
+    differ only in what attention may see (the future, for the encoder) and in the
+    control label the embedding adds (conditional)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.causal = config.arch != "encoder"
+        self.embed = Embedding(config)
+        self.body = Stack(config, causal=self.causal)
+        self.make_head(self.embed.wte)
+        self.init_weights()
+
+    def hidden(self, idx, cache=None, labels=None):
+        """idx (B, T) -> final hidden states (B, T, C)."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        return self.body(self.embed(idx, start, labels), start, cache)
+
+    def forward(self, idx, targets=None, cache=None, labels=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss if targets are given.
+        labels (conditional): the control label of each row (B,) or position (B, T)."""
+        if self.config.arch == "conditional" and labels is None:
+            raise ValueError("arch='conditional' needs the control labels of its input")
+        return self.head(self.hidden(idx, cache, labels), targets, every_position=not self.causal)
+
+    def next_logits(self, idx, cache, use_cache, labels=None):
+        """The logits after idx (B, vocab). The cache holds the whole context; once the sequence
+        outgrows block_size the window slides and the cache is rebuilt from the window, so
+        the output is the same token for token as without a cache."""
+        window = idx[:, -self.config.block_size:]
+        if labels is not None and labels.dim() == 2:
+            labels = labels[:, -window.size(1):]
+        if not use_cache:
+            logits, _ = self(window, labels=labels)
+        elif cache is None or cache.pos + 1 > self.config.block_size:
+            cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
+            logits, _ = self(window, cache=cache, labels=labels)
+        else:
+            logits, _ = self(idx[:, -1:], cache=cache, labels=labels if labels is None or labels.dim() == 1
+                             else labels[:, -1:])
+        return logits[:, -1], cache
+
+
+class EncoderDecoder(Model):
+    """T5-style: a bidirectional encoder reads src, a causal decoder writes the target while
+    cross-attending to the encoder's output. One embedding (and vocabulary) for both sides."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(config)
+        self.encoder = Stack(config, causal=False)
+        self.decoder = Stack(config, causal=True, cross=True)
+        self.make_head(self.embed.wte)
+        self.init_weights()
+
+    def encode(self, src, src_mask=None):
+        """src (B, S) -> (B, S, C); src_mask (B, S) marks real tokens (False = padding)."""
+        if src.size(1) > self.config.block_size:
+            raise ValueError(f"source of {src.size(1)} tokens is longer than block_size={self.config.block_size}")
+        return self.encoder(self.embed(src), keep=src_mask)
+
+    def forward(self, src, idx, targets=None, cache=None, src_mask=None):
+        """src (B, S) and the decoder's input idx (B, T) -> logits (B, T, vocab), and the loss."""
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"target of {start + T} tokens is longer than block_size={self.config.block_size}")
+        if cache is not None and cache.memory is not None:
+            memory = cache.memory
+        else:
+            memory = self.encode(src, src_mask)
+            if cache is not None:
+                cache.memory = memory
+        x = self.decoder(self.embed(idx, start), start, cache, memory=memory, memory_keep=src_mask)
+        return self.head(x, targets)
+
+    def hidden(self, idx):
+        return self.encode(idx)  # a document's representation is what the encoder makes of it
+
+    def next_logits(self, idx, cache, use_cache, src, src_mask=None):
+        """The decoder's next logits (B, vocab) after idx, for the source src. The decoder's
+        context is block_size: a longer target is refused rather than windowed, since its
+        start (bos) is what the decoder was trained to begin from."""
+        if not use_cache:
+            logits, _ = self(src, idx, src_mask=src_mask)
+        elif cache is None:
+            cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
+            logits, _ = self(src, idx, cache=cache, src_mask=src_mask)
+        else:
+            logits, _ = self(src, idx[:, -1:], cache=cache, src_mask=src_mask)
+        return logits[:, -1], cache
+
+
+class LSTM(Model):
+    """embedding -> n_layer LSTM layers of n_embd units -> projection to the vocabulary
+    (the embedding's own matrix when tied). No positions: order is in the recurrence,
+    so there is no context limit either; block_size is only the training length."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(config.n_embd, config.n_embd, config.n_layer, batch_first=True,
+                            dropout=config.dropout if config.n_layer > 1 else 0.0)
+        self.make_head(self.wte)
+        self.apply(self._init_weights)  # embedding and head; the LSTM keeps PyTorch's uniform init
+
+    def hidden(self, idx, cache=None):
+        """idx (B, T) -> the top layer's outputs (B, T, C), carrying (h, c) in the cache."""
+        y, hc = self.lstm(self.drop(self.wte(idx)), cache.hc if cache is not None else None)
+        if cache is not None:
+            cache.hc, cache.pos = hc, cache.pos + idx.size(1)
+        return self.drop(y)
+
+    def forward(self, idx, targets=None, cache=None):
+        return self.head(self.hidden(idx, cache), targets)
+
+    def next_logits(self, idx, cache, use_cache):
+        """Stateful: after the prompt, each step reads only the new token and the carried
+        (h, c). Without the cache, the whole sequence is read again from the start."""
+        if not use_cache:
+            logits, _ = self(idx)
+        elif cache is None:
+            cache = LSTMCache()
+            logits, _ = self(idx, cache=cache)
+        else:
+            logits, _ = self(idx[:, -1:], cache=cache)
+        return logits[:, -1], cache
+
+
+def build_model(config):
+    """The architecture config.arch names, freshly initialized."""
+    if config.arch == "lstm":
+        return LSTM(config)
+    if config.arch == "encdec":
+        return EncoderDecoder(config)
+    return Transformer(config)
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -309,6 +691,33 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def embed_documents(model, documents, block_size=None):
+    """Mean-pooled final hidden states, one vector per document (N, C), for retrieval.
+
+    documents: lists of token ids. A document longer than the context is read in
+    consecutive windows of block_size, and every token's state counts once.
+    """
+    block_size = block_size or model.config.block_size
+    device = next(model.parameters()).device
+    vectors = []
+    for ids in documents:
+        total, count = 0, 0
+        for s in range(0, max(len(ids), 1), block_size):
+            window = torch.tensor([ids[s:s + block_size] or [0]], dtype=torch.long, device=device)
+            h = model.hidden(window)  # (1, T, C)
+            total, count = total + h.float().sum(dim=1)[0], count + h.size(1)
+        vectors.append(total / count)
+    return torch.stack(vectors)
+
+
+def rank_by_cosine(query, vectors):
+    """Indices of vectors (N, C) from the most to the least similar to query (C,), and the similarities."""
+    similarity = F.cosine_similarity(vectors, query[None, :], dim=-1)
+    order = torch.argsort(similarity, descending=True)
+    return order, similarity[order]
 
 
 # ----------------------------------------------------------------------------------

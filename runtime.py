@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from model import GPT, ModelConfig
+from model import ModelConfig, build_model
 from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -86,15 +86,15 @@ def keep_freed_memory():
 # ----------------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(obj, path):
-    """Write atomically: a temporary file, fsync, then rename over the old one.
+def save_atomically(path, write):
+    """Write a file atomically: write(f) into a temporary file, fsync, then rename over path.
 
-    A crash at any moment leaves either the previous checkpoint or the new one, whole.
+    A crash at any moment leaves either the previous file or the new one, whole.
     """
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +107,10 @@ def save_checkpoint(obj, path):
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(obj, path):
+    save_atomically(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -139,7 +143,7 @@ def load_run(out_dir, device="cpu"):
     check_vocab(config.vocab_size, tokenizer, f"{out_dir}/ckpt.pt")
     if ckpt.get("tokenizer_fingerprint", tokenizer_fingerprint(out_dir)) != tokenizer_fingerprint(out_dir):
         raise ValueError(f"{out_dir}: the tokenizer files are not the ones ckpt.pt was trained with")
-    model = GPT(config)
+    model = build_model(config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

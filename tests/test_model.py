@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from model import GPT, KVCache, ModelConfig, sample_next
+from model import KVCache, ModelConfig, build_model, sample_next
 
 SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
 
@@ -11,7 +11,7 @@ SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"],
 def tiny(**overrides):
     args = dict(vocab_size=61, block_size=24, n_layer=2, n_head=4, n_embd=32)
     torch.manual_seed(0)
-    return GPT(ModelConfig(**{**args, **overrides})).eval()
+    return build_model(ModelConfig(**{**args, **overrides})).eval()
 
 
 @pytest.mark.parametrize("pos,norm,mlp", SWITCHES)
@@ -50,15 +50,15 @@ def test_prefill_after_a_filled_cache_matches_one_pass():
 
 def test_tied_embeddings_share_one_matrix_and_untied_do_not():
     tied, untied = tiny(tie_embeddings=True), tiny(tie_embeddings=False)
-    assert tied.wte.weight is tied.lm_head.weight
-    assert untied.wte.weight is not untied.lm_head.weight
+    assert tied.embed.wte.weight is tied.lm_head.weight
+    assert untied.embed.wte.weight is not untied.lm_head.weight
     assert untied.num_params() == tied.num_params() + 61 * 32
 
 
 def test_grouped_query_attention_has_fewer_key_value_weights():
     full, grouped = tiny(n_kv_head=0), tiny(n_kv_head=1)
     assert grouped.num_params() < full.num_params()
-    assert grouped.blocks[0].attn.c_attn.weight.shape == (32 + 2 * 8, 32)
+    assert grouped.body.blocks[0].attn.c_attn.weight.shape == (32 + 2 * 8, 32)
 
 
 def test_loss_ignores_targets_of_minus_one():
@@ -76,7 +76,11 @@ def test_loss_ignores_targets_of_minus_one():
 @pytest.mark.parametrize("bad,message", [
     (dict(n_embd=30, n_head=4), "must divide n_embd"),
     (dict(n_kv_head=3), "must divide n_head"),
-    (dict(pos="alibi"), "pos='alibi' is not one of"),
+    (dict(pos="xpos"), "pos='xpos' is not one of"),
+    (dict(pos="alibi", attention="linear"), "attention='linear' does not compute"),
+    (dict(n_expert=2, expert_top_k=3), "expert_top_k <= n_expert"),
+    (dict(arch="conditional"), "needs n_labels > 0"),
+    (dict(arch="lstm", n_expert=2), "arch='lstm' has none"),
     (dict(block_size=0), "block_size must be positive"),
     (dict(dropout=1.0), "dropout must be in"),
 ])
@@ -113,4 +117,4 @@ def test_weight_decay_applies_to_matrices_only():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert any(p is model.lm_head.weight for p in decay["params"])
-    assert any(p is model.ln_f.bias for p in no_decay["params"])
+    assert any(p is model.body.ln_f.bias for p in no_decay["params"])
