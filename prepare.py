@@ -77,6 +77,7 @@ labels = False       # True: a label per document for arch="conditional": its re
 tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
 vocab_size = 8192    # special tokens included
 tokenizer_train_bytes = 20_000_000  # learn the tokenizer from about this much train text
+tokenizer_from = ""  # a dataset or run directory whose tokenizer to use instead (fine-tuning data for that run)
 # split
 val_fraction = 0.05  # fraction of documents (whole documents) held out for val
 seed = 1337
@@ -649,19 +650,27 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     t0 = time.time()
     sample, val_ids = tokenizer_sample(paths)
     try:
-        tok = train_tokenizer(tokenizer, sample, vocab_size)
+        tok = load_tokenizer(tokenizer_from) if tokenizer_from else train_tokenizer(tokenizer, sample, vocab_size)
     except ValueError as e:
         fail(str(e))
     sample_mb = sum(map(len, sample)) / 1e6
     del sample
-    if tok.fixed_vocab:
+    if tokenizer_from:
+        print(f"the {tok.kind} tokenizer of {tokenizer_from}: vocab_size {tok.vocab_size}")
+    elif tok.fixed_vocab:
         print(f"{tokenizer} tokenizer ready in {time.time() - t0:.2f}s: vocab_size {tok.vocab_size}")
     else:
         print(f"trained {tokenizer} tokenizer on {sample_mb:.1f} MB in {time.time() - t0:.2f}s: vocab_size "
               f"{tok.vocab_size}" + (f" (asked for {vocab_size}: the text supports no more)"
                                      if tok.vocab_size < vocab_size else ""))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    files = tok.save(tmp)
+    if tokenizer_from:  # the very files, so the fingerprint is the one the pretrained run checks
+        with open(os.path.join(tokenizer_from, "tokenizer.json")) as f:
+            files = ["tokenizer.json", *json.load(f)["files"]]
+        for name in files:
+            shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
+    else:
+        files = tok.save(tmp)
     tok = load_tokenizer(tmp)  # encode with what was saved, as every later script will
 
     # pass 2: every document, encoded, to train.bin or val.bin
