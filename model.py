@@ -53,6 +53,7 @@ class ModelConfig:
     norm: str = "layernorm"    # layernorm | rmsnorm
     norm_first: bool = True    # pre-norm blocks; False = post-norm (normalize after each residual add)
     mlp: str = "gelu"          # gelu | swiglu
+    mlp_hidden: int = 0        # the MLP's inner width; 0 = 4 x n_embd (gelu), ~8/3 x n_embd (swiglu)
     attention: str = "sdpa"    # sdpa (softmax) | linear (kernelized; self-attention only)
     n_expert: int = 0          # > 0: a mixture of this many experts replaces every MLP
     expert_top_k: int = 1      # experts each token is sent to
@@ -70,6 +71,8 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"mlp_hidden must be 0 (the default width) or positive, got {self.mlp_hidden}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -300,7 +303,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.mlp == "swiglu"
         # swiglu has three matrices instead of two: 8/3 x keeps the parameter count of 4x
-        hidden = 4 * config.n_embd if not self.gated else 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        hidden = config.mlp_hidden or (64 * math.ceil(8 * config.n_embd / 3 / 64) if self.gated else 4 * config.n_embd)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

@@ -52,6 +52,7 @@ pos = "learned"             # learned | sinusoidal | rope | alibi
 norm = "layernorm"          # layernorm | rmsnorm
 norm_first = True           # pre-norm; False = post-norm
 mlp = "gelu"                # gelu | swiglu
+mlp_hidden = 0              # 0 = 4 x n_embd (gelu), ~8/3 x n_embd (swiglu)
 attention = "sdpa"          # sdpa | linear
 n_expert = 0                # > 0: a mixture of experts in every MLP's place (gpt, conditional, encoder, encdec)
 expert_top_k = 1
