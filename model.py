@@ -697,22 +697,24 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 @torch.no_grad()
-def embed_documents(model, documents, block_size=None):
+def embed_documents(model, documents, batch_size=32):
     """Mean-pooled final hidden states, one vector per document (N, C), for retrieval.
 
     documents: lists of token ids. A document longer than the context is read in
-    consecutive windows of block_size, and every token's state counts once.
+    consecutive windows of block_size (the full ones batch_size at a time), and every
+    token's state counts once.
     """
-    block_size = block_size or model.config.block_size
+    block_size = model.config.block_size
     device = next(model.parameters()).device
     vectors = []
     for ids in documents:
-        total, count = 0, 0
-        for s in range(0, max(len(ids), 1), block_size):
-            window = torch.tensor([ids[s:s + block_size] or [0]], dtype=torch.long, device=device)
-            h = model.hidden(window)  # (1, T, C)
-            total, count = total + h.float().sum(dim=1)[0], count + h.size(1)
-        vectors.append(total / count)
+        ids = torch.tensor(ids or [0], dtype=torch.long, device=device)
+        n_full = len(ids) // block_size
+        windows = list(ids[:n_full * block_size].view(n_full, block_size).split(batch_size))  # (b, block_size) each
+        if len(ids) % block_size:
+            windows.append(ids[n_full * block_size:][None, :])  # the rest, (1, T)
+        total = sum(model.hidden(w).float().sum(dim=(0, 1)) for w in windows)
+        vectors.append(total / len(ids))
     return torch.stack(vectors)
 
 

@@ -119,7 +119,7 @@ def continue_text():
     with ctx:
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            use_cache=use_cache, generator=generator, vocab_limit=tokenizer.vocab_size, **inputs)
-    print_samples(y.tolist(), ids if start else [])
+    print_samples(y.tolist(), ids, show_prompt=bool(start))  # with no start the prompt is <|endoftext|>
 
 
 def respond():

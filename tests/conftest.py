@@ -116,3 +116,56 @@ def trained_run(tmp_path_factory, dataset):
     done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30"))
     assert done.returncode == 0, done.stderr
     return out_dir
+
+
+# ---- every architecture: a tiny run of each, with some of the switches each can take -------
+
+ARCHS = {
+    "conditional": ["--arch=conditional", "--pos=alibi", "--norm_first=False"],
+    "encoder": ["--arch=encoder", "--pos=sinusoidal", "--n_expert=4", "--expert_top_k=2"],
+    "encdec": ["--arch=encdec", "--attention=linear"],
+    "lstm": ["--arch=lstm"],
+}
+
+
+def labelled_documents(n, seed=0):
+    """n leases and n licenses with no words in common but "The", "shall" and "the"."""
+    rng = random.Random(seed)
+    kinds = {"lease": (["The Tenant", "The Landlord"], ["shall pay", "shall repair", "shall inspect"],
+                       ["the rent", "the Premises", "the deposit"]),
+             "license": (["The Licensee", "The Licensor"], ["may copy", "may modify", "shall distribute"],
+                         ["the Software", "the source code", "the Work"])}
+    return {kind: [" ".join(f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)}."
+                            for _ in range(rng.randint(15, 30))) + "\n" for _ in range(n)]
+            for kind, (who, does, what) in kinds.items()}
+
+
+@pytest.fixture(scope="session")
+def labelled_dataset(tmp_path_factory):
+    """A dataset whose documents are labelled by their folder: lease/ or license/."""
+    folder = tmp_path_factory.mktemp("labelled")
+    for kind, docs in labelled_documents(30).items():
+        (folder / kind).mkdir()
+        for i, doc in enumerate(docs):
+            (folder / kind / f"{i:02d}.txt").write_text(doc)
+    data_dir = tmp_path_factory.mktemp("data")
+    done = run_script("prepare.py", f"--input={folder}", "--dataset=labelled", f"--data_dir={data_dir}",
+                      "--vocab_size=320", "--val_fraction=0.1", "--labels=True")
+    assert done.returncode == 0, done.stderr
+    return data_dir, "labelled"
+
+
+@pytest.fixture(scope="session")
+def arch_run(tmp_path_factory, dataset, labelled_dataset):
+    """arch -> the directory of a run of that architecture trained for 30 iterations (made once)."""
+    runs = {}
+
+    def run(arch):
+        if arch not in runs:
+            out_dir = tmp_path_factory.mktemp(arch) / "out"
+            data = labelled_dataset if arch == "conditional" else dataset
+            done = run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=30"))
+            assert done.returncode == 0, done.stderr
+            runs[arch] = out_dir
+        return runs[arch]
+    return run

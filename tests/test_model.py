@@ -3,7 +3,8 @@ import itertools
 import pytest
 import torch
 
-from model import KVCache, ModelConfig, build_model, sample_next
+from model import (KVCache, ModelConfig, alibi_slopes, attention_mask, build_model, embed_documents, linear_attention,
+                   rank_by_cosine, sample_next, sinusoid_table)
 
 SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
 
@@ -118,3 +119,190 @@ def test_weight_decay_applies_to_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert any(p is model.lm_head.weight for p in decay["params"])
     assert any(p is model.body.ln_f.bias for p in no_decay["params"])
+
+
+# ---- every architecture --------------------------------------------------------------------
+
+def model_of(arch, **overrides):
+    return tiny(arch=arch, n_labels=3 if arch == "conditional" else 0, **overrides)
+
+
+def inputs_of(arch, batch=2):
+    """What an architecture reads besides idx: a label per row, or a padded source."""
+    if arch == "conditional":
+        return {"labels": torch.tensor([0, 2, 1, 1][:batch])}
+    if arch == "encdec":
+        src = torch.randint(0, 61, (batch, 9))
+        src_mask = torch.ones(batch, 9, dtype=torch.bool)
+        src_mask[0, 6:] = False  # the first row's source is 6 tokens and padding
+        return {"src": src, "src_mask": src_mask}
+    return {}
+
+
+VARIANTS = [dict(pos=p, attention=a, norm_first=nf) for p in ("learned", "sinusoidal", "rope", "alibi")
+            for a in ("sdpa", "linear") for nf in (True, False) if not (p == "alibi" and a == "linear")]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "conditional", "encdec"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_every_transformer_generates_the_same_with_and_without_its_cache(arch, variant):
+    model = model_of(arch, **variant)
+    inputs = inputs_of(arch)
+    prompt = torch.randint(0, 61, (2, 5))
+    steps = 30 if arch != "encdec" else 18  # the decoder's context is 24: it does not slide
+    with_cache = model.generate(prompt, steps, temperature=0, use_cache=True, **inputs)
+    without = model.generate(prompt, steps, temperature=0, use_cache=False, **inputs)
+    assert torch.equal(with_cache, without)
+
+
+def test_a_mixture_of_experts_generates_the_same_with_and_without_the_cache():
+    model = model_of("gpt", n_expert=4, expert_top_k=2)
+    prompt = torch.randint(0, 61, (3, 4))
+    assert torch.equal(model.generate(prompt, 25, temperature=0), model.generate(prompt, 25, temperature=0,
+                                                                                 use_cache=False))
+
+
+def test_the_lstm_carries_its_state_instead_of_reading_the_prompt_again():
+    model = model_of("lstm")
+    prompt = torch.randint(0, 61, (2, 5))
+    # 40 new tokens: past block_size, which an LSTM does not have to respect
+    assert torch.equal(model.generate(prompt, 40, temperature=0), model.generate(prompt, 40, temperature=0,
+                                                                                 use_cache=False))
+    cache = model.next_logits(prompt, None, True)[1]
+    assert cache.pos == 5 and cache.hc[0].shape == (2, 2, 32)  # (layers, batch, hidden)
+
+
+def logits_of(model, arch, x, inputs):
+    if arch == "encdec":
+        return model(inputs["src"], x, x, src_mask=inputs["src_mask"])[0]
+    return model(x, x, **inputs)[0]
+
+
+@pytest.mark.parametrize("arch,variant", [(a, v) for a in ("gpt", "conditional", "encdec", "lstm")
+                                          for v in (VARIANTS if a != "lstm" else [{}])])
+def test_a_decoder_never_sees_the_future_with_any_positions_or_attention(arch, variant):
+    model = model_of(arch, **variant)
+    inputs = inputs_of(arch, batch=1)
+    x = torch.randint(0, 61, (1, 16))
+    changed = x.clone()
+    changed[0, 10] = (x[0, 10] + 1) % 61
+    before, after = logits_of(model, arch, x, inputs), logits_of(model, arch, changed, inputs)
+    assert torch.allclose(before[0, :10], after[0, :10], atol=1e-5)
+    assert not torch.allclose(before[0, 10:], after[0, 10:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_an_encoder_sees_both_sides(variant):
+    model = model_of("encoder", **variant)
+    x = torch.randint(0, 61, (1, 16))
+    changed = x.clone()
+    changed[0, 10] = (x[0, 10] + 1) % 61
+    before, after = model(x)[0], model(changed)[0]
+    assert before.shape == (1, 16, 61)  # every position: the masks can be anywhere
+    assert not torch.allclose(before[0, :10], after[0, :10])  # earlier positions saw the later token
+    assert not torch.allclose(before[0, 11:], after[0, 11:])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "linear"])
+def test_the_encoder_decoder_ignores_source_padding_and_reads_the_source(attention):
+    model = model_of("encdec", attention=attention)
+    src, idx = torch.randint(0, 61, (1, 6)), torch.randint(0, 61, (1, 8))
+    padded = torch.cat([src, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    keep = torch.tensor([[True] * 6 + [False] * 5])
+    alone = model(src, idx, idx)[0]
+    assert torch.allclose(alone, model(padded, idx, idx, src_mask=keep)[0], atol=1e-5)
+    assert not torch.allclose(alone, model(padded, idx, idx)[0], atol=1e-5)  # unmasked padding is read
+    other = src.clone()
+    other[0, 0] = (src[0, 0] + 1) % 61
+    assert not torch.allclose(alone, model(other, idx, idx)[0])
+
+
+def test_the_control_label_changes_the_conditional_models_output():
+    model = model_of("conditional")
+    x = torch.randint(0, 61, (1, 8))
+    per_row = model(x, x, labels=torch.tensor([1]))[0]
+    assert not torch.allclose(per_row, model(x, x, labels=torch.tensor([2]))[0])
+    assert torch.allclose(per_row, model(x, x, labels=torch.full((1, 8), 1))[0])  # (B,) = (B, T) of that label
+    with pytest.raises(ValueError, match="needs the control labels"):
+        model(x, x)
+
+
+def reference_linear_attention(q, k, v, causal):
+    """The definition, quadratic: phi(q) phi(k)^T (masked when causal), normalized by row, times v."""
+    q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    weights = q @ k.transpose(-2, -1)
+    if causal:
+        weights = weights.tril()
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [5, 64, 150])  # within one chunk, exactly one, and three chunks with a rest
+def test_linear_attention_computes_the_kernelized_definition(causal, T):
+    q, k, v = (torch.randn(2, 3, T, 8) for _ in range(3))
+    y, _ = linear_attention(q, k, v, causal)
+    assert torch.allclose(y, reference_linear_attention(q, k, v, causal), atol=1e-4)
+
+
+def test_linear_attention_continues_from_its_carried_sums():
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    whole, _ = linear_attention(q, k, v, causal=True)
+    first, sums = linear_attention(q[:, :, :25], k[:, :, :25], v[:, :, :25], causal=True)
+    rest, _ = linear_attention(q[:, :, 25:], k[:, :, 25:], v[:, :, 25:], causal=True, state=sums)
+    assert torch.allclose(torch.cat([first, rest], dim=2), whole, atol=1e-5)
+
+
+def test_sinusoidal_positions_and_alibi_slopes_follow_their_papers():
+    table = sinusoid_table(50, 8)
+    assert torch.allclose(table[7, 0], torch.sin(torch.tensor(7.0)))
+    assert torch.allclose(table[7, 1], torch.cos(torch.tensor(7.0)))
+    assert torch.allclose(table[7, 6], torch.sin(torch.tensor(7.0 / 10000 ** (6 / 8))))
+    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
+    bias, _ = attention_mask(True, 3, 0, slopes=alibi_slopes(2))
+    inf = float("inf")  # head 0's slope is 2^(-8/2) = 1/16; a key may not be in the future
+    assert bias[0].tolist() == [[0, -inf, -inf], [-0.0625, 0, -inf], [-0.125, -0.0625, 0]]
+
+
+def test_post_norm_blocks_leave_a_normalized_residual_stream():
+    pre, post = model_of("gpt", norm_first=True), model_of("gpt", norm_first=False)
+    x = torch.randint(0, 61, (2, 10))
+    assert isinstance(post.body.ln_f, torch.nn.Identity)  # the last block already normalized
+    h = post.hidden(x)
+    assert torch.allclose(h.mean(dim=-1), torch.zeros(2, 10), atol=1e-5)
+    assert torch.allclose(h.std(dim=-1, unbiased=False), torch.ones(2, 10), atol=1e-3)
+    assert not torch.allclose(pre.body.blocks[0](pre.embed(x)).std(dim=-1), torch.ones(2, 10), atol=1e-2)
+
+
+def test_experts_are_balanced_by_a_loss_and_bounded_by_capacity_in_training_only():
+    model = model_of("gpt", n_expert=4, expert_top_k=1, expert_capacity=0.5)
+    moe = model.body.blocks[0].mlp
+    x = torch.randn(1, 40, 32)
+    torch.nn.init.zeros_(moe.router.weight)  # equal scores: every token's first choice is expert 0
+    model.train()
+    trained = moe(x)
+    # capacity 0.5 x 40 / 4 = 5 tokens: the other 35 skip the experts entirely
+    assert (trained.abs().sum(dim=-1) > 0).sum() == 5
+    assert moe.balance_loss.item() == pytest.approx(4 * 1.0 * 0.25)  # all tokens on one expert: E * 1 * 1/E
+    model.eval()
+    assert (moe(x).abs().sum(dim=-1) > 0).all()  # in eval every token gets its expert
+    tokens = torch.randint(0, 61, (2, 8))
+    model.train()
+    loss_with, loss_without = model(tokens, tokens)[1], model.head(model.hidden(tokens), tokens)[1]
+    assert loss_with > loss_without - 1e-6  # the balancing term is part of the training loss
+
+
+def test_a_mixture_counts_only_the_experts_a_token_passes_through_as_flops():
+    dense, sparse = model_of("gpt"), model_of("gpt", n_expert=4, expert_top_k=1)
+    one_mlp = sum(p.numel() for p in dense.body.blocks[0].mlp.parameters())
+    assert sparse.num_params() == dense.num_params() + 2 * (3 * one_mlp + 32 * 4)  # 3 more MLPs + a router, per layer
+    assert sparse.flops_per_token() == dense.flops_per_token() + 6 * 2 * 32 * 4  # only the routers' work is extra
+
+
+def test_embeddings_rank_a_document_first_for_its_own_text():
+    model = model_of("gpt")
+    docs = [torch.randint(0, 61, (n,)).tolist() for n in (10, 30, 55)]  # the last is longer than the context
+    vectors = embed_documents(model, docs)
+    assert vectors.shape == (3, 32)
+    for i in range(3):
+        order, similarity = rank_by_cosine(vectors[i], vectors)
+        assert order[0] == i and similarity[0] == pytest.approx(1.0)

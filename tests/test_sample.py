@@ -1,5 +1,8 @@
+import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,12 @@ def run_alone(tmp_path, trained_run):
 
 def samples(stdout):
     return [s.strip("\n") for s in stdout.split(SEPARATOR)[:-1]]
+
+
+def test_with_no_start_samples_are_new_documents(run_alone):
+    done = run_script("sample.py", f"--out_dir={run_alone}", "--num_samples=2", "--max_new_tokens=40")
+    assert done.returncode == 0, done.stderr
+    assert len(samples(done.stdout)) == 2 and all(len(t) > 10 for t in samples(done.stdout))
 
 
 def test_sample_prints_new_text_from_the_run_directory_alone(run_alone, tmp_path):
@@ -66,6 +75,15 @@ def test_bad_input_gives_one_clear_line(run_alone, tmp_path):
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", "--top_p=0"), "top_p must be in")
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", "--num_sample=2"),
                        "did you mean 'num_samples'")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}/*.none",
+                                  "--query=x"), "names no files")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}"), "--embed needs --query=")
+    (tmp_path / "docs.jsonl").write_text('{"text": "The Tenant"}\n{"body": 3}\n')
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}/docs.jsonl",
+                                  "--query=x"), 'must be an object with a "text" string')
+    (tmp_path / "docs.jsonl").write_text('{"text": "The Tenant"}\n{"text": \n')
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}/docs.jsonl",
+                                  "--query=x"), "is not JSON Lines")
 
 
 def test_a_corrupt_checkpoint_is_refused(run_alone):
@@ -107,3 +125,77 @@ def test_runs_with_other_tokenizer_kinds_train_and_sample(tmp_path, corpus, kind
                       "--num_samples=3", "--max_new_tokens=60")
     assert done.returncode == 0, done.stderr
     assert all(s.startswith("the Premises shall") for s in samples(done.stdout))
+
+
+# ---- every architecture --------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,args", [("lstm", ["--start=The Tenant"]),
+                                       ("conditional", ["--start=The", "--condition=lease"]),
+                                       ("encdec", ["--start=The Licensee shall <|mask|> the Software"])])
+def test_greedy_output_is_the_same_with_and_without_each_architectures_cache(arch, args, arch_run):
+    args = [f"--out_dir={arch_run(arch)}", *args, "--temperature=0", "--num_samples=1", "--max_new_tokens=40",
+            "--dtype=float32"]
+    cached, uncached = run_script("sample.py", *args), run_script("sample.py", *args, "--use_cache=False")
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout == uncached.stdout and len(samples(cached.stdout)[0]) > 0
+
+
+def test_an_encoder_prints_the_likeliest_fillers_of_each_mask(arch_run):
+    done = run_script("sample.py", f"--out_dir={arch_run('encoder')}",
+                      "--start=The <|mask|> shall indemnify the <|mask|>", "--fill_top_k=3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["mask 1", "mask 2"]
+    for line in lines[:2]:
+        probabilities = [float(p) for p in re.findall(r"' (\d\.\d+)", line)]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1
+    assert lines[2].startswith("The") and "<|mask|>" not in lines[2]  # the sentence with the best fillers
+    assert_clear_error(run_script("sample.py", f"--out_dir={arch_run('encoder')}", "--start=No mask here"),
+                       "put <|mask|> in --start")
+
+
+def test_a_conditional_run_needs_one_of_its_labels(arch_run):
+    done = run_script("sample.py", f"--out_dir={arch_run('conditional')}", "--condition=statute")
+    assert_clear_error(done, "--condition='statute' is not one of this run's labels: lease, license")
+
+
+def test_the_label_steers_what_a_conditional_model_writes(tmp_path, labelled_dataset):
+    # leases and licenses share no words but "The", "shall", "the": count each kind's words in
+    # what the model writes under each label, from the same start and the same seed
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args(labelled_dataset, out_dir, "--arch=conditional", "--dropout=0",
+                                              "--max_iters=150", "--lr_decay_iters=150", "--eval_interval=150"))
+    assert done.returncode == 0, done.stderr
+    counts = {}
+    for label in ("lease", "license"):
+        done = run_script("sample.py", f"--out_dir={out_dir}", f"--condition={label}", "--start=The",
+                          "--num_samples=8", "--max_new_tokens=40", "--temperature=1", "--top_k=0")
+        assert done.returncode == 0, done.stderr
+        counts[label] = (len(re.findall(r"Tenant|Landlord|rent|Premises|deposit", done.stdout)),
+                         len(re.findall(r"Licens|Software|source code|Work", done.stdout)))
+    lease_words, license_words = counts["lease"]
+    assert lease_words > 5 * max(1, license_words)  # under "lease"
+    lease_words, license_words = counts["license"]
+    assert license_words > 5 * max(1, lease_words)  # under "license"
+
+
+LICENSES = "/usr/share/common-licenses"
+
+
+@pytest.mark.skipif(not os.path.isdir(LICENSES), reason="no /usr/share/common-licenses on this machine")
+def test_a_licenses_own_text_ranks_it_first_among_the_built_in_licenses(run_alone, tmp_path):
+    names = sorted(os.listdir(LICENSES))
+    out = tmp_path / "licenses.npz"
+    for name in ("Apache-2.0", "MPL-2.0"):
+        if name not in names:
+            continue
+        done = run_script("sample.py", f"--out_dir={run_alone}", f"--embed={LICENSES}",
+                          f"--query=FILE:{LICENSES}/{name}", "--num_results=3", f"--embed_out={out}")
+        assert done.returncode == 0, done.stderr
+        ranking = [line.split()[-1] for line in done.stdout.splitlines() if re.match(r"\d+\. ", line)]
+        assert len(ranking) == 3 and os.path.realpath(ranking[0]) == os.path.realpath(f"{LICENSES}/{name}")
+    saved = np.load(out)
+    # links (GPL -> GPL-3) are one document, not two
+    assert len(saved["names"]) == len({os.path.realpath(f"{LICENSES}/{n}") for n in names}) == len(saved["vectors"])
+    assert saved["vectors"].shape[1] == 64 and not (tmp_path / "licenses.npz.tmp").exists()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_clear_error, prepare_dataset, run_script, train_args
+from conftest import ARCHS, ROOT, assert_clear_error, prepare_dataset, run_script, train_args
 
 LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
 EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
@@ -134,7 +134,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, dataset, trained_run):
         ([f"--data_dir={data_dir}", "--dataset=contracts"], ["no dataset at", "python prepare.py --dataset=contracts"]),
         (train_args(dataset, run_copy, "--max_iters=40"), ["exists", "--init_from=resume"]),
         (train_args(dataset, tmp_path / "none", "--init_from=resume"), ["no checkpoint at"]),
-        (train_args(dataset, run_copy, "--init_from=latest"), ["init_from='latest' is not one of"]),
+        (train_args(dataset, run_copy, "--init_from=latest"), ["init_from='latest' is not scratch, resume, or"]),
+        (train_args(dataset, run_copy, "--init_from=resume", "--arch=encoder"), ["is a 'gpt' model", "--arch=gpt"]),
+        (train_args(dataset, tmp_path / "o", "--arch=conditional"), ["needs a control label", "--labels=True"]),
+        (train_args(dataset, tmp_path / "o", "--arch=encoder", "--mask_prob=0"), ["need 0 < mask_prob < 1"]),
+        (train_args(dataset, tmp_path / "o", "--arch=transformer"), ["arch='transformer' is not one of"]),
+        (train_args(dataset, run_copy / "ft", f"--init_from={run_copy}", "--arch=lstm"), ["is a 'gpt' model"]),
         (train_args(dataset, tmp_path / "o", "--device=cuda") if not torch.cuda.is_available() else None,
          ["no CUDA device"]),
         (train_args(dataset, tmp_path / "o", "--n_head=3"), ["must divide n_embd"]),
@@ -216,3 +221,60 @@ def test_prompt_response_data_trains_only_on_the_responses(tmp_path):
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
     assert evals[0]["val_loss"] > evals[1]["val_loss"] > evals[2]["val_loss"]
     assert evals[-1]["val_loss"] < 1.2
+
+
+# ---- every architecture --------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_learns_and_resumes_on_the_same_loss_curve(arch, tmp_path, arch_run, dataset,
+                                                                     labelled_dataset):
+    uninterrupted = read_log(arch_run(arch))
+    steps = [r for r in uninterrupted if "val_loss" not in r]
+    evals = [r for r in uninterrupted if "val_loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 31))
+    assert sum(r["loss"] for r in steps[-3:]) / 3 < sum(r["loss"] for r in steps[:3]) / 3 - 0.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and 0 < evals[-1]["val_accuracy"] <= 1
+    # bits per byte only where every token is predicted from the ones before it
+    assert ("val_bpb" in evals[-1]) == (arch in ("conditional", "lstm"))
+    assert ("balance_loss" in steps[-1]) == (arch == "encoder")  # the encoder's recipe has experts
+    ckpt = torch.load(arch_run(arch) / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["arch"] == arch
+    out_dir, data = tmp_path / "out", labelled_dataset if arch == "conditional" else dataset
+    assert run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=20")).returncode == 0
+    done = run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=30", "--init_from=resume"))
+    assert done.returncode == 0, done.stderr
+    resumed = train_losses(read_log(out_dir))
+    assert [resumed[i] for i in range(21, 31)] == [train_losses(uninterrupted)[i] for i in range(21, 31)]
+
+
+def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp_path, arch_run):
+    # pretrained by span corruption (arch_run), then taught to name the party a clause names:
+    # the answer is in the source, so only a decoder that reads it through cross-attention gets it
+    rng = __import__("random").Random(0)
+    parties, duties = ["Tenant", "Landlord", "Licensee", "Licensor"], ["pay the rent", "repair the roof", "keep records"]
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for i in range(300):
+            party, duty = rng.choice(parties), rng.choice(duties)
+            f.write(json.dumps({"prompt": f"Clause {i}: the {party} shall {duty}. Who shall {duty}?",
+                                "response": f" The {party}."}) + "\n")
+    pretrained = arch_run("encdec")
+    done = run_script("prepare.py", "--input=qa.jsonl", "--dataset=qa", f"--tokenizer_from={pretrained}",
+                      "--val_fraction=0.1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec", f"--init_from={pretrained}",
+                                              "--batch_size=16", "--gradient_accumulation_steps=1", "--dropout=0",
+                                              "--max_iters=250", "--lr_decay_iters=250", "--eval_interval=125"))
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuning" in done.stdout
+    evals = [r for r in read_log(out_dir) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_accuracy"] > 0.9
+    for party in ("Tenant", "Licensor"):
+        done = run_script("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1",
+                          f"--start=Clause 7: the {party} shall keep records. Who shall keep records?")
+        assert done.stdout.startswith(f" The {party}.\n"), done.stdout
+
+
+def test_fine_tuning_needs_a_dataset_in_the_runs_own_tokenizer(tmp_path, trained_run, other_dataset):
+    done = run_script("train.py", *train_args(other_dataset, tmp_path / "out", f"--init_from={trained_run}"))
+    assert_clear_error(done, "another tokenizer", f"--tokenizer_from={trained_run}")
