@@ -11,18 +11,34 @@ The data pipeline:
 
     python bench.py --what=tokenizers  # every tokenizer kind on the built-in legal corpus
     python bench.py --what=prepare     # prepare.py on a generated corpus of corpus_mb MB
+
+Softmax against linear attention, one causal self-attention layer at each of `lengths`:
+time of forward + backward and of forward alone, and peak memory; where linear wins:
+
+    python bench.py --what=attention --lengths=256,1024,4096
+
+The LSTM-vs-Transformer study: train.py on each of `configs` (one tokenizer, one token
+budget), then parameters, val perplexity, bits per byte and per character, training time,
+generation latency and training memory of each, as a table, also written into `readme`
+between the lines <!-- study:begin --> and <!-- study:end -->:
+
+    python bench.py --what=study
 """
 
+import ctypes
 import glob
 import json
+import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -53,14 +69,39 @@ compare = False             # run the configured path and the fp32 eager baselin
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare
+what = "train"              # train | tokenizers | prepare | attention | study
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
-repeats = 3                 # tokenizers: timed encoding passes per kind; the median is reported
+repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
-work_dir = ""               # prepare: where the corpus and dataset go ("" = a temporary folder, removed)
+work_dir = ""               # prepare: the corpus and dataset; study: the runs ("" = a temporary folder, removed)
+# attention: one causal self-attention layer (model.Attention), sdpa and linear, at each length
+lengths = "64,128,256,512,1024,2048,4096,8192"
+attention_batch = 2
+attention_heads = 4
+attention_embd = 256
+sdpa_max_length = 8192      # longer lengths measure linear attention only (softmax's time grows as length^2)
+# study: train.py on each config, on one dataset, then measure the runs
+configs = "config/compare_lstm.py,config/compare_transformer.py,config/compare_modern.py"
+data_dir = "data"
+dataset = "legal_bpe2000"   # prepared here on demand (bpe, vocabulary 2000) when it is missing
+train_overrides = ""        # more --key=value for every train.py run, e.g. "--max_iters=20 --eval_iters=5"
+gen_prompt_tokens = 64      # generation latency: prompt (the start of the val split), then
+gen_new_tokens = 64         # this many new tokens, greedy, with the model's cache
+gen_batch_sizes = "1,32"
+readme = "README.md"        # write the table between its study markers ("" = do not)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
+
+
+def script(name):
+    """The path of one of the project's scripts, beside this one."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def median_seconds(fn, times):
@@ -154,9 +195,9 @@ def bench_prepare():
             print(f"generated {n} documents in {time.time() - t0:.0f}s")
         size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(corpus, "*.jsonl")))
         t0 = time.time()
-        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py"),
-                               f"--input={corpus}", "--dataset=bench", f"--data_dir={root}", f"--vocab_size={vocab_size}",
-                               f"--seed={seed}"], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, script("prepare.py"), f"--input={corpus}", "--dataset=bench",
+                               f"--data_dir={root}", f"--vocab_size={vocab_size}", f"--seed={seed}"],
+                              capture_output=True, text=True)
         seconds = time.time() - t0
         if done.returncode:
             sys.stderr.write(done.stderr)
@@ -176,13 +217,409 @@ def bench_prepare():
             shutil.rmtree(root, ignore_errors=True)
 
 
-if what not in ("train", "tokenizers", "prepare"):
-    fail(f"what={what!r} is not one of train, tokenizers, prepare")
-if what == "tokenizers":
-    bench_tokenizers()
-    sys.exit(0)
-if what == "prepare":
-    bench_prepare()
+# ---- attention: softmax against linear -----------------------------------------------
+
+def positive_ints(name, value):
+    """A comma-separated setting of positive whole numbers, or a clear error."""
+    try:
+        numbers = [int(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 1:
+        fail(f"{name}={value!r} must be positive whole numbers separated by commas, e.g. --{name}=256,1024")
+    return numbers
+
+
+def resident_growth_mb(fn):
+    """How much fn() raises this process's resident memory at its peak (MiB), or None where
+    it cannot be read (it needs Linux's /proc and glibc's malloc).
+
+    torch's CPU tensors come from malloc, and only the kernel sees all of it. malloc is
+    first told to hand every block of 64 KiB or more back to the kernel when it is freed,
+    and what it holds free is given back (malloc_trim): resident memory then follows what
+    is allocated, and its peak (VmHWM, reset to the current size just before) is the
+    largest moment of fn(). Run this after the timed calls: it makes allocation slower."""
+    def resident(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 2**16)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**16)
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:
+        return None
+    before = resident("VmRSS")
+    fn()
+    return resident("VmHWM") - before
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args), a JSON-able dict, computed in a forked child of this process, which has
+    imported torch but computed nothing: every measurement starts from the same state
+    (no heap, caches or thread pools left by the one before), and one that runs out of
+    memory ends only itself: it gives {"error": ...}. A bug in fn raises here too."""
+    sys.stdout.flush()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: it reports and exits, whatever happens
+        os.close(read)
+        code = 0
+        try:
+            result = fn(*args)
+        except BaseException as e:
+            if isinstance(e, RuntimeError) and "allocate" in str(e):  # torch's CPU allocator failing
+                result = {"error": "out of memory"}
+            else:
+                traceback.print_exc()
+                result, code = None, 1
+        if result is not None:
+            with os.fdopen(write, "w") as f:
+                json.dump(result, f)
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if text:
+        return json.loads(text)
+    if os.WIFSIGNALED(status):  # the kernel's OOM killer, say
+        return {"error": f"killed by signal {os.WTERMSIG(status)}"}
+    raise RuntimeError(f"measuring {args[:2]} failed in its process (traceback above)")
+
+
+def attention_run(kind, length, where, ptdtype):
+    """One causal self-attention layer (model.Attention) of this kind at this length: median
+    time of forward + backward and of forward alone, and the peak memory forward +
+    backward add to what the weights and the input take (on CUDA the allocator's peak,
+    on CPU the resident memory's: see resident_growth_mb). It counts what is saved for
+    backward, the gradients, and the temporaries (softmax's scores where a kernel makes
+    them) at their largest moment."""
+    from model import Attention, ModelConfig, attention_mask
+    from runtime import autocast
+    torch.manual_seed(seed)
+    config = ModelConfig(n_embd=attention_embd, n_head=attention_heads, block_size=length, attention=kind)
+    layer = Attention(config, causal=True).to(where)
+    x = torch.randn(attention_batch, length, attention_embd, device=where, requires_grad=True)  # (B, T, C)
+    mask = attention_mask(True, length, 0)  # (None, is_causal=True): the kernels' fast causal path
+    ctx = autocast(where, ptdtype)
+
+    def forward_backward():
+        with ctx:
+            y = layer(x, mask=mask)
+        y.float().sum().backward()
+        sync(where)
+
+    def forward():
+        with torch.no_grad(), ctx:
+            layer(x, mask=mask)
+        sync(where)
+
+    fwd_bwd = median_seconds(forward_backward, repeats)
+    fwd = median_seconds(forward, repeats)
+    # peak memory in one more forward + backward, after the warm-up (lazy initialization is not counted)
+    if where.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward_backward()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak = resident_growth_mb(forward_backward) if where == "cpu" else None
+    return {"fwd_bwd_ms": round(1000 * fwd_bwd, 2), "fwd_ms": round(1000 * fwd, 2),
+            "peak_mb": None if peak is None else round(peak, 1)}
+
+
+def linear_wins_from(rows, key, measured):
+    """The shortest length from which linear attention's key is below softmax's at that and
+    every longer length where both were measured; None if there is none."""
+    start = None
+    for length in reversed([n for n in measured if key in rows["sdpa"][n] and key in rows["linear"][n]]):
+        if rows["linear"][length][key] is None or rows["linear"][length][key] >= rows["sdpa"][length][key]:
+            break
+        start = length
+    return start
+
+
+def bench_attention():
+    from model import ModelConfig
+    from runtime import pick_device, pick_dtype
+    measured = sorted(set(positive_ints("lengths", lengths)))
+    if min(attention_batch, attention_heads, attention_embd, repeats, sdpa_max_length) < 1:
+        fail("attention_batch, attention_heads, attention_embd, repeats and sdpa_max_length must be at least 1")
+    try:
+        where = pick_device(device)
+        ptdtype = torch.float32 if fp32_eager else pick_dtype(where, dtype)
+        ModelConfig(n_embd=attention_embd, n_head=attention_heads)
+    except ValueError as e:
+        fail(str(e).replace("n_head=", "attention_heads=").replace("n_embd=", "attention_embd="))
+    # a fresh process per measurement on CPU (see in_fresh_process); CUDA's allocator keeps its own peak
+    measure = attention_run if where != "cpu" else lambda *args: in_fresh_process(attention_run, *args)
+    rows = {"sdpa": {}, "linear": {}}
+    print(f"one causal self-attention layer: batch {attention_batch}, {attention_heads} heads, n_embd "
+          f"{attention_embd}, {str(ptdtype).removeprefix('torch.')} on {where}; medians of {repeats} after a warm-up")
+    print(f"{'length':>7} | {'fwd+bwd ms sdpa':>15} {'linear':>9} | {'fwd ms sdpa':>11} {'linear':>9} | "
+          f"{'peak MB sdpa':>12} {'linear':>9}")
+
+    def cell(row, key):
+        if "error" in row or "skipped" in row:
+            return row.get("error", "-")
+        return "n/a" if row[key] is None else f"{row[key]:.1f}"
+
+    for length in measured:
+        for kind, by_length in rows.items():
+            if kind == "sdpa" and length > sdpa_max_length:
+                by_length[length] = {"skipped": f"longer than sdpa_max_length={sdpa_max_length}"}
+            else:
+                by_length[length] = measure(kind, length, where, ptdtype)
+        sdpa, linear = rows["sdpa"][length], rows["linear"][length]
+        print(f"{length:>7} | {cell(sdpa, 'fwd_bwd_ms'):>15} {cell(linear, 'fwd_bwd_ms'):>9} | "
+              f"{cell(sdpa, 'fwd_ms'):>11} {cell(linear, 'fwd_ms'):>9} | "
+              f"{cell(sdpa, 'peak_mb'):>12} {cell(linear, 'peak_mb'):>9}", flush=True)
+    wins = {"fwd_bwd": linear_wins_from(rows, "fwd_bwd_ms", measured),
+            "fwd": linear_wins_from(rows, "fwd_ms", measured),
+            "memory": linear_wins_from(rows, "peak_mb", measured)}
+    for key, what_wins in (("fwd_bwd", "is faster forward + backward"), ("fwd", "is faster forward only"),
+                           ("memory", "takes less memory")):
+        where_from = ("none in range" if wins[key] is None else f"from length {wins[key]} on"
+                      + (", the shortest measured" if wins[key] == measured[0] else ""))
+        print(f"linear attention {what_wins}: {where_from}")
+    print(json.dumps({"lengths": measured, **{kind: {str(n): row for n, row in by_length.items()}
+                                              for kind, by_length in rows.items()},
+                      "linear_wins_from": wins, "batch": attention_batch, "n_head": attention_heads,
+                      "n_embd": attention_embd, "device": where, "dtype": str(ptdtype).removeprefix("torch.")}))
+
+
+# ---- study: the LSTM-vs-Transformer study ---------------------------------------------
+
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+# what makes the token budget: the runs should agree on all of it
+BUDGET = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "max_iters", "learning_rate",
+          "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip",
+          "seed")
+
+
+def read_readme():
+    """readme's text, line endings as they are; it must hold both markers once, in order, or neither."""
+    try:
+        with open(readme, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read readme={readme} ({getattr(e, 'strerror', None) or e})")
+    if (text.count(BEGIN), text.count(END)) not in ((0, 0), (1, 1)) or text.find(BEGIN) > text.find(END):
+        fail(f"{readme} must have the lines {BEGIN} and {END} once each and in that order, or neither "
+             "(then a section holding them is added at its end)")
+    return text
+
+
+def with_table(text, table):
+    """text with table between the markers (or, without markers, a new last section that holds
+    them); everything outside the markers stays byte for byte."""
+    if BEGIN not in text:
+        return (text + ("\n" if text and not text.endswith("\n") else "")
+                + f"\n## LSTM vs Transformer\n\n{BEGIN}\n{table}{END}\n")
+    return text[:text.index(BEGIN) + len(BEGIN)] + "\n" + table + text[text.index(END):]
+
+
+def prepare_study_dataset():
+    path = os.path.join(data_dir, dataset)
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    if dataset != "legal_bpe2000":
+        fail(f"no dataset at {path}: prepare it with prepare.py, or leave --dataset=legal_bpe2000 to have it made here")
+    print(f"{path} not found: preparing the built-in legal corpus with BPE at vocabulary 2000", flush=True)
+    done = subprocess.run([sys.executable, script("prepare.py"), "--tokenizer=bpe", "--vocab_size=2000",
+                           f"--dataset={dataset}", f"--data_dir={data_dir}"])
+    if done.returncode:
+        fail(f"preparing {path} failed (see above)")
+    return path
+
+
+def train_run(config_path, out_dir, overrides):
+    """train.py on one config, as a user runs it, its output passed through. Returns its wall
+    seconds and its peak resident memory in MiB: os.wait4 gives the usage of that child
+    alone (RUSAGE_CHILDREN would be the largest of all children so far)."""
+    args = [script("train.py"), config_path, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
+            f"--dataset={dataset}", f"--device={device}", f"--dtype={dtype}", *overrides]
+    print(f"$ python {shlex.join(args)}", flush=True)
+    t0 = time.time()
+    child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:
+        print(line, end="", flush=True)
+    child.stdout.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        fail(f"train.py {config_path} failed (exit code {child.returncode}; its output is above)")
+    return time.time() - t0, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def val_text_size(data_path):
+    """The val split's token ids and its characters: its documents decoded (the end-of-text
+    tokens between them are tokens, not text), code points counted."""
+    import numpy as np
+
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(data_path)
+    with open(os.path.join(data_path, "meta.json")) as f:
+        ids = np.fromfile(os.path.join(data_path, "val.bin"), dtype=json.load(f)["dtype"])
+    documents = np.split(ids, np.flatnonzero(ids == tok.eot_id))
+    return ids, sum(len(tok.decode(d[d != tok.eot_id].tolist())) for d in documents)
+
+
+def describe(args):
+    """A model's shape in a few words, from its model_args."""
+    if args["arch"] == "lstm":
+        return f"LSTM {args['n_layer']}×{args['n_embd']}"
+    return (f"{args['arch']} {args['n_layer']}×{args['n_embd']}, {args['n_head']} heads, "
+            f"{'pre' if args['norm_first'] else 'post'}-norm {args['norm']}, {args['pos']}, {args['mlp']}"
+            + (f" {args['mlp_hidden']}" if args.get("mlp_hidden") else ""))
+
+
+def ms_per_new_token(model, prompt, vocab_limit, where, ctx):
+    """Median ms per generated token after the prompt: (generate(prompt, 1 + n) -
+    generate(prompt, 1)) / n leaves the prompt's own pass out. Greedy, with the cache."""
+    def seconds(n):
+        t0 = time.perf_counter()
+        with ctx:
+            model.generate(prompt, n, temperature=0, vocab_limit=vocab_limit)
+        sync(where)
+        return time.perf_counter() - t0
+    seconds(1 + gen_new_tokens)  # warm-up
+    runs = sorted((seconds(1 + gen_new_tokens) - seconds(1)) / gen_new_tokens for _ in range(repeats))
+    return 1000 * runs[len(runs) // 2]
+
+
+def measure_run(out_dir, where, ptdtype, val_ids, val_chars, batches):
+    """Everything the table says about one trained run but its training memory."""
+    from runtime import autocast, load_run
+    model, tok, ckpt = load_run(out_dir, where)
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    final = [r for r in records if "val_loss" in r][-1]
+    speeds = sorted(r["tok_per_s"] for r in records if "tok_per_s" in r)
+    if model.config.arch != "lstm" and gen_prompt_tokens + gen_new_tokens > model.config.block_size:
+        fail(f"gen_prompt_tokens + gen_new_tokens = {gen_prompt_tokens + gen_new_tokens} is longer than the "
+             f"context of {out_dir} (block_size {model.config.block_size}): the cache would be rebuilt each step")
+    c = ckpt["config"]
+    prompt = torch.tensor(val_ids[:gen_prompt_tokens].astype("int64"), device=where)
+    return {
+        "model": describe(ckpt["model_args"]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens": ckpt["iter_num"] * c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"],
+        "val_loss": round(final["val_loss"], 4),
+        "val_ppl": round(math.exp(final["val_loss"]), 2),
+        "val_bpb": round(final["val_bpb"], 4),
+        "val_bpc": round(final["val_loss"] / math.log(2) * len(val_ids) / val_chars, 4),
+        "train_s": final["elapsed_s"],
+        "tok_per_s": speeds[len(speeds) // 2] if speeds else None,
+        "ms_per_token": {str(b): round(ms_per_new_token(model, prompt.expand(b, -1), tok.vocab_size, where,
+                                                        autocast(where, ptdtype)), 3) for b in batches},
+    }, {key: c.get(key) for key in BUDGET}
+
+
+def study_table(runs, batches):
+    columns = ["model", "parameters", "tokens", "val loss", "val ppl", "val bpb", "val bpc", "train s",
+               "train tok/s", *[f"ms/token, batch {b}" for b in batches], "train peak RSS MB"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for name, r in runs.items():
+        cells = [f"{name}: {r['model']}", f"{r['parameters'] / 1e6:.2f}M", f"{r['tokens'] / 1e6:.2f}M",
+                 f"{r['val_loss']:.3f}", f"{r['val_ppl']:.1f}", f"{r['val_bpb']:.3f}", f"{r['val_bpc']:.3f}",
+                 f"{r['train_s']:.0f}", f"{r['tok_per_s']:,.0f}" if r["tok_per_s"] else "-",
+                 *[f"{r['ms_per_token'][str(b)]:.2f}" for b in batches], f"{r['train_peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine(where):
+    """The CPU's model name and core count (and the GPU's name on CUDA)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        cpu = "unknown CPU"
+    gpu = f", {torch.cuda.get_device_name()}" if where.startswith("cuda") else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def bench_study():
+    from runtime import pick_device, pick_dtype
+    paths = configs.split(",")
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    for path in paths:
+        if not os.path.isfile(path):
+            fail(f"config file not found: {path}")
+    if len(set(names)) < len(names):
+        fail(f"configs={configs!r}: two configs have the same file name, and the runs are named after it")
+    batches = positive_ints("gen_batch_sizes", gen_batch_sizes)
+    if min(gen_prompt_tokens, gen_new_tokens, repeats) < 1:
+        fail("gen_prompt_tokens, gen_new_tokens and repeats must be at least 1")
+    try:
+        overrides = shlex.split(train_overrides)
+    except ValueError as e:  # an unclosed quote
+        fail(f"train_overrides={train_overrides!r}: {e}")
+    if not all(o.startswith("--") for o in overrides):
+        fail(f"train_overrides={train_overrides!r} must be --key=value words for train.py")
+    try:
+        where = pick_device(device)
+        ptdtype = torch.float32 if fp32_eager else pick_dtype(where, dtype)
+    except ValueError as e:
+        fail(str(e))
+    if readme:
+        read_readme()  # a README that cannot take the table fails now, not after the training
+    root = work_dir or tempfile.mkdtemp(prefix="nanolex-study-")
+    for name in names:
+        if os.path.exists(os.path.join(root, name, "ckpt.pt")):
+            fail(f"{os.path.join(root, name)} already holds a run: remove it or choose another --work_dir")
+    try:
+        data_path = prepare_study_dataset()
+        trained = {name: train_run(path, os.path.join(root, name), overrides) for name, path in zip(names, paths)}
+        val_ids, val_chars = val_text_size(data_path)
+        runs, budgets = {}, {}
+        for name in names:
+            runs[name], budgets[name] = measure_run(os.path.join(root, name), where, ptdtype, val_ids, val_chars,
+                                                    batches)
+            runs[name]["train_wall_s"] = round(trained[name][0], 1)
+            runs[name]["train_peak_rss_mb"] = round(trained[name][1], 1)
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    for key in BUDGET:
+        if len({repr(b[key]) for b in budgets.values()}) > 1:
+            print(f"warning: the runs do not share one budget: {key} is "
+                  + ", ".join(f"{b[key]!r} ({name})" for name, b in budgets.items()))
+    if len({r["tokens"] for r in runs.values()}) > 1:
+        print("warning: the runs did not all train on the same number of tokens (see the table)")
+    dtype_name = str(ptdtype).removeprefix("torch.")
+    table = study_table(runs, batches) + (
+        f"\nOne tokenizer and one token budget for all: `{dataset}` ({len(val_ids):,} val tokens, {val_chars:,} val "
+        f"characters). val loss: train.py's last eval, per token; ppl = e^loss; bpb: train.py's val_bpb (val tokens "
+        f"per byte); bpc = loss in bits × val tokens / val characters (the val split decoded by the tokenizer, "
+        f"end-of-text tokens counted as tokens, not characters). train s: time at the last eval (evals included); "
+        f"tok/s: median of the logged steps. ms/token: median of {repeats} of (generate(prompt, 1 + n) − "
+        f"generate(prompt, 1)) / n, n = {gen_new_tokens} new tokens after a {gen_prompt_tokens}-token prompt, greedy, "
+        f"with the KV cache (LSTM: its h, c). Peak RSS: the train.py process's own (os.wait4).\n\n"
+        f"`python bench.py {shlex.join(sys.argv[1:])}` on {machine(where)}, torch {torch.__version__}, "
+        f"{dtype_name} on {where}, {time.strftime('%Y-%m-%d')}.\n")
+    print(table, end="")
+    if readme:
+        from runtime import save_atomically
+        text = with_table(read_readme(), table)
+        save_atomically(readme, lambda f: f.write(text.encode("utf-8")))
+        print(f"wrote the table into {readme}")
+    print(json.dumps({"runs": runs, "dataset": dataset, "val_tokens": len(val_ids), "val_chars": val_chars,
+                      "device": where, "dtype": dtype_name, "readme": readme}))
+
+
+MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
+         "study": bench_study}
+if what != "train" and what not in MODES:
+    fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
+if what in MODES:
+    MODES[what]()
     sys.exit(0)
 
 from model import ModelConfig, build_model, peak_flops  # noqa: E402
@@ -230,14 +667,9 @@ x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
 y = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
 
 
-def sync():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
-
 times = []
 for i in range(warmup_iters + iters):
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     with ctx:
         _, loss = step_model(x, y)
@@ -245,7 +677,7 @@ for i in range(warmup_iters + iters):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss.item()
-    sync()
+    sync(device)
     if i >= warmup_iters:
         times.append(time.perf_counter() - t0)
 

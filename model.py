@@ -434,8 +434,8 @@ class Embedding(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        elif hasattr(self, "sinusoid"):
-            x = x + self.sinusoid[start:start + T]
+        elif hasattr(self, "sinusoid"):  # as in the paper: embeddings of std d^-1/2 (see init_weights),
+            x = x * math.sqrt(x.size(-1)) + self.sinusoid[start:start + T]  # times sqrt(d), meet a table of ~1
         if self.wle is not None and labels is not None:  # no label: a representation for retrieval
             label = self.wle(labels)
             x = x + (label[:, None, :] if labels.dim() == 1 else label)
@@ -456,6 +456,8 @@ class Model(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        if self.config.pos == "sinusoidal":  # tokens as loud as the fixed positions (with the sqrt(d) above);
+            nn.init.normal_(self.embed.wte.weight, mean=0.0, std=self.config.n_embd ** -0.5)  # at 0.02 they drown
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

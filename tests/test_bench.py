@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -71,3 +72,81 @@ def test_prepare_bench_runs_prepare_on_a_generated_corpus(tmp_path):
 
 def test_an_unknown_measurement_is_a_clear_error():
     assert_clear_error(run_script("bench.py", "--what=everything"), "what='everything' is not one of")
+
+
+def test_attention_bench_measures_both_kinds_at_every_length():
+    done = run_script("bench.py", "--what=attention", "--lengths=1024,64", "--repeats=1", "--sdpa_max_length=64",
+                      "--attention_batch=1", "--attention_heads=2", "--attention_embd=32", "--device=cpu")
+    assert done.returncode == 0, done.stderr
+    result = last_json(done.stdout)
+    assert result["lengths"] == [64, 1024]
+    for kind in ("sdpa", "linear"):
+        assert set(result[kind]) == {"64", "1024"}
+    for row in (result["sdpa"]["64"], result["linear"]["64"], result["linear"]["1024"]):
+        assert row["fwd_bwd_ms"] > 0 and row["fwd_ms"] > 0 and row["peak_mb"] >= 0
+    assert result["linear"]["1024"]["peak_mb"] > 0.2  # fp32 copies of q and k alone are 128 KiB each
+    assert "skipped" in result["sdpa"]["1024"]  # longer than sdpa_max_length
+    assert set(result["linear_wins_from"]) == {"fwd_bwd", "fwd", "memory"}
+    assert "linear attention takes less memory: " in done.stdout
+
+
+# the comparison's three recipes at a size that trains in seconds
+TINY_BUDGET = ("--n_layer=1 --n_head=2 --n_embd=32 --mlp_hidden=48 --block_size=32 --batch_size=4 "
+               "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
+               "--eval_interval=3 --eval_iters=2 --log_interval=1")
+
+
+def compare(dataset, tmp_path, readme, *more):
+    data_dir, name = dataset
+    return run_script("bench.py", "--what=study", f"--data_dir={data_dir}", f"--dataset={name}",
+                      f"--work_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--train_overrides={TINY_BUDGET}",
+                      "--gen_prompt_tokens=8", "--gen_new_tokens=4", "--gen_batch_sizes=1,3", "--repeats=1", *more)
+
+
+def test_compare_trains_each_recipe_and_writes_the_table_between_the_markers(dataset, tmp_path):
+    head = "# Project\r\n\r\nSome text, CRLF and all.\r\n<!-- study:begin -->\n"
+    tail = "<!-- study:end -->\n\n## Later\nmore text, no newline at the end"
+    readme = tmp_path / "README.md"
+    readme.write_bytes((head + "an old table\n" + tail).encode())
+    done = compare(dataset, tmp_path, readme)
+    assert done.returncode == 0, done.stderr
+    result = last_json(done.stdout)
+    runs = result["runs"]
+    assert "warning" not in done.stdout  # the three recipes share one budget
+    assert list(runs) == ["compare_lstm", "compare_transformer", "compare_modern"]
+    assert runs["compare_lstm"]["model"] == "LSTM 1×32"
+    assert "post-norm layernorm, sinusoidal, gelu 48" in runs["compare_transformer"]["model"]
+    assert "pre-norm rmsnorm, rope, swiglu 48" in runs["compare_modern"]["model"]
+    for run in runs.values():
+        assert run["tokens"] == 3 * 4 * 32  # one budget
+        assert run["parameters"] > 0 and run["train_s"] > 0 and run["train_peak_rss_mb"] > 0
+        assert abs(run["val_ppl"] - math.exp(run["val_loss"])) < 0.01 * run["val_ppl"]
+        assert run["val_bpc"] >= run["val_bpb"] * 0.999  # a character is at least a byte
+        assert set(run["ms_per_token"]) == {"1", "3"}  # a difference of two timings: its sign is noise here
+    text = readme.read_bytes().decode()
+    assert text.startswith(head) and text.endswith(tail)  # byte for byte outside the markers
+    table = text[len(head):-len(tail)]
+    assert "an old table" not in table and table.count("| compare_") == 3
+    assert "`python bench.py --what=study " in table and "torch " in table
+    assert not (tmp_path / "README.md.tmp").exists()
+
+
+def test_compare_adds_a_section_with_the_markers_to_a_readme_without_them(dataset, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nno markers here")
+    done = compare(dataset, tmp_path, readme, "--configs=config/compare_lstm.py")
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nno markers here\n\n## LSTM vs Transformer\n\n<!-- study:begin -->\n")
+    assert text.endswith("<!-- study:end -->\n") and "| compare_lstm: LSTM 1×32 |" in text
+    assert list(last_json(done.stdout)["runs"]) == ["compare_lstm"]
+
+
+def test_bad_attention_and_compare_settings_give_one_clear_line(dataset, tmp_path):
+    assert_clear_error(run_script("bench.py", "--what=attention", "--lengths=64,abc"),
+                       "lengths='64,abc' must be positive whole numbers")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- study:end -->\n<!-- study:begin -->\n")
+    assert_clear_error(compare(dataset, tmp_path, readme), "once each and in that order")
+    assert readme.read_text() == "<!-- study:end -->\n<!-- study:begin -->\n"
+    assert not (tmp_path / "runs").exists()  # nothing was trained
