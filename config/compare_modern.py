@@ -1,6 +1,6 @@
 # Today's default decoder at the budget of the LSTM-vs-Transformer study: pre-norm RMSNorm,
 # rotary positions, SwiGLU, with its FFN narrowed so the parameters match the Transformer's
-# (3 x 256 x 344 ~ 2 x 256 x 512). `python bench.py --what=compare` trains and measures all
+# (3 x 256 x 344 ~ 2 x 256 x 512). `python bench.py --what=study` trains and measures all
 # three compare_*.py recipes. By hand:
 #   python prepare.py --tokenizer=bpe --vocab_size=2000 --dataset=legal_bpe2000
 #   python train.py config/compare_modern.py

@@ -1,5 +1,5 @@
 # The Transformer of the LSTM-vs-Transformer study, as in 'Attention Is All You Need' but
-# small: post-norm, sinusoidal positions, FFN 512. `python bench.py --what=compare` trains
+# small: post-norm, sinusoidal positions, FFN 512. `python bench.py --what=study` trains
 # and measures all three compare_*.py recipes. By hand:
 #   python prepare.py --tokenizer=bpe --vocab_size=2000 --dataset=legal_bpe2000
 #   python train.py config/compare_transformer.py
