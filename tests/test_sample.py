@@ -77,7 +77,8 @@ def test_bad_input_gives_one_clear_line(run_alone, tmp_path):
                        "did you mean 'num_samples'")
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}/*.none",
                                   "--query=x"), "names no files")
-    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}"), "--embed needs --query=")
+    assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}"),
+                       "--embed needs --query=")
     (tmp_path / "docs.jsonl").write_text('{"text": "The Tenant"}\n{"body": 3}\n')
     assert_clear_error(run_script("sample.py", f"--out_dir={run_alone}", f"--embed={tmp_path}/docs.jsonl",
                                   "--query=x"), 'must be an object with a "text" string')

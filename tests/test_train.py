@@ -251,7 +251,8 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
     # pretrained by span corruption (arch_run), then taught to name the party a clause names:
     # the answer is in the source, so only a decoder that reads it through cross-attention gets it
     rng = __import__("random").Random(0)
-    parties, duties = ["Tenant", "Landlord", "Licensee", "Licensor"], ["pay the rent", "repair the roof", "keep records"]
+    parties = ["Tenant", "Landlord", "Licensee", "Licensor"]
+    duties = ["pay the rent", "repair the roof", "keep records"]
     with open(tmp_path / "qa.jsonl", "w") as f:
         for i in range(300):
             party, duty = rng.choice(parties), rng.choice(duties)
@@ -262,9 +263,10 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
                       "--val_fraction=0.1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec", f"--init_from={pretrained}",
-                                              "--batch_size=16", "--gradient_accumulation_steps=1", "--dropout=0",
-                                              "--max_iters=250", "--lr_decay_iters=250", "--eval_interval=125"))
+    done = run_script("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec",
+                                              f"--init_from={pretrained}", "--batch_size=16",
+                                              "--gradient_accumulation_steps=1", "--dropout=0", "--max_iters=250",
+                                              "--lr_decay_iters=250", "--eval_interval=125"))
     assert done.returncode == 0, done.stderr
     assert "fine-tuning" in done.stdout
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
