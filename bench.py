@@ -81,6 +81,7 @@ attention_heads = 4
 attention_embd = 256
 sdpa_max_length = 8192      # longer lengths measure linear attention only (softmax's time grows as length^2)
 # study: train.py on each config, on one dataset, then measure the runs
+budget = "config/compare_budget.py"  # the settings every config shares, given to train.py before it
 configs = "config/compare_lstm.py,config/compare_transformer.py,config/compare_modern.py"
 data_dir = "data"
 dataset = "legal_bpe2000"   # prepared here on demand (bpe, vocabulary 2000) when it is missing
@@ -441,8 +442,8 @@ def train_run(config_path, out_dir, overrides):
     """train.py on one config, as a user runs it, its output passed through. Returns its wall
     seconds and its peak resident memory in MiB: os.wait4 gives the usage of that child
     alone (RUSAGE_CHILDREN would be the largest of all children so far)."""
-    args = [script("train.py"), config_path, f"--out_dir={out_dir}", f"--data_dir={data_dir}",
-            f"--dataset={dataset}", f"--device={device}", f"--dtype={dtype}", *overrides]
+    args = [script("train.py"), *([budget] if budget else []), config_path, f"--out_dir={out_dir}",
+            f"--data_dir={data_dir}", f"--dataset={dataset}", f"--device={device}", f"--dtype={dtype}", *overrides]
     print(f"$ python {shlex.join(args)}", flush=True)
     t0 = time.time()
     child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -373,11 +373,11 @@ class Block(nn.Module):
         return norm(x + sublayer(x))  # post-norm, as in 'Attention Is All You Need'
 
     def forward(self, x, rope=None, mask=(None, False), keep=None, memory=None, memory_mask=(None, False),
-                memory_keep=None, cache=None, layer=0):
+                cache=None, layer=0):
         x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, mask, keep, cache=cache, layer=layer))
-        if memory is not None:
-            x = self.residual(x, self.ln_x, lambda h: self.cross_attn(h, mask=memory_mask, keep=memory_keep,
-                                                                      memory=memory, cache=cache, layer=layer))
+        if memory is not None:  # cross-attention is softmax: the memory's padding is in memory_mask
+            x = self.residual(x, self.ln_x, lambda h: self.cross_attn(h, mask=memory_mask, memory=memory,
+                                                                      cache=cache, layer=layer))
         return self.residual(x, self.ln_2, self.mlp)
 
 
@@ -409,7 +409,7 @@ class Stack(nn.Module):
         if memory is not None and memory_keep is not None:
             memory_mask = (memory_keep[:, None, None, :], False)  # (B, 1, 1, S)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, keep, memory, memory_mask, memory_keep, cache, layer)
+            x = block(x, rope, mask, keep, memory, memory_mask, cache, layer)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)

@@ -203,11 +203,24 @@ def document_window(split, start):
     return window, counts
 
 
+def read_windows(array, starts, length):
+    """(len(starts), length) int64: array[s:s + length] for each start, one read each; 0 past its end."""
+    windows = torch.zeros(len(starts), length, dtype=torch.long)
+    for row, s in enumerate(starts.tolist()):
+        piece = array[s:s + length]
+        windows[row, :len(piece)] = torch.from_numpy(piece.astype(np.int64))
+    return windows
+
+
+def random_document_starts(split, generator):
+    return doc_starts[split][torch.randint(len(doc_starts[split]), (batch_size,), generator=generator).numpy()]
+
+
 def next_token_batch(split, generator):
     """gpt, conditional, lstm: inputs and the same tokens one step ahead as targets."""
     data = bins[split]
     if masks:  # prompt/response data: windows of whole documents, loss only on the responses
-        starts = doc_starts[split][torch.randint(len(doc_starts[split]), (batch_size,), generator=generator).numpy()]
+        starts = random_document_starts(split, generator)
         windows, counts = zip(*(document_window(split, s) for s in starts.tolist()))
         windows = torch.from_numpy(np.stack(windows))
         targets = torch.where(torch.from_numpy(np.stack(counts))[:, 1:], windows[:, 1:], -1)
@@ -215,13 +228,10 @@ def next_token_batch(split, generator):
     else:
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
         # one read of block_size+1 tokens per row: inputs are its first block_size, targets its last
-        windows = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64))
-                               for i in starts.tolist()])
+        windows = read_windows(data, starts, block_size + 1)
         batch = {"idx": windows[:, :-1], "targets": windows[:, 1:]}
     if labels:  # each position carries its document's label (a window may span two documents)
-        batch["labels"] = torch.stack([torch.from_numpy(labels[split][i:i + block_size].astype(np.int64))
-                                       for i in starts.tolist()])
-        batch["labels"] = torch.nn.functional.pad(batch["labels"], (0, block_size - batch["labels"].size(1)))
+        batch["labels"] = read_windows(labels[split], starts, block_size)
     return batch
 
 
@@ -230,7 +240,7 @@ def masked_lm_batch(split, generator):
     of those, 80% read <|mask|>, 10% a random ordinary token, 10% themselves."""
     data = bins[split]
     starts = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
-    idx = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts.tolist()])
+    idx = read_windows(data, starts, block_size)
     chosen = torch.rand(idx.shape, generator=generator) < mask_prob
     how = torch.rand(idx.shape, generator=generator)
     random_ids = ordinary_ids[torch.randint(len(ordinary_ids), idx.shape, generator=generator)]
@@ -268,11 +278,10 @@ def seq2seq_batch(split, generator):
     """encdec: (source, target) pairs, padded: src and its src_mask (real tokens), the decoder's
     input (<|bos|> then the target but its last token) and the target."""
     if masks:
-        starts = doc_starts[split][torch.randint(len(doc_starts[split]), (batch_size,), generator=generator).numpy()]
-        pairs = [prompt_response(split, s) for s in starts.tolist()]
+        pairs = [prompt_response(split, s) for s in random_document_starts(split, generator).tolist()]
     else:
         starts = torch.randint(len(bins[split]) - block_size + 1, (batch_size,), generator=generator)
-        pairs = [span_corruption(bins[split][i:i + block_size].astype(np.int64), generator) for i in starts.tolist()]
+        pairs = [span_corruption(window.numpy(), generator) for window in read_windows(bins[split], starts, block_size)]
     src = torch.full((batch_size, block_size), tokenizer.pad_id)
     idx = torch.full((batch_size, target_length), tokenizer.pad_id)
     targets = torch.full((batch_size, target_length), -1)
