@@ -12,6 +12,7 @@ and exit code 2 -- a typo never silently trains the wrong model.
 
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -86,4 +87,26 @@ def configure(settings, argv=None):
                     fail(f"--{key} needs a value: --{key}=...")
                 raw = "True"
             settings[key] = _coerce(key, _parse_value(raw, settings[key]), settings[key], f"--{key}")
+    for key in known:
+        if isinstance(settings[key], str) and "\0" in settings[key]:
+            fail(f"{key} contains a NUL byte")
     return {k: settings[k] for k in known}
+
+
+def _within(value, rule):
+    """Does value obey rule: '>= 1', '> 0', or an interval like '[0, 1)' or '(0, 1]'?"""
+    if rule[0] in "[(":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        return ((value >= low) if rule[0] == "[" else (value > low)) and \
+               ((value <= high) if rule[-1] == "]" else (value < high))
+    op, bound = rule.split()
+    return {">=": value >= float(bound), ">": value > float(bound)}[op]
+
+
+def check_ranges(settings, rules):
+    """Each setting named in rules ({name: '>= 1' | '> 0' | '[0, 1)' ...}) must be a finite number
+    obeying its rule; the first that is not ends the program with one clear line."""
+    for name, rule in rules.items():
+        value = settings[name]
+        if not (math.isfinite(value) and _within(value, rule)):
+            fail(f"{name} must be {'in ' if rule[0] in '[(' else ''}{rule}, got {value!r}")

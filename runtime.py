@@ -4,8 +4,11 @@ precision, and writing and reading checkpoints and run directories.
 """
 
 import ctypes
+import errno
 import json
 import os
+import shutil
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -102,11 +105,44 @@ def save_atomically(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(path)
+
+
+def _fsync_directory(path):
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make a rename durable
     finally:
         os.close(dir_fd)
+
+
+def link_atomically(src, dst):
+    """dst becomes another name for src's file: a hard link (no second copy on disk), or a copy
+    where the filesystem has no hard links. Either way dst is whole or as it was before."""
+    tmp = f"{dst}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as source:
+            save_atomically(dst, lambda f: shutil.copyfileobj(source, f))
+        return
+    os.replace(tmp, dst)
+    _fsync_directory(dst)
+
+
+def probe_disk(path, nbytes):
+    """Reserve nbytes at path, then delete it: a read-only or full disk fails here, with an OSError."""
+    try:
+        with open(path, "wb") as f:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, max(nbytes, 1))
+            elif shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def save_checkpoint(obj, path):
@@ -118,7 +154,9 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on unusual pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():

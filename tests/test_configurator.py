@@ -4,6 +4,9 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 
 from configurator import configure
 
@@ -92,3 +95,44 @@ def test_bad_config_files_end_with_one_clear_line_and_exit_code_2(script, body, 
     done = run(script, str(cfg))
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+# ---- fuzzing: any argument or config file ends in settings of the right types, or in the clear error --
+
+SETTINGS = {"learning_rate": 6e-4, "n_layer": 12, "compile": True, "out_dir": "out", "init_from": None}
+
+
+def configure_or_exit(argv, capsys):
+    """The settings configure() gives, or None after its clear error (exit 2, one line, no traceback)."""
+    s = dict(SETTINGS)
+    capsys.readouterr()  # the fixture lives across examples: only this one's output
+    try:
+        configure(s, argv)
+    except SystemExit as e:
+        err = capsys.readouterr().err
+        assert e.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return None
+    for key, default in SETTINGS.items():  # every value keeps its setting's type
+        if default is not None:
+            assert type(s[key]) is type(default), (key, s[key])
+    return s
+
+
+@examples(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(sorted(SETTINGS) + ["n_layers", "lr", ""]), raw=st.text(max_size=30),
+       eq=st.booleans())
+def test_any_key_and_value_on_the_command_line_gives_a_setting_or_the_clear_error(key, raw, eq, capsys):
+    configure_or_exit([f"--{key}={raw}" if eq else f"--{key}"], capsys)
+
+
+@examples(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=st.one_of(st.binary(max_size=200),
+                      st.lists(st.tuples(st.sampled_from(sorted(SETTINGS) + ["_x", "n_layers", "import os; x"]),
+                                         st.sampled_from(["1", "2.5", "'a'", "True", "None", "[1]", "1/0", "(",
+                                                          "'\\0'", "float('inf')", "os"])),
+                               max_size=4).map(lambda pairs: "\n".join(f"{k} = {v}" for k, v in pairs).encode())))
+def test_any_config_file_gives_settings_or_the_clear_error(body, tmp_path_factory, capsys):
+    path = tmp_path_factory.mktemp("cfg") / "config.py"
+    path.write_bytes(body)
+    configure_or_exit([str(path)], capsys)
