@@ -16,14 +16,13 @@ with --query= prints the nearest by cosine similarity; --embed_out= saves the ve
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
-start = ""                  # prompt text, or FILE:path to read it from a file; "" = a new document
+start = "<|endoftext|>"     # prompt text, or FILE:path to read it from a file; the default: a new document
 num_samples = 3
 max_new_tokens = 300
 temperature = 0.8           # 0 = greedy
@@ -41,36 +40,42 @@ device = "auto"
 dtype = "auto"
 compile = False
 # -----------------------------------------------------------------------------
-from configurator import configure, fail  # noqa: E402
+from configurator import check_ranges, configure, fail  # noqa: E402
 configure(globals())
+check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
+                         "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]"})
 
 from model import embed_documents, rank_by_cosine  # noqa: E402
 from runtime import autocast, load_run, pick_device, pick_dtype, save_atomically  # noqa: E402
 
-for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 0),
-                         ("temperature", temperature, 0), ("top_k", top_k, 0), ("fill_top_k", fill_top_k, 1),
-                         ("num_results", num_results, 1)):
-    if value < low:
-        fail(f"{name} must be at least {low}, got {value}")
-if not 0 < top_p <= 1:
-    fail(f"top_p must be in (0, 1], got {top_p}")
 if embed and not (query or embed_out):
     fail("--embed needs --query= (print the nearest documents) or --embed_out= (save the vectors), or both")
 
 
 def read_text(value, what):
-    """value itself, or the contents of the file that FILE:path names."""
-    if not value.startswith("FILE:"):
-        return value
-    path = value[len("FILE:"):]
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError as e:
-        fail(f"cannot read the {what} file {path}: {e.strerror}")
+    """value itself, or the contents of the file that FILE:path names: text, which is not empty,
+    is UTF-8, and holds no NUL byte (the mark of a binary file)."""
+    if value.startswith("FILE:"):
+        path = value[len("FILE:"):]
+        what = f"the {what} file {path}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read()
+        except OSError as e:
+            fail(f"cannot read {what}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            fail(f"{what} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})")
+    elif any("\udc80" <= c <= "\udcff" for c in value):  # bytes in the command line that are not UTF-8
+        fail(f"{what} is not UTF-8 text")
+    if not value.strip():
+        fail(f"{what} is empty: give some text (leave --start out to begin a new document)")
+    if "\0" in value:
+        fail(f"{what} holds a NUL byte: it is not text")
+    return value
 
 
-start, query = read_text(start, "--start"), read_text(query, "--query")
+start = read_text(start, "--start")
+query = read_text(query, "--query") if query else ""
 try:
     device = pick_device(device)
     ptdtype = pick_dtype(device, dtype)
@@ -86,11 +91,9 @@ ctx = autocast(device, ptdtype)
 
 def prompt_ids(text, limit):
     """The prompt's ids (special tokens written in it, like <|mask|>, are meant as such), at most limit."""
-    ids = tokenizer.encode(text, allow_special=True) if text else [tokenizer.eot_id]
+    ids = tokenizer.encode(text, allow_special=True)
     if len(ids) > limit:
-        print(f"warning: the prompt is {len(ids)} tokens, longer than the context of {limit}; "
-              f"keeping its last {limit}", file=sys.stderr)
-        ids = ids[-limit:]
+        fail(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}: shorten it")
     return ids
 
 
@@ -119,7 +122,7 @@ def continue_text():
     with ctx:
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            use_cache=use_cache, generator=generator, vocab_limit=tokenizer.vocab_size, **inputs)
-    print_samples(y.tolist(), ids, show_prompt=bool(start))  # with no start the prompt is <|endoftext|>
+    print_samples(y.tolist(), ids, show_prompt=ids != [tokenizer.eot_id])  # a new document: no prompt to show
 
 
 def respond():
