@@ -11,10 +11,13 @@ Settings are the globals below; a config file and --key=value override them.
 With no config at all this is a GPU-scale run: GPT-2 124M on the legal corpus.
 """
 
+import datetime
+import glob
 import json
 import math
 import os
-import shutil
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +36,8 @@ eval_interval = 2000        # evaluate and checkpoint every this many iterations
 log_interval = 1
 eval_iters = 200            # batches per val estimate
 eval_only = False           # evaluate once and exit
-init_from = "scratch"       # scratch | resume (out_dir/ckpt.pt) | a run's directory: fine-tune its weights
+init_from = "scratch"       # scratch | resume (out_dir's newest readable checkpoint) | a run's directory: fine-tune it
+keep_last = 1               # checkpoints kept: ckpt.pt is always the newest; > 1 also keeps the last N as ckpt-ITER.pt
 # data
 data_dir = "data"
 dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal" is prepared on demand
@@ -80,13 +84,22 @@ device = "auto"             # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16
 compile = True              # torch.compile the model
 seed = 1337
+max_bad_steps = 20          # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
+ddp_timeout = 600           # seconds a process waits for the others (a dead or hung rank) before it gives up
 # -----------------------------------------------------------------------------
-from configurator import configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
+from configurator import check_ranges, configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
 config = configure(globals())
+check_ranges(globals(), {
+    "eval_interval": ">= 1", "log_interval": ">= 1", "eval_iters": ">= 1", "keep_last": ">= 1",
+    "gradient_accumulation_steps": ">= 1", "batch_size": ">= 1", "block_size": ">= 1", "dropout": "[0, 1)",
+    "mask_prob": "(0, 1)", "span_length": ">= 1", "learning_rate": "> 0", "min_lr": ">= 0",
+    "max_iters": ">= 0", "max_seconds": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
+    "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
+    "ddp_timeout": "> 0"})
 
 from model import ModelConfig, build_model, peak_flops  # noqa: E402
-from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, load_checkpoint,  # noqa: E402
-                     pick_device, pick_dtype, save_checkpoint)
+from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
+                     load_checkpoint, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
 from tokenizer import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 # ---- processes and device ---------------------------------------------------
@@ -105,15 +118,22 @@ if ddp:
         torch.cuda.set_device(device)
     else:  # the processes on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    # a collective that waits longer than ddp_timeout for a dead or hung rank fails instead of hanging
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(seconds=ddp_timeout))
+
+    def fail(message):  # noqa: F811  configurator's, but with no Python teardown after it: a process group
+        # whose peer is gone can abort the process as it is torn down (gloo: "terminate called without
+        # an active exception"), after the clear line
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
 master = rank == 0
 device_type = device.split(":")[0]
 if gradient_accumulation_steps % world_size:
     fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
          f"number of processes ({world_size})")
 grad_accum = gradient_accumulation_steps // world_size
-if not 0 < mask_prob < 1 or span_length < 1:
-    fail(f"need 0 < mask_prob < 1 and span_length >= 1, got mask_prob={mask_prob}, span_length={span_length}")
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,34 +160,55 @@ if not os.path.isfile(os.path.join(data_path, "meta.json")):
             fail("preparing the built-in legal corpus failed (see above)")
     if ddp:
         dist.barrier()
+
+
+def read_bin(name, dtype, tokens, limit):
+    """data_path/name as a memmap, checked: whole values of dtype, as many as meta.json says, each below limit
+    (an id beyond the vocabulary would index past the embedding: a crash on CPU, a device assert on CUDA)."""
+    path = os.path.join(data_path, name)
+    size, itemsize = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size % itemsize:
+        fail(f"{path} is {size} bytes, not a whole number of {np.dtype(dtype).name} values: it is truncated or "
+             "not from prepare.py; prepare it again")
+    if size // itemsize != tokens:
+        fail(f"{path} holds {size // itemsize} tokens but meta.json says {tokens}: it is truncated or from another "
+             "prepare; prepare it again")
+    data = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
+    chunk = 1 << 26
+    for i in range(0, len(data), chunk):  # the whole file, once, a chunk at a time
+        top = int(data[i:i + chunk].max())
+        if top >= limit:
+            fail(f"{path} holds the value {top} at or beyond {limit}, the number of ids it may use: it was not "
+                 "written with this tokenizer (or is damaged); prepare it again")
+    return data
+
+
 try:
     with open(os.path.join(data_path, "meta.json")) as f:
         meta = json.load(f)
     tokenizer = load_tokenizer(data_path)
-    bins = {split: np.memmap(os.path.join(data_path, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-            for split in ("train", "val")}
+    data_fingerprint = meta["tokenizer"]["fingerprint"]
+    if tokenizer_fingerprint(data_path) != data_fingerprint:
+        fail(f"{data_path}: the tokenizer files are not the ones meta.json was written with; prepare it again")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        fail(f"{data_path}/meta.json: dtype must be uint16 or uint32, got {meta['dtype']!r}; prepare it again")
+    counts = {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
+    bins = {split: read_bin(f"{split}.bin", meta["dtype"], counts[split], tokenizer.vocab_size) for split in counts}
     # prompt/response data: 1 where a target token counts in the loss (the responses)
-    masks = {split: np.memmap(os.path.join(data_path, f"{split}_mask.bin"), dtype=np.uint8, mode="r")
-             for split in ("train", "val")} if meta.get("loss_mask") else None
+    masks = {split: read_bin(f"{split}_mask.bin", np.uint8, counts[split], 2)
+             for split in counts} if meta.get("loss_mask") else None
     # conditional: the control label of every token, and the labels' names
-    labels = {split: np.memmap(os.path.join(data_path, f"{split}_label.bin"), dtype=np.uint16, mode="r")
-              for split in ("train", "val")} if arch == "conditional" and meta.get("labels") else None
+    labels = {split: read_bin(f"{split}_label.bin", np.uint16, counts[split], len(meta["labels"]))
+              for split in counts} if arch == "conditional" and meta.get("labels") else None
     # bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
     val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
-    data_fingerprint = meta["tokenizer"]["fingerprint"]
 except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
     fail(f"cannot read the dataset at {data_path} ({type(e).__name__}: {e}); prepare it again with prepare.py")
 if arch == "conditional" and not labels:
     fail(f"arch='conditional' needs a control label per document: prepare {data_path} with --labels=True")
-if tokenizer_fingerprint(data_path) != data_fingerprint:
-    fail(f"{data_path}: the tokenizer files are not the ones meta.json was written with; prepare it again")
 for split, data in bins.items():
     if len(data) <= block_size and not masks:
         fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-    for name, extra in (("mask", masks), ("label", labels)):
-        if extra and len(extra[split]) != len(data):
-            fail(f"{data_path}/{split}_{name}.bin does not match {split}.bin ({len(extra[split])} vs {len(data)} "
-                 "tokens); prepare it again")
 if masks:  # windows start where a document starts
     doc_starts = {split: np.concatenate([[0], np.flatnonzero(data[:-1] == tokenizer.eot_id) + 1])
                   for split, data in bins.items()}
@@ -176,8 +217,9 @@ TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)
 
 
 def stream_seed(*key):
-    """Every random draw is keyed by integers (stream, rank, iteration, micro-step): a resumed
-    run draws exactly the batches and dropout masks the uninterrupted run would have.
+    """Every random draw is keyed by integers (stream, iteration, the micro-batch's place in the
+    global batch): a resumed run draws exactly the batches and dropout masks the uninterrupted
+    run would have, and 1 process or 8 with the same global batch draw the same ones.
     (A tuple of ints hashes the same in every process, unlike strings.)"""
     return hash((seed,) + key) & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -310,9 +352,67 @@ def get_batch(split, generator):
 
 
 # ---- model ------------------------------------------------------------------
-os.makedirs(out_dir, exist_ok=True)
+try:
+    os.makedirs(out_dir, exist_ok=True)
+except OSError as e:
+    fail(f"cannot make out_dir={out_dir}: {e.strerror or e}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-iter_num, best_val_loss = 0, float("inf")
+best_path = os.path.join(out_dir, "ckpt-best.pt")
+log_path = os.path.join(out_dir, "log.jsonl")
+
+
+def kept_checkpoints():
+    """The ckpt-ITER.pt files that keep_last keeps, newest first."""
+    found = [(int(m.group(1)), path) for path in glob.glob(os.path.join(glob.escape(out_dir), "ckpt-*.pt"))
+             if (m := re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path)))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def newest_readable_checkpoint():
+    """(path, checkpoint) to resume from: ckpt.pt, else the newest kept one that loads, else the best.
+    Says what it skipped and why, and which one it picked."""
+    problems = []
+    for path in [ckpt_path] + kept_checkpoints() + [best_path]:
+        if not os.path.exists(path):
+            continue
+        try:
+            found = load_checkpoint(path, device)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            log(f"warning: {problem}: skipped")
+        val = f", val loss {found['val_loss']:.4f}" if found.get("val_loss") is not None else ""
+        log(f"resuming from {path} (iteration {found['iter_num']}{val})")
+        return path, found
+    if problems:
+        fail(problems[0] + (f"; nor does any of the {len(problems) - 1} other checkpoints load" if problems[1:] else ""))
+    fail(f"no checkpoint at {ckpt_path} to resume: start the run with --init_from=scratch")
+
+
+def our_files():
+    """The names train.py writes in out_dir through a .tmp file (and ckpt-ITER.pt)."""
+    return ["ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json"] + meta["tokenizer"]["files"]
+
+
+def keep_log_until(last_iter):
+    """log.jsonl without the records of iterations after last_iter (a resumed run does them again)
+    and without a line cut short by a kill."""
+    if not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= last_iter:
+                kept.append(json.dumps(record) + "\n")
+    save_atomically(log_path, lambda f: f.write("".join(kept).encode()))
+
+
+iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
 checkpoint = None
 if init_from == "scratch":
     if os.path.exists(ckpt_path):
@@ -321,15 +421,18 @@ if init_from == "scratch":
     model_args = {**config, "vocab_size": 64 * math.ceil(tokenizer.vocab_size / 64),
                   "n_labels": len(meta["labels"]) if labels else 0}
 else:  # resume this run, or fine-tune another: its weights, shape and architecture
-    init_path = ckpt_path if init_from == "resume" else os.path.join(init_from, "ckpt.pt")
     if init_from != "resume" and not os.path.isdir(init_from):
         fail(f"init_from={init_from!r} is not scratch, resume, or the directory of a run to fine-tune")
     if init_from != "resume" and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
-    try:
-        checkpoint = load_checkpoint(init_path, device)
-    except ValueError as e:
-        fail(str(e))
+    if init_from == "resume":
+        init_path, checkpoint = newest_readable_checkpoint()
+    else:
+        init_path = os.path.join(init_from, "ckpt.pt")
+        try:
+            checkpoint = load_checkpoint(init_path, device)
+        except ValueError as e:
+            fail(str(e))
     if checkpoint.get("tokenizer_fingerprint", data_fingerprint) != data_fingerprint:
         fail(f"{init_path} was trained with another tokenizer than the dataset {data_path} has; use a dataset "
              f"prepared with it (prepare.py --tokenizer_from={os.path.dirname(init_path) or '.'})")
@@ -339,9 +442,11 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
              f"--arch={model_args.get('arch', 'gpt')}")
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        bad_steps = checkpoint.get("bad_steps", 0)
         sampler = checkpoint["sampler"]
-        if (sampler["seed"], sampler["world_size"], sampler["batch_size"]) != (seed, world_size, batch_size):
-            log("warning: seed, process count or batch size differ from the checkpoint's; the batch stream will too")
+        if any(sampler.get(k) != globals()[k] for k in ("seed", "batch_size", "gradient_accumulation_steps")):
+            log("warning: seed, batch size or gradient accumulation differ from the checkpoint's; "
+                "the batch stream will too")
     else:  # fine-tuning starts its own count, optimizer and schedule, and may change the dropout
         model_args = {**model_args, "dropout": dropout}
         log(f"fine-tuning {init_path} (trained {checkpoint['iter_num']} iterations) on {data_path}")
@@ -349,8 +454,8 @@ try:
     model_config = ModelConfig.from_settings(model_args)
     model_args = asdict(model_config)
     check_vocab(model_config.vocab_size, tokenizer, init_path if checkpoint else data_path)
-except ValueError as e:
-    fail(str(e))
+except (ValueError, TypeError) as e:
+    fail(f"{init_path if checkpoint else 'settings'}: {e}")
 if model_config.block_size < block_size:
     fail(f"block_size={block_size} is longer than the model's context ({model_config.block_size})")
 if labels and model_config.n_labels != len(meta["labels"]):
@@ -358,7 +463,10 @@ if labels and model_config.n_labels != len(meta["labels"]):
 torch.manual_seed(seed)
 model = build_model(model_config)
 if checkpoint:
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        fail(f"{init_path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
 model.to(device)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)}")
 log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
@@ -379,41 +487,51 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-if master:  # the run directory is usable without data/: tokenizer files travel with it
-    for name in meta["tokenizer"]["files"] + ["meta.json"]:
-        shutil.copyfile(os.path.join(data_path, name), os.path.join(out_dir, name))
+if master:
+    for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):  # left by a run killed while writing
+        name = os.path.basename(tmp).removesuffix(".tmp")
+        if name in our_files() or re.fullmatch(r"ckpt-\d+\.pt", name):
+            os.remove(tmp)
+    # a full disk or a read-only out_dir shows now, not at the first checkpoint: room for one more
+    # (weights and AdamW's two moments, fp32)
+    try:
+        probe_disk(os.path.join(out_dir, ".probe"), 12 * sum(p.numel() for p in raw_model.parameters()))
+    except OSError as e:
+        fail(f"cannot write in out_dir={out_dir} ({e.strerror or e}); a checkpoint needs about "
+             f"{12 * raw_model.num_params() / 1e6:,.0f} MB there")
+    if init_from == "resume":
+        keep_log_until(iter_num)
+    for name in meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
+        with open(os.path.join(data_path, name), "rb") as src:
+            content = src.read()
+        save_atomically(os.path.join(out_dir, name), lambda f: f.write(content))
 ctx = autocast(device, ptdtype)
 predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
 flops_peak = peak_flops(device_type, ptdtype) * world_size
-log_path = os.path.join(out_dir, "log.jsonl")
 
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split, drawn the same way at every eval, and the
-    share of val targets the model's top guess gets right (for the encoder: masked tokens)."""
+    """Mean loss over eval_iters batches per split, the same batches at every eval and for any
+    number of processes (they share them out), and the share of val targets the model's top
+    guess gets right (for the encoder: masked tokens)."""
     model.eval()
-    means = []
+    sums = torch.zeros(2, device=device)
     hits = torch.zeros(2, device=device)  # right guesses, targets
-    for split in ("train", "val"):
-        generator = batch_generator(EVAL_BATCHES, split == "val", rank)
-        losses = torch.zeros(eval_iters, device=device)
-        for k in range(eval_iters):
-            batch = get_batch(split, generator)
+    for s, split in enumerate(("train", "val")):
+        for k in range(rank, eval_iters, world_size):
+            batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k))
             with ctx:
                 logits, loss = model(**batch)
-            losses[k] = loss  # stays on the device: no wait for it batch by batch
+            sums[s] += loss  # stays on the device: no wait for it batch by batch
             if split == "val":
                 counted = batch["targets"] != -1
                 hits += torch.stack([((logits.argmax(dim=-1) == batch["targets"]) & counted).sum(), counted.sum()])
-        means.append(losses.mean())
-    means = torch.stack(means)
     if ddp:
-        dist.all_reduce(means)
+        dist.all_reduce(sums)
         dist.all_reduce(hits)
-        means /= world_size
     model.train()
-    train_loss, val_loss = means.tolist()
+    train_loss, val_loss = (sums / eval_iters).tolist()
     return {"train": train_loss, "val": val_loss, "accuracy": (hits[0] / hits[1]).item()}
 
 
@@ -428,18 +546,34 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def save(iter_num):
-    save_checkpoint({
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "model_args": model_args,
-        "iter_num": iter_num,
-        "best_val_loss": best_val_loss,
-        "config": config,
-        "tokenizer_fingerprint": data_fingerprint,  # sample.py and resume check the tokenizer is this one
-        "sampler": {"seed": seed, "world_size": world_size, "batch_size": batch_size, "block_size": block_size},
-    }, ckpt_path)
+def save(iter_num, val_loss=None):
+    """ckpt.pt, written atomically; with keep_last > 1 also under its own name ckpt-ITER.pt (a hard
+    link: the same bytes on disk), the oldest beyond keep_last dropped; and ckpt-best.pt when val_loss
+    is the best yet. A failed write stops the run and leaves every checkpoint already there as it was."""
+    try:
+        save_checkpoint({
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "val_loss": val_loss,
+            "best_val_loss": best_val_loss,
+            "bad_steps": bad_steps,
+            "config": config,
+            "tokenizer_fingerprint": data_fingerprint,  # sample.py and resume check the tokenizer is this one
+            "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
+                        "gradient_accumulation_steps": gradient_accumulation_steps},
+        }, ckpt_path)
+        if keep_last > 1:
+            link_atomically(ckpt_path, os.path.join(out_dir, f"ckpt-{iter_num:08d}.pt"))
+            for old in kept_checkpoints()[keep_last:]:
+                os.remove(old)
+        if val_loss is not None and val_loss <= best_val_loss:
+            link_atomically(ckpt_path, best_path)
+    except OSError as e:
+        fail(f"cannot write the checkpoint of iteration {iter_num} in {out_dir} ({e.strerror or e}); the "
+             "checkpoints already there are as they were: make room, then go on with --init_from=resume")
 
 
 def evaluate(iter_num, elapsed):
@@ -456,73 +590,139 @@ def evaluate(iter_num, elapsed):
         log(f"{line}, val accuracy {losses['accuracy']:.3f}")
         append_jsonl(log_path, record)
         if not eval_only:
-            save(iter_num)
+            save(iter_num, losses["val"])
 
 
-# ---- the loop ---------------------------------------------------------------
-start_iter = iter_num
-t_start = t_log = time.time()
-tokens_since_log = 0
-loss_sum = torch.zeros((), device=device)
-balance_sum = torch.zeros((), device=device)
-while True:
-    elapsed = time.time() - t_start
-    out_of_time = max_seconds > 0 and elapsed >= max_seconds
-    if ddp and max_seconds > 0:  # everyone stops at the same iteration: rank 0's clock decides
-        flag = torch.tensor(float(out_of_time), device=device)
-        dist.broadcast(flag, 0)
-        out_of_time = bool(flag.item())
-    last = iter_num >= max_iters or out_of_time
-    if (iter_num % eval_interval == 0 and iter_num > start_iter) or last or eval_only:
-        evaluate(iter_num, elapsed)
-    if last or eval_only:
-        break
-
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def train_step(iter_num):
+    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss and balance loss
+    (device tensors) and what every process has to agree on: were the loss and gradient norm
+    finite, and does anyone stop (a signal, max_seconds) -- one look at the device per step."""
+    step_loss = torch.zeros((), device=device)
+    step_balance = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
-        torch.manual_seed(stream_seed(DROPOUT, rank, iter_num, micro_step))
-        batch = get_batch("train", batch_generator(TRAIN_BATCHES, rank, iter_num, micro_step))
+        place = rank * grad_accum + micro_step  # this micro-batch's place in the global batch
+        torch.manual_seed(stream_seed(DROPOUT, iter_num, place))
+        batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
         # under DDP, average gradients across processes only once, after the last micro-step
         sync = not ddp or micro_step == grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
             _, loss = model(**batch)
             loss = loss / grad_accum
         scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        step_loss += loss.detach()
         if n_expert:
-            balance_sum += raw_model.balance_loss().detach() / grad_accum
+            step_balance += raw_model.balance_loss().detach() / grad_accum
+    scaler.unscale_(optimizer)  # (fp16 only) the norm and the clip need the true gradients
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    out_of_time = max_seconds > 0 and time.time() - t_start >= max_seconds
+    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm),
+                         torch.tensor(stop_signal is not None, device=device),
+                         torch.tensor(out_of_time, device=device)]).float()
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_norm, stopping, out_of_time = (bool(flag) for flag in flags.tolist())
+    if bad_loss or bad_norm:
+        scaler.update()  # (fp16) an overflow shrinks the loss scale
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
-    tokens_since_log += tokens_per_iter
+    fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
+    return step_loss, step_balance, fault, stopping, out_of_time
 
-    if iter_num % log_interval == 0:
-        sums = torch.stack([loss_sum, balance_sum])
-        if ddp:
-            dist.all_reduce(sums)
-            sums /= world_size
-        loss_value, balance = (sums / log_interval).tolist()  # .tolist() waits for the device: only here
-        dt = time.time() - t_log
-        tok_per_s = tokens_since_log / dt
-        mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
-        record = {"iter": iter_num, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_per_s, 1),
-                  "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
-        line = f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%"
-        if n_expert:  # 1.0 = tokens spread evenly over the experts
-            record["balance_loss"] = balance
-            line += f", balance loss {balance:.3f}"
-        if master:
-            log(line)
-            append_jsonl(log_path, record)
-        t_log, tokens_since_log = time.time(), 0
-        loss_sum.zero_()
-        balance_sum.zero_()
+
+# ---- stopping on request ------------------------------------------------------
+stop_signal = None  # SIGTERM (pre-emption) or SIGINT (Ctrl-C): checkpoint at the end of the step, then stop
+
+
+def on_stop_signal(signum, frame):
+    global stop_signal
+    name = signal.Signals(signum).name
+    if stop_signal is not None:  # asked twice: go now, and leave the checkpoints as they are
+        print(f"{name} again: stopping at once, without a checkpoint (the last one is in {out_dir})",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    stop_signal = name
+    log(f"{name}: stopping after this step with a checkpoint ({name} again to stop at once)")
+
+
+signal.signal(signal.SIGTERM, on_stop_signal)
+signal.signal(signal.SIGINT, on_stop_signal)
+
+# ---- the loop ---------------------------------------------------------------
+start_iter = iter_num
+t_start = t_log = time.time()
+tokens_since_log = steps_since_log = 0
+loss_sum = torch.zeros((), device=device)
+balance_sum = torch.zeros((), device=device)
+stopping = out_of_time = False
+try:
+    while True:
+        last = iter_num >= max_iters or out_of_time
+        if (iter_num % eval_interval == 0 and iter_num > start_iter and not stopping) or last or eval_only:
+            evaluate(iter_num, time.time() - t_start)
+        if last or eval_only:
+            break
+        if stopping:  # no eval first: pre-emption gives seconds, not minutes
+            if master:
+                save(iter_num)
+            log(f"stopped by {stop_signal or 'another process'} at iteration {iter_num}: checkpoint {ckpt_path}; "
+                "go on with --init_from=resume")
+            break
+
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num)
+        iter_num += 1
+        tokens_since_log += tokens_per_iter
+        if fault:  # skipped: no update, and the schedule moves on
+            bad_steps += 1
+            log(f"iter {iter_num}: skipped, the {fault} is not finite ({bad_steps} in a row)")
+            if master:
+                append_jsonl(log_path, {"iter": iter_num, "skipped": f"non-finite {fault}", "lr": lr,
+                                        "elapsed_s": round(time.time() - t_start, 3)})
+            if bad_steps >= max_bad_steps:
+                fail(f"{bad_steps} steps in a row had a non-finite {fault} (iterations {iter_num - bad_steps + 1}-"
+                     f"{iter_num}): stopped with the last good checkpoint in {out_dir} as it was; lower the "
+                     "learning_rate or check the data, then go on with --init_from=resume")
+        else:
+            bad_steps = 0
+            loss_sum += step_loss
+            balance_sum += step_balance
+            steps_since_log += 1
+
+        if iter_num % log_interval == 0 and steps_since_log:
+            sums = torch.stack([loss_sum, balance_sum])
+            if ddp:
+                dist.all_reduce(sums)
+                sums /= world_size
+            loss_value, balance = (sums / steps_since_log).tolist()  # .tolist() waits for the device: only here
+            dt = time.time() - t_log
+            tok_per_s = tokens_since_log / dt
+            mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
+            record = {"iter": iter_num, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_per_s, 1),
+                      "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
+            line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, "
+                    f"mfu {100 * mfu:.1f}%")
+            if n_expert:  # 1.0 = tokens spread evenly over the experts
+                record["balance_loss"] = balance
+                line += f", balance loss {balance:.3f}"
+            if master:
+                log(line)
+                append_jsonl(log_path, record)
+            t_log, tokens_since_log, steps_since_log = time.time(), 0, 0
+            loss_sum.zero_()
+            balance_sum.zero_()
+except RuntimeError as e:  # with DDP: a collective failed, as another process died or hung past ddp_timeout
+    if not (ddp and (isinstance(e, dist.DistError) or re.search(r"gloo|NCCL|[Cc]onnection|[Tt]imed? ?out", str(e)))):
+        raise
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0][:160]  # gloo: [file:line] what
+    fail(f"process {rank} of {world_size} lost the others ({reason}): one died or did not "
+         f"answer within ddp_timeout={ddp_timeout}s; go on from the last checkpoint in {out_dir} with --init_from=resume")
 
 if master:
     log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "

@@ -5,6 +5,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_clear_error, run_script, train_args
 import prepare as prepare_module
@@ -668,3 +670,24 @@ def test_the_gpt2_tokenizer_offline_is_a_clear_error(prepared, tmp_path):
                      "--tokenizer=gpt2", env=offline)
     assert_clear_error(result, "gpt2", "network")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ext=st.sampled_from([".txt", ".md", ".jsonl", ".csv", ".txt.gz", ".jsonl.gz", ".txt.zst", ".parquet",
+                            ".arrow", ".feather"]),
+       content=st.one_of(st.binary(max_size=1500),
+                         st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+def test_every_reader_takes_random_bytes_as_documents_or_the_clear_error(ext, content, tmp_path_factory, capsys):
+    path = tmp_path_factory.mktemp("fuzz") / f"input{ext}"
+    path.write_bytes(content)
+    capsys.readouterr()  # the fixture lives across examples: only this one's output
+    try:  # a document is read as it is consumed
+        documents = [(label, list(doc)) for label, doc in
+                     prepare_module.file_documents([str(path)], Progress(0), new_stats())]
+    except SystemExit as e:
+        err = capsys.readouterr().err
+        assert e.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        return
+    for label, doc in documents:
+        assert isinstance(label, str) and all(isinstance(text, str) for text, _ in doc)

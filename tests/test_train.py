@@ -2,13 +2,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ARCHS, ROOT, assert_clear_error, prepare_dataset, run_script, train_args
+from conftest import ARCHS, assert_clear_error, prepare_dataset, run_in_process, run_script, train_args
 
 LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
 EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
@@ -55,18 +53,6 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr(trained
     assert 3e-4 < lr[30] < 3.2e-4
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path, dataset, trained_run):
-    # stop a run at iteration 20, resume it to 30: the same losses as the run that never stopped
-    out_dir = tmp_path / "out"
-    assert run_script("train.py", *train_args(dataset, out_dir, "--max_iters=20")).returncode == 0
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 20
-    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30", "--init_from=resume"))
-    assert done.returncode == 0, done.stderr
-    resumed, uninterrupted = train_losses(read_log(out_dir)), train_losses(read_log(trained_run))
-    assert sorted(resumed) == list(range(1, 31))
-    assert [resumed[i] for i in range(21, 31)] == [uninterrupted[i] for i in range(21, 31)]
-
-
 def test_max_seconds_stops_training_then_evaluates_and_saves(tmp_path, dataset):
     out_dir = tmp_path / "out"
     done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=2"))
@@ -76,20 +62,6 @@ def test_max_seconds_stops_training_then_evaluates_and_saves(tmp_path, dataset):
     stopped_at = log[-1]["iter"]
     assert 0 < stopped_at < 100000
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
-
-
-def test_two_process_ddp_on_cpu_trains(tmp_path, dataset):
-    out_dir = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "train.py"), *train_args(dataset, out_dir, "--max_iters=20")],
-        capture_output=True, text=True, cwd=ROOT, timeout=240)
-    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]  # how far it got, and why it stopped
-    assert "2 process(es)" in done.stdout
-    steps = [r for r in read_log(out_dir) if "val_loss" not in r]
-    assert len(steps) == 20  # only rank 0 writes the log
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 20
 
 
 def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
@@ -109,66 +81,6 @@ def broken_dataset(tmp_path, dataset, breakage):
     shutil.copytree(data_dir / name, copy / name)
     breakage(copy / name)
     return copy, name
-
-
-@pytest.mark.parametrize("breakage", [
-    lambda d: (d / "train.bin").unlink(),
-    lambda d: (d / "meta.json").write_text("{not json"),
-    lambda d: (d / "meta.json").write_text("{}"),
-    lambda d: (d / "tokenizer.bpe").write_text("garbage\n"),
-], ids=["missing train.bin", "meta.json not json", "meta.json empty object", "tokenizer file corrupt"])
-def test_a_broken_dataset_is_a_clear_error(tmp_path, dataset, breakage):
-    broken = broken_dataset(tmp_path, dataset, breakage)
-    done = run_script("train.py", *train_args(broken, tmp_path / "out", "--max_iters=5"))
-    assert_clear_error(done, "cannot read the dataset at", "prepare it again")
-
-
-def test_bad_input_gives_one_clear_line(tmp_path, dataset, trained_run):
-    data_dir, name = dataset
-    run_copy = tmp_path / "run"
-    shutil.copytree(trained_run, run_copy)
-    before = (run_copy / "ckpt.pt").read_bytes()
-    cases = [
-        (["--n_layr=2"], ["did you mean 'n_layer'"]),
-        (["--max_iters=ten"], ["max_iters must be int"]),
-        ([f"--data_dir={data_dir}", "--dataset=contracts"], ["no dataset at", "python prepare.py --dataset=contracts"]),
-        (train_args(dataset, run_copy, "--max_iters=40"), ["exists", "--init_from=resume"]),
-        (train_args(dataset, tmp_path / "none", "--init_from=resume"), ["no checkpoint at"]),
-        (train_args(dataset, run_copy, "--init_from=latest"), ["init_from='latest' is not scratch, resume, or"]),
-        (train_args(dataset, run_copy, "--init_from=resume", "--arch=encoder"), ["is a 'gpt' model", "--arch=gpt"]),
-        (train_args(dataset, tmp_path / "o", "--arch=conditional"), ["needs a control label", "--labels=True"]),
-        (train_args(dataset, tmp_path / "o", "--arch=encoder", "--mask_prob=0"), ["need 0 < mask_prob < 1"]),
-        (train_args(dataset, tmp_path / "o", "--arch=transformer"), ["arch='transformer' is not one of"]),
-        (train_args(dataset, run_copy / "ft", f"--init_from={run_copy}", "--arch=lstm"), ["is a 'gpt' model"]),
-        (train_args(dataset, tmp_path / "o", "--device=cuda") if not torch.cuda.is_available() else None,
-         ["no CUDA device"]),
-        (train_args(dataset, tmp_path / "o", "--n_head=3"), ["must divide n_embd"]),
-        (train_args(dataset, tmp_path / "o", "--block_size=100000"),
-         ["fewer than block_size+1"]),
-    ]
-    for args, fragments in cases:
-        if args is not None:
-            assert_clear_error(run_script("train.py", *args), *fragments)
-    assert (run_copy / "ckpt.pt").read_bytes() == before  # nothing the user had was touched
-
-
-def test_a_truncated_checkpoint_is_refused_on_resume(tmp_path, dataset, trained_run):
-    run_copy = tmp_path / "run"
-    shutil.copytree(trained_run, run_copy)
-    (run_copy / "ckpt.pt").write_bytes((run_copy / "ckpt.pt").read_bytes()[:2000])
-    done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
-    assert_clear_error(done, "is not a readable checkpoint")
-
-
-def test_a_checkpoint_with_a_smaller_vocabulary_than_the_tokenizer_is_refused(tmp_path, dataset, trained_run):
-    run_copy = tmp_path / "run"
-    shutil.copytree(trained_run, run_copy)
-    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
-    ckpt["model_args"]["vocab_size"] = 64
-    ckpt["model"] = {k: v[:64] if v.size(0) == 320 else v for k, v in ckpt["model"].items()}
-    torch.save(ckpt, run_copy / "ckpt.pt")
-    done = run_script("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=40"))
-    assert_clear_error(done, "vocabulary of 64 tokens", "tokenizer has")
 
 
 def test_the_compiled_path_trains_like_eager(tmp_path, dataset):
@@ -192,7 +104,7 @@ def other_dataset(tmp_path_factory, corpus):
 def test_resuming_on_a_dataset_with_another_tokenizer_is_refused(tmp_path, trained_run, other_dataset):
     run_copy = tmp_path / "run"
     shutil.copytree(trained_run, run_copy)
-    done = run_script("train.py", *train_args(other_dataset, run_copy, "--init_from=resume", "--max_iters=40"))
+    done = run_in_process("train.py", *train_args(other_dataset, run_copy, "--init_from=resume", "--max_iters=40"))
     assert_clear_error(done, "was trained with another tokenizer than the dataset")
 
 
@@ -201,7 +113,7 @@ def test_a_dataset_whose_tokenizer_is_not_its_meta_is_refused(tmp_path, dataset,
         for name in ("tokenizer.json", "tokenizer.bpe"):
             shutil.copyfile(other_dataset[0] / "other" / name, d / name)
     broken = broken_dataset(tmp_path, dataset, swap_tokenizer)
-    done = run_script("train.py", *train_args(broken, tmp_path / "out", "--max_iters=5"))
+    done = run_in_process("train.py", *train_args(broken, tmp_path / "out", "--max_iters=5"))
     assert_clear_error(done, "not the ones meta.json was written with")
 
 
@@ -225,6 +137,18 @@ def test_prompt_response_data_trains_only_on_the_responses(tmp_path):
 
 # ---- every architecture --------------------------------------------------------------------
 
+def resume_from_20(run_dir, tmp_path, dataset, *args):
+    """A copy of a run kept at its checkpoint of iteration 20 (keep_last=2), trained on to 30."""
+    out_dir = tmp_path / "out"
+    shutil.copytree(run_dir, out_dir)
+    for name in ("ckpt.pt", "ckpt-00000030.pt", "ckpt-best.pt"):
+        os.remove(out_dir / name)
+    done = run_script("train.py", *train_args(dataset, out_dir, *args, "--max_iters=30", "--init_from=resume"))
+    assert done.returncode == 0, done.stderr
+    assert "ckpt-00000020.pt (iteration 20" in done.stdout
+    return read_log(out_dir)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_learns_and_resumes_on_the_same_loss_curve(arch, tmp_path, arch_run, dataset,
                                                                      labelled_dataset):
@@ -239,17 +163,16 @@ def test_every_architecture_learns_and_resumes_on_the_same_loss_curve(arch, tmp_
     assert ("balance_loss" in steps[-1]) == (arch == "encoder")  # the encoder's recipe has experts
     ckpt = torch.load(arch_run(arch) / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["arch"] == arch
-    out_dir, data = tmp_path / "out", labelled_dataset if arch == "conditional" else dataset
-    assert run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=20")).returncode == 0
-    done = run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=30", "--init_from=resume"))
-    assert done.returncode == 0, done.stderr
-    resumed = train_losses(read_log(out_dir))
-    assert [resumed[i] for i in range(21, 31)] == [train_losses(uninterrupted)[i] for i in range(21, 31)]
+    resumed = resume_from_20(arch_run(arch), tmp_path, labelled_dataset if arch == "conditional" else dataset,
+                             *ARCHS[arch])
+    assert train_losses(resumed) == train_losses(uninterrupted)
+    assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in evals]
 
 
 def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp_path, arch_run):
     # pretrained by span corruption (arch_run), then taught to name the party a clause names:
     # the answer is in the source, so only a decoder that reads it through cross-attention gets it
+    # (it learns to at about 300-500 steps: after 250, the party was right in 3 to 6 of 12 prompts)
     rng = __import__("random").Random(0)
     parties = ["Tenant", "Landlord", "Licensee", "Licensor"]
     duties = ["pay the rent", "repair the roof", "keep records"]
@@ -265,8 +188,8 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
     out_dir = tmp_path / "out"
     done = run_script("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec",
                                               f"--init_from={pretrained}", "--batch_size=16",
-                                              "--gradient_accumulation_steps=1", "--dropout=0", "--max_iters=250",
-                                              "--lr_decay_iters=250", "--eval_interval=125"))
+                                              "--gradient_accumulation_steps=1", "--dropout=0", "--block_size=48",
+                                              "--max_iters=500", "--lr_decay_iters=500", "--eval_interval=250"))
     assert done.returncode == 0, done.stderr
     assert "fine-tuning" in done.stdout
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
@@ -278,5 +201,5 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
 
 
 def test_fine_tuning_needs_a_dataset_in_the_runs_own_tokenizer(tmp_path, trained_run, other_dataset):
-    done = run_script("train.py", *train_args(other_dataset, tmp_path / "out", f"--init_from={trained_run}"))
+    done = run_in_process("train.py", *train_args(other_dataset, tmp_path / "out", f"--init_from={trained_run}"))
     assert_clear_error(done, "another tokenizer", f"--tokenizer_from={trained_run}")
