@@ -25,7 +25,6 @@ between the lines <!-- study:begin --> and <!-- study:end -->:
     python bench.py --what=study
 """
 
-import ctypes
 import glob
 import json
 import math
@@ -34,6 +33,7 @@ import random
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,11 +113,21 @@ def median_seconds(fn, times):
         t0 = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - t0)
-    return sorted(runs)[len(runs) // 2]
+    return statistics.median_high(runs)
+
+
+def device_and_dtype():
+    """The device and dtype these settings pick, as train.py would (fp32_eager: float32).
+    A device that is not here is a ValueError."""
+    from runtime import pick_device, pick_dtype
+    where = pick_device(device)
+    return where, torch.float32 if fp32_eager else pick_dtype(where, dtype)
 
 
 def bench_tokenizers():
     """Each kind learns from the same train text prepare.py would use, then encodes the corpus."""
+    if repeats < 1:
+        fail("repeats must be at least 1")
     import prepare
     from tokenizer import train_tokenizer
     paths = prepare.legal_corpus_files()
@@ -243,11 +253,11 @@ def resident_growth_mb(fn):
     def resident(field):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    from runtime import keep_freed_memory
+    libc = keep_freed_memory(threshold=2**16)
+    if libc is None:
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 2**16)
-        libc.mallopt(M_TRIM_THRESHOLD, 2**16)
         libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS
@@ -347,13 +357,11 @@ def linear_wins_from(rows, key, measured):
 
 def bench_attention():
     from model import ModelConfig
-    from runtime import pick_device, pick_dtype
     measured = sorted(set(positive_ints("lengths", lengths)))
     if min(attention_batch, attention_heads, attention_embd, repeats, sdpa_max_length) < 1:
         fail("attention_batch, attention_heads, attention_embd, repeats and sdpa_max_length must be at least 1")
     try:
-        where = pick_device(device)
-        ptdtype = torch.float32 if fp32_eager else pick_dtype(where, dtype)
+        where, ptdtype = device_and_dtype()
         ModelConfig(n_embd=attention_embd, n_head=attention_heads)
     except ValueError as e:
         fail(str(e).replace("n_head=", "attention_heads=").replace("n_embd=", "attention_embd="))
@@ -451,9 +459,9 @@ def train_run(config_path, out_dir, overrides):
         print(line, end="", flush=True)
     child.stdout.close()
     _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        fail(f"train.py {config_path} failed (exit code {child.returncode}; its output is above)")
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        fail(f"train.py {config_path} failed (exit code {code}; its output is above)")
     return time.time() - t0, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -489,8 +497,8 @@ def ms_per_new_token(model, prompt, vocab_limit, where, ctx):
         sync(where)
         return time.perf_counter() - t0
     seconds(1 + gen_new_tokens)  # warm-up
-    runs = sorted((seconds(1 + gen_new_tokens) - seconds(1)) / gen_new_tokens for _ in range(repeats))
-    return 1000 * runs[len(runs) // 2]
+    return 1000 * statistics.median_high((seconds(1 + gen_new_tokens) - seconds(1)) / gen_new_tokens
+                                         for _ in range(repeats))
 
 
 def measure_run(out_dir, where, ptdtype, val_ids, val_chars, batches):
@@ -500,7 +508,7 @@ def measure_run(out_dir, where, ptdtype, val_ids, val_chars, batches):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     final = [r for r in records if "val_loss" in r][-1]
-    speeds = sorted(r["tok_per_s"] for r in records if "tok_per_s" in r)
+    speeds = [r["tok_per_s"] for r in records if "tok_per_s" in r]
     if model.config.arch != "lstm" and gen_prompt_tokens + gen_new_tokens > model.config.block_size:
         fail(f"gen_prompt_tokens + gen_new_tokens = {gen_prompt_tokens + gen_new_tokens} is longer than the "
              f"context of {out_dir} (block_size {model.config.block_size}): the cache would be rebuilt each step")
@@ -508,14 +516,14 @@ def measure_run(out_dir, where, ptdtype, val_ids, val_chars, batches):
     prompt = torch.tensor(val_ids[:gen_prompt_tokens].astype("int64"), device=where)
     return {
         "model": describe(ckpt["model_args"]),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": model.num_params(non_embedding=False),
         "tokens": ckpt["iter_num"] * c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"],
         "val_loss": round(final["val_loss"], 4),
         "val_ppl": round(math.exp(final["val_loss"]), 2),
         "val_bpb": round(final["val_bpb"], 4),
         "val_bpc": round(final["val_loss"] / math.log(2) * len(val_ids) / val_chars, 4),
         "train_s": final["elapsed_s"],
-        "tok_per_s": speeds[len(speeds) // 2] if speeds else None,
+        "tok_per_s": statistics.median_high(speeds) if speeds else None,
         "ms_per_token": {str(b): round(ms_per_new_token(model, prompt.expand(b, -1), tok.vocab_size, where,
                                                         autocast(where, ptdtype)), 3) for b in batches},
     }, {key: c.get(key) for key in BUDGET}
@@ -546,7 +554,6 @@ def machine(where):
 
 
 def bench_study():
-    from runtime import pick_device, pick_dtype
     paths = configs.split(",")
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     for path in paths:
@@ -564,8 +571,7 @@ def bench_study():
     if not all(o.startswith("--") for o in overrides):
         fail(f"train_overrides={train_overrides!r} must be --key=value words for train.py")
     try:
-        where = pick_device(device)
-        ptdtype = torch.float32 if fp32_eager else pick_dtype(where, dtype)
+        where, ptdtype = device_and_dtype()
     except ValueError as e:
         fail(str(e))
     if readme:
@@ -623,7 +629,7 @@ if what in MODES:
     sys.exit(0)
 
 from model import ModelConfig, build_model, peak_flops  # noqa: E402
-from runtime import autocast, keep_freed_memory, pick_device, pick_dtype  # noqa: E402
+from runtime import autocast, keep_freed_memory  # noqa: E402
 
 if iters < 1 or warmup_iters < 0 or rounds < 1:
     fail("iters and rounds must be at least 1, warmup_iters at least 0")
@@ -642,15 +648,14 @@ if compare:
             print(f"{name}: {json.dumps(results[name][-1])}")
     speedups = sorted(d["tok_per_s"] / b["tok_per_s"] for d, b in zip(results["default"], results["fp32_eager"]))
     middle = {name: sorted(runs, key=lambda r: r["tok_per_s"])[rounds // 2] for name, runs in results.items()}
-    speedup = speedups[rounds // 2]
+    speedup = statistics.median_high(speedups)
     print(f"speedup of the default path over fp32 eager, median of {rounds} rounds: {speedup:.2f}x")
     print(json.dumps({**middle["default"], "fp32_eager": middle["fp32_eager"], "speedup": round(speedup, 3),
                       "speedups": [round(s, 3) for s in speedups]}))
     sys.exit(0)
 
 try:
-    device = pick_device(device)
-    ptdtype = torch.float32 if fp32_eager else pick_dtype(device, dtype)
+    device, ptdtype = device_and_dtype()
     model_config = ModelConfig.from_settings(config)
 except ValueError as e:
     fail(str(e))
@@ -681,7 +686,7 @@ for i in range(warmup_iters + iters):
     if i >= warmup_iters:
         times.append(time.perf_counter() - t0)
 
-dt = sorted(times)[len(times) // 2]
+dt = statistics.median_high(times)
 tok_per_s = batch_size * block_size / dt
 if device_type == "cuda":
     peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20

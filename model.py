@@ -107,21 +107,15 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------
 # small functions
 
+def compute_dtype(device_type, default):
+    """The dtype matmuls (and so attention) compute in: autocast's while it is on, else default."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
+
+
 def make_norm(config):
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def sinusoid_table(length, dim):
-    """The fixed positions of 'Attention Is All You Need': sin and cos of position x frequency,
-    interleaved, frequencies from 1 down to 1/10000. (length, dim)."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
-    angles = torch.outer(torch.arange(length).float(), inv_freq)  # (length, ceil(dim/2))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = angles.sin()
-    table[:, 1::2] = angles[:, :dim // 2].cos()
-    return table
 
 
 def rope_tables(head_size, length, theta):
@@ -129,6 +123,15 @@ def rope_tables(head_size, length, theta):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
     angles = torch.outer(torch.arange(length).float(), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def sinusoid_table(length, dim):
+    """The fixed positions of 'Attention Is All You Need': sin and cos of position x frequency,
+    interleaved, frequencies from 1 down to 1/10000 (rope's, with theta 10000). (length, dim)."""
+    cos, sin = rope_tables(dim, length, 10000.0)  # (length, ceil(dim/2)) each
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = sin, cos[:, :dim // 2]
+    return table
 
 
 def apply_rope(x, cos, sin):
@@ -289,8 +292,6 @@ class Attention(nn.Module):
                 cache.sums[layer] = sums
         else:  # flash attention on GPU, fused memory-efficient kernels on CPU
             attn_mask, is_causal = mask
-            if attn_mask is not None and attn_mask.is_floating_point():  # alibi: in attention's dtype
-                attn_mask = attn_mask.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -391,20 +392,22 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(config, causal, cross) for _ in range(config.n_layer))
         # post-norm blocks already end with a norm
         self.ln_f = make_norm(config) if config.norm_first else nn.Identity()
-        if config.pos == "rope":
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        if config.pos == "alibi":
-            self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+        rope = config.pos == "rope"
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta) if rope \
+            else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("slopes", alibi_slopes(config.n_head) if config.pos == "alibi" else None,
+                             persistent=False)
 
     def forward(self, x, start=0, cache=None, keep=None, memory=None, memory_keep=None):
-        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, T): real tokens;
+        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, S): real keys;
         memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
         T = x.size(1)
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.config.pos == "rope" else None
-        slopes = self.slopes if self.config.pos == "alibi" else None
-        mask = attention_mask(self.causal, T, start, keep, slopes, x.device)
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.rope_cos is not None else None
+        mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
+        if mask[0] is not None and mask[0].is_floating_point():  # alibi's biases: cast once, not in every layer
+            mask = (mask[0].to(compute_dtype(x.device.type, x.dtype)), mask[1])
         memory_mask = (None, False)
         if memory is not None and memory_keep is not None:
             memory_mask = (memory_keep[:, None, None, :], False)  # (B, 1, 1, S)
@@ -421,20 +424,23 @@ class Embedding(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.block_size = config.block_size
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
-        if config.pos == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoid_table(config.block_size, config.n_embd), persistent=False)
+        self.register_buffer("sinusoid", sinusoid_table(config.block_size, config.n_embd)
+                             if config.pos == "sinusoidal" else None, persistent=False)
         self.wle = nn.Embedding(config.n_labels, config.n_embd) if config.arch == "conditional" else None
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, idx, start=0, labels=None):
         """idx (B, T) at positions start..start+T; labels (B,) or (B, T) -> (B, T, C)."""
         T = idx.size(1)
+        if start + T > self.block_size:  # past the positions every kind of attention was trained on
+            raise ValueError(f"input of {start + T} tokens is longer than block_size={self.block_size}")
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        elif hasattr(self, "sinusoid"):  # as in the paper: embeddings of std d^-1/2 (see init_weights),
+        elif self.sinusoid is not None:  # as in the paper: embeddings of std d^-1/2 (see init_weights),
             x = x * math.sqrt(x.size(-1)) + self.sinusoid[start:start + T]  # times sqrt(d), meet a table of ~1
         if self.wle is not None and labels is not None:  # no label: a representation for retrieval
             label = self.wle(labels)
@@ -520,20 +526,19 @@ class Model(nn.Module):
         """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy. Ids from vocab_limit
         up (the rows padding the vocabulary past the tokenizer's) are never picked.
         inputs: what the architecture reads besides idx (labels=, src=, src_mask=).
-        With use_cache each step reads only the new token and the state of the steps before;
-        without, each step reads the whole sequence again: the output is the same."""
+        With use_cache each step reads only the new token and the state of the steps before
+        (until the context is full: then the sliding window is read again); without, each step
+        reads the whole sequence again. The output is the same."""
         state = None
         for _ in range(max_new_tokens):
-            logits, state = self.next_logits(idx, state if use_cache else None, use_cache, **inputs)
+            logits, state = self.next_logits(idx, state, use_cache, **inputs)
             next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
     def cache_dtype(self, device_type):
         """The cache holds keys/values in the dtype attention computes in, so no step re-casts it."""
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.lm_head.weight.dtype
+        return compute_dtype(device_type, self.lm_head.weight.dtype)
 
 
 class Transformer(Model):
@@ -552,10 +557,7 @@ class Transformer(Model):
 
     def hidden(self, idx, cache=None, labels=None):
         """idx (B, T) -> final hidden states (B, T, C)."""
-        T = idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         return self.body(self.embed(idx, start, labels), start, cache)
 
     def forward(self, idx, targets=None, cache=None, labels=None):
@@ -566,20 +568,17 @@ class Transformer(Model):
         return self.head(self.hidden(idx, cache, labels), targets, every_position=not self.causal)
 
     def next_logits(self, idx, cache, use_cache, labels=None):
-        """The logits after idx (B, vocab). The cache holds the whole context; once the sequence
+        """The logits after idx (B, vocab); labels (conditional): one per row (B,). The cache holds the whole context; once the sequence
         outgrows block_size the window slides and the cache is rebuilt from the window, so
         the output is the same token for token as without a cache."""
         window = idx[:, -self.config.block_size:]
-        if labels is not None and labels.dim() == 2:
-            labels = labels[:, -window.size(1):]
         if not use_cache:
             logits, _ = self(window, labels=labels)
         elif cache is None or cache.pos + 1 > self.config.block_size:
             cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
             logits, _ = self(window, cache=cache, labels=labels)
         else:
-            logits, _ = self(idx[:, -1:], cache=cache, labels=labels if labels is None or labels.dim() == 1
-                             else labels[:, -1:])
+            logits, _ = self(idx[:, -1:], cache=cache, labels=labels)
         return logits[:, -1], cache
 
 
@@ -598,16 +597,11 @@ class EncoderDecoder(Model):
 
     def encode(self, src, src_mask=None):
         """src (B, S) -> (B, S, C); src_mask (B, S) marks real tokens (False = padding)."""
-        if src.size(1) > self.config.block_size:
-            raise ValueError(f"source of {src.size(1)} tokens is longer than block_size={self.config.block_size}")
         return self.encoder(self.embed(src), keep=src_mask)
 
     def forward(self, src, idx, targets=None, cache=None, src_mask=None):
         """src (B, S) and the decoder's input idx (B, T) -> logits (B, T, vocab), and the loss."""
-        T = idx.size(1)
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"target of {start + T} tokens is longer than block_size={self.config.block_size}")
         if cache is not None and cache.memory is not None:
             memory = cache.memory
         else:
@@ -693,8 +687,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) > top_p  # keep the first token always
+        p = sorted_logits.softmax(dim=-1)
+        drop = p.cumsum(dim=-1) - p > top_p  # the mass before each token; keep the first token always
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)

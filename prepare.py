@@ -86,7 +86,7 @@ num_workers = 0      # encoding threads (tiktoken releases the GIL; faster than 
 # -----------------------------------------------------------------------------
 
 from configurator import configure, fail
-from tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from tokenizer import load_tokenizer, tokenizer_files, tokenizer_fingerprint, train_tokenizer
 
 LEGAL_CORPUS = ("/usr/share/common-licenses/*", "/usr/share/doc/*/copyright")
 FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet", ".arrow", ".feather")
@@ -665,8 +665,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
                                      if tok.vocab_size < vocab_size else ""))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     if tokenizer_from:  # the very files, so the fingerprint is the one the pretrained run checks
-        with open(os.path.join(tokenizer_from, "tokenizer.json")) as f:
-            files = ["tokenizer.json", *json.load(f)["files"]]
+        files = tokenizer_files(tokenizer_from)
         for name in files:
             shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(tmp, name))
     else:

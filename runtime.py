@@ -69,21 +69,25 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of handing big blocks back to the OS.
+def keep_freed_memory(threshold=2**30):
+    """Ask glibc to keep freed memory (blocks under threshold bytes) for reuse instead of handing
+    big blocks back to the OS. Returns glibc, or None where there is none.
 
     By default every block over a few MB (activations, gradients, logits) is unmapped
     when freed and page-faulted back in, zeroed, on the next step: at the legal_small
     shape on CPU that was ~1.1M page faults per 10 steps and 25-35% of the step time.
     Costs some resident memory (peak RSS +7% bf16, up to +60% fp32). No-op without glibc.
+    A small threshold does the opposite: bench.py uses 64 KiB to make resident memory follow
+    what is allocated.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return
+        return None
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 2**30)  # blocks under 1 GiB come from the heap...
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # ...and the heap keeps up to 1 GiB free
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)  # blocks under the threshold come from the heap...
+    libc.mallopt(M_TRIM_THRESHOLD, threshold)  # ...and the heap keeps up to that much free
+    return libc
 
 
 # ----------------------------------------------------------------------------------

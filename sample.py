@@ -89,11 +89,11 @@ if compile:
 ctx = autocast(device, ptdtype)
 
 
-def prompt_ids(text, limit):
-    """The prompt's ids (special tokens written in it, like <|mask|>, are meant as such), at most limit."""
+def prompt_ids(text):
+    """The prompt's ids (special tokens written in it, like <|mask|>, are meant as such); it must fit the context."""
     ids = tokenizer.encode(text, allow_special=True)
-    if len(ids) > limit:
-        fail(f"the prompt is {len(ids)} tokens, longer than the model's context of {limit}: shorten it")
+    if len(ids) > block_size:
+        fail(f"the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: shorten it")
     return ids
 
 
@@ -117,7 +117,7 @@ def continue_text():
         if condition not in names:
             fail(f"--condition={condition!r} is not one of this run's labels: {', '.join(names)}")
         inputs["labels"] = torch.full((num_samples,), names.index(condition), device=device)
-    ids = prompt_ids(start, block_size)
+    ids = prompt_ids(start)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     with ctx:
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -127,7 +127,7 @@ def continue_text():
 
 def respond():
     """encdec: the response to the prompt, written by the decoder from <|bos|>."""
-    src = torch.tensor([prompt_ids(start, block_size)] * num_samples, dtype=torch.long, device=device)
+    src = torch.tensor([prompt_ids(start)] * num_samples, dtype=torch.long, device=device)
     bos = torch.full((num_samples, 1), tokenizer.bos_id, dtype=torch.long, device=device)
     with ctx:
         y = model.generate(bos, min(max_new_tokens, block_size - 1), temperature=temperature, top_k=top_k,
@@ -138,7 +138,7 @@ def respond():
 
 def fill_masks():
     """encoder: for each <|mask|> in the prompt, the likeliest fillers and their probabilities."""
-    ids = prompt_ids(start, block_size)
+    ids = prompt_ids(start)
     where = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
     if not where:
         fail("an encoder fills in masks: put <|mask|> in --start where a word is missing")

@@ -713,11 +713,16 @@ def load_tokenizer(directory) -> Tokenizer:
     return KINDS[kind].load(directory, header)
 
 
+def tokenizer_files(directory) -> list:
+    """The names of the tokenizer's files in `directory`: tokenizer.json and the files it lists."""
+    header = json.loads(_read_file(os.path.join(directory, "tokenizer.json")))
+    return ["tokenizer.json", *header.get("files", [])]
+
+
 def tokenizer_fingerprint(directory) -> str:
     """A short hash of the tokenizer files in `directory`: equal fingerprints, equal tokenizers."""
-    header = json.loads(_read_file(os.path.join(directory, "tokenizer.json")))
     digest = hashlib.sha256()
-    for name in ["tokenizer.json", *header.get("files", [])]:
+    for name in tokenizer_files(directory):
         path = os.path.join(directory, name)
         try:
             with open(path, "rb") as f:

@@ -390,11 +390,6 @@ def newest_readable_checkpoint():
     fail(f"no checkpoint at {ckpt_path} to resume: start the run with --init_from=scratch")
 
 
-def our_files():
-    """The names train.py writes in out_dir through a .tmp file (and ckpt-ITER.pt)."""
-    return ["ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json"] + meta["tokenizer"]["files"]
-
-
 def keep_log_until(last_iter):
     """log.jsonl without the records of iterations after last_iter (a resumed run does them again)
     and without a line cut short by a kill."""
@@ -488,9 +483,10 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 if master:
+    ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", *meta["tokenizer"]["files"]}
     for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):  # left by a run killed while writing
         name = os.path.basename(tmp).removesuffix(".tmp")
-        if name in our_files() or re.fullmatch(r"ckpt-\d+\.pt", name):
+        if name in ours or re.fullmatch(r"ckpt-\d+\.pt", name):
             os.remove(tmp)
     # a full disk or a read-only out_dir shows now, not at the first checkpoint: room for one more
     # (weights and AdamW's two moments, fp32)

@@ -1,6 +1,7 @@
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import random
 import runpy
@@ -93,6 +94,16 @@ def assert_clear_error(done, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(log):
+    """{iteration: loss} of the training steps in a log (not its evals, nor skipped steps)."""
+    return {r["iter"]: r["loss"] for r in log if "val_loss" not in r and "loss" in r}
 
 
 def legal_documents(n, seed=0):

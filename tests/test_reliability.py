@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, assert_clear_error, run_in_process, run_script, train_args
+from conftest import ROOT, assert_clear_error, read_log, run_in_process, run_script, train_args, train_losses
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -43,15 +43,6 @@ def small_args(dataset, out_dir, *more):
 def run(command, preexec_fn=None):
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=240,
                           preexec_fn=preexec_fn)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def steps(log):
-    return {r["iter"]: r["loss"] for r in log if "val_loss" not in r and "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +83,7 @@ def test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_fo
         if resume_from is not None:
             assert f"/ckpt.pt (iteration {resume_from}" in done.stdout or n == 0, where
         log = read_log(out_dir)
-        assert steps(log) == {i: loss for i, loss in steps(uninterrupted).items() if i in steps(log)}, where
+        assert train_losses(log) == {i: loss for i, loss in train_losses(uninterrupted).items() if i in train_losses(log)}, where
         if "writing" not in what:  # a .tmp left by a kill is gone at the next start
             assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")], where
         if code == 0 and faults:  # a graceful stop says where its checkpoint is
@@ -104,7 +95,7 @@ def test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_fo
             assert_clear_error(done, "cannot write the checkpoint of iteration 8", "No space left on device")
         resume_from = next_from
     assert [r["iter"] for r in log if "val_loss" not in r] == list(range(1, 13))  # each iteration once
-    assert steps(log) == steps(uninterrupted)  # floats compared exactly
+    assert train_losses(log) == train_losses(uninterrupted)  # floats compared exactly
     assert [r["val_loss"] for r in log if "val_loss" in r][-1] == uninterrupted[-1]["val_loss"]
 
 
@@ -129,8 +120,8 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_logged(case, faulty_runs):
     assert "iter 6: skipped, the loss is not finite (1 in a row)" in done[case].stdout
     log = read_log(root / case)
     assert [r for r in log if "skipped" in r] == [{**log[6], "skipped": "non-finite loss"}]
-    assert sorted(steps(log)) == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
-    assert all(loss == loss for loss in steps(log).values())  # no NaN reached the weights
+    assert sorted(train_losses(log)) == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    assert all(loss == loss for loss in train_losses(log).values())  # no NaN reached the weights
     ckpt = torch.load(root / case / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 12
     if "fp16" in case:  # the GradScaler saw the overflow too: its scale halved
@@ -166,7 +157,7 @@ def test_keep_last_keeps_the_newest_checkpoints_and_the_best_and_resume_falls_ba
     assert "ckpt-00000020.pt (iteration 20" in done.stdout
     log = read_log(out_dir)
     assert [r["iter"] for r in log if "val_loss" not in r] == list(range(1, 31))
-    assert steps(log) == steps(read_log(trained_run))  # floats compared exactly
+    assert train_losses(log) == train_losses(read_log(trained_run))  # floats compared exactly
 
 
 # ---- the disk ---------------------------------------------------------------------------------------
@@ -205,7 +196,7 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
     for a, b in zip(log, uninterrupted):
         for key in ("loss", "val_loss"):
             assert a.get(key) == pytest.approx(b.get(key), rel=1e-5)
-    assert steps(log)[12] < steps(log)[1] - 0.5
+    assert train_losses(log)[12] < train_losses(log)[1] - 0.5
     assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["iter_num"] == 12
 
 
@@ -448,6 +439,8 @@ BAD_INPUTS = {
     "bench: no iterations": ("bench.py", lambda w: ["--iters=0"], ["iters and rounds must be at least 1"]),
     "bench: n_head not dividing n_embd": ("bench.py", lambda w: ["--n_head=5"], ["must divide n_embd"]),
     "bench: unknown dtype": ("bench.py", lambda w: ["--dtype=fp8"], ["dtype='fp8' is not one of"]),
+    "bench: tokenizers timed no times": ("bench.py", lambda w: ["--what=tokenizers", "--repeats=0"],
+                                         ["repeats must be at least 1"]),
 }
 
 

@@ -6,19 +6,11 @@ import shutil
 import pytest
 import torch
 
-from conftest import ARCHS, assert_clear_error, prepare_dataset, run_in_process, run_script, train_args
+from conftest import (ARCHS, assert_clear_error, prepare_dataset, read_log, run_in_process, run_script,
+                      train_args, train_losses)
 
 LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
 EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(log):
-    return {r["iter"]: r["loss"] for r in log if "val_loss" not in r}
 
 
 def test_training_lowers_the_loss_and_leaves_a_complete_run_directory(trained_run):
