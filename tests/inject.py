@@ -15,6 +15,7 @@ FAULT is WHAT@WHEN, WHEN counting calls of one torch function (1 = the first cal
     INT@save:N         SIGINT just before the Nth torch.save writes
     full@save:N        the Nth torch.save fails as on a full disk (OSError ENOSPC)
     nan@loss:N+M       cross_entropy returns NaN for M calls from the Nth (M = 0: for ever)
+    inf@backward:N     the Nth backward pass is of loss x inf: infinite gradients, the loss itself finite
 """
 
 import errno
@@ -60,6 +61,14 @@ def inject(fault):
                 timer.start()
             return result
         counting(torch, "save", arm)
+    elif what == "inf":
+        original = torch.Tensor.backward
+
+        def infinite(k, go, args):
+            if k != int(n):
+                return go()
+            return original(args[0] * float("inf"))
+        counting(torch.Tensor, "backward", infinite)
     elif point in ("backward", "argmax"):
         def at(k, go, args):
             if k == int(n):

@@ -106,8 +106,10 @@ def test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_fo
 def faulty_runs(tmp_path_factory, dataset):
     root = tmp_path_factory.mktemp("faults")
     cases = {"one NaN": ("nan@loss:15+1", []), "NaN for ever": ("nan@loss:15+0", ["--max_bad_steps=3"]),
-             "one NaN in fp16": ("nan@loss:15+1", ["--dtype=float16"])}
-    with ThreadPoolExecutor(max_workers=3) as pool:
+             "one NaN in fp16": ("nan@loss:15+1", ["--dtype=float16"]),
+             # backward call 12 is iteration 6's second micro-step: the loss stays finite, its gradients do not
+             "an infinite gradient in fp16": ("inf@backward:12", ["--dtype=float16"])}
+    with ThreadPoolExecutor(max_workers=4) as pool:
         done = pool.map(run, [[sys.executable, INJECT, faults, TRAIN, *small_args(dataset, root / name, *more)]
                          for name, (faults, more) in cases.items()])
     return root, dict(zip(cases, done))
@@ -126,6 +128,18 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_logged(case, faulty_runs):
     assert ckpt["iter_num"] == 12
     if "fp16" in case:  # the GradScaler saw the overflow too: its scale halved
         assert ckpt["scaler"]["scale"] == 2.0 ** 15
+
+
+def test_a_step_with_an_infinite_gradient_is_skipped_like_a_gradscaler_overflow(faulty_runs):
+    root, done = faulty_runs
+    case = "an infinite gradient in fp16"
+    assert done[case].returncode == 0, done[case].stderr[-2000:]
+    assert "iter 6: skipped, the gradient norm is not finite (1 in a row)" in done[case].stdout
+    log = read_log(root / case)
+    assert [r["skipped"] for r in log if "skipped" in r] == ["non-finite gradient norm"]
+    assert sorted(train_losses(log)) == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+    ckpt = torch.load(root / case / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 12 and ckpt["scaler"]["scale"] == 2.0 ** 15
 
 
 def test_max_bad_steps_in_a_row_stop_the_run_with_the_last_good_checkpoint_intact(faulty_runs):
