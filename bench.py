@@ -310,24 +310,23 @@ def attention_run(kind, length, where, ptdtype):
     on CPU the resident memory's: see resident_growth_mb). It counts what is saved for
     backward, the gradients, and the temporaries (softmax's scores where a kernel makes
     them) at their largest moment."""
-    from model import Attention, ModelConfig, attention_mask
+    from model import Attention, LinearAttention, ModelConfig
     from runtime import autocast
     torch.manual_seed(seed)
     config = ModelConfig(n_embd=attention_embd, n_head=attention_heads, block_size=length, attention=kind)
-    layer = Attention(config, causal=True).to(where)
+    layer = (LinearAttention(config, causal=True) if kind == "linear" else Attention(config)).to(where)
     x = torch.randn(attention_batch, length, attention_embd, device=where, requires_grad=True)  # (B, T, C)
-    mask = attention_mask(True, length, 0)  # (None, is_causal=True): the kernels' fast causal path
     ctx = autocast(where, ptdtype)
 
     def forward_backward():
         with ctx:
-            y = layer(x, mask=mask)
+            y = layer(x, is_causal=True)  # the kernels' fast causal path
         y.float().sum().backward()
         sync(where)
 
     def forward():
         with torch.no_grad(), ctx:
-            layer(x, mask=mask)
+            layer(x, is_causal=True)
         sync(where)
 
     fwd_bwd = median_seconds(forward_backward, repeats)
@@ -490,10 +489,11 @@ def describe(args):
 def ms_per_new_token(model, prompt, vocab_limit, where, ctx):
     """Median ms per generated token after the prompt: (generate(prompt, 1 + n) -
     generate(prompt, 1)) / n leaves the prompt's own pass out. Greedy, with the cache."""
+    from engine import generate
     def seconds(n):
         t0 = time.perf_counter()
         with ctx:
-            model.generate(prompt, n, temperature=0, vocab_limit=vocab_limit)
+            generate(model, prompt, n, temperature=0, vocab_limit=vocab_limit)
         sync(where)
         return time.perf_counter() - t0
     seconds(1 + gen_new_tokens)  # warm-up
@@ -628,8 +628,8 @@ if what in MODES:
     MODES[what]()
     sys.exit(0)
 
-from model import ModelConfig, build_model, peak_flops  # noqa: E402
-from runtime import autocast, keep_freed_memory  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
+from runtime import autocast, keep_freed_memory, peak_flops  # noqa: E402
 
 if iters < 1 or warmup_iters < 0 or rounds < 1:
     fail("iters and rounds must be at least 1, warmup_iters at least 0")

@@ -1,34 +1,33 @@
 """
-nanolex models: every architecture in one file, assembled from one set of blocks.
+nanolex models: every architecture in one file, built from one set of blocks.
 
-The blocks, shared by every transformer below:
-- Attention    self- or cross-attention, causal or bidirectional. attention="sdpa" is
-               softmax attention by F.scaled_dot_product_attention (flash kernels where
-               available); attention="linear" is kernelized linear attention (elu+1 feature
-               maps, causal by running sums), whose cost grows linearly with the length.
-               n_kv_head < n_head shares keys/values between heads (GQA; 1 = MQA).
-- MLP / MoE    gelu (4x, GPT-2) or swiglu (gated, ~8/3 x); n_expert > 0 replaces it with
-               a mixture of such MLPs, top-k routed, with a capacity and a balancing loss.
-- Block        attention (+ cross-attention) + MLP, pre-norm (norm_first) or post-norm
-               (the original Transformer's), with layernorm or rmsnorm.
-- positions    learned (GPT-2 table) | sinusoidal (fixed table) | rope (rotates q and k)
-               | alibi (a per-head linear penalty on distance added to the scores).
+Read the GPT first (arch="gpt", the defaults): token + learned position embeddings ->
+n_layer pre-norm blocks of causal self-attention and an MLP -> a final norm -> a head
+tied to the token embedding, trained to predict the next token. That path is
+ModelConfig, the small functions, Attention, MLP, Block, Embedding, Stack, Model and
+Transformer, in that order.
 
-The architectures, picked by arch=:
-- gpt          decoder-only, next-token prediction
-- conditional  the same decoder plus a control label (document type, jurisdiction...)
-               whose vector is added at every position
-- encoder      the same stack, bidirectional: BERT-style masked-language modelling
-- encdec       encoder + decoder with cross-attention and one shared embedding (T5-style)
-- lstm         embedding -> n_layer LSTM layers -> projection (no blocks, no positions)
+Its switches, each read in one place:
+- n_kv_head < n_head   grouped-query attention: groups of heads share keys/values (1 = MQA)
+- pos                  learned | sinusoidal (fixed table) | rope (rotates q and k) | alibi
+                       (a per-head penalty on distance added to the scores)
+- norm, norm_first     layernorm | rmsnorm; pre-norm (GPT-2) or post-norm (the 2017 paper)
+- mlp, mlp_hidden      gelu (4x) | swiglu (gated, ~8/3 x)
 
-Generation keeps its state (keys/values, linear-attention sums, the encoder's output,
-the LSTM's h and c) in a cache object passed in by the caller, never in the layers, so
-a model is just weights and one forward().
+The variants come after the core, each built from the same blocks:
+- attention="linear"   kernelized linear attention, cost linear in the length
+- n_expert > 0         a mixture of experts in the MLP's place
+- conditional          the GPT plus a control label's vector at every position
+- encoder              the same stack, bidirectional, for masked-language modelling
+- encdec               encoder + decoder with cross-attention, one shared embedding (T5-style)
+- lstm                 embedding -> LSTM layers -> head (no blocks, no positions)
+
+Generation state (keys/values, linear-attention sums, the encoder's output, the LSTM's
+h and c) lives in a cache object the caller passes in, never in the layers: a model is
+its weights and forward(). The sampling loop is engine.py's.
 """
 
 import math
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -40,14 +39,14 @@ ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"          # gpt | conditional | encoder | encdec | lstm
-    vocab_size: int = 8192
+    arch: str = "gpt"          # gpt | conditional | encoder | encdec | lstm; each trains on its own objective
+    vocab_size: int = 8192     # rows of the embedding (train.py: the tokenizer's, rounded up to 64)
     block_size: int = 1024     # longest context the model sees (each side, for encdec)
     n_layer: int = 12          # blocks (for encdec: on each side), or LSTM layers
-    n_head: int = 12
-    n_kv_head: int = 0         # 0 = n_head (plain multi-head attention)
-    n_embd: int = 768          # also the LSTM's embedding and hidden size
-    dropout: float = 0.0
+    n_head: int = 12           # attention heads
+    n_kv_head: int = 0         # key/value heads; 0 = n_head (plain multi-head attention)
+    n_embd: int = 768          # width of the residual stream; also the LSTM's embedding and hidden size
+    dropout: float = 0.0       # on embeddings, attention weights and residual branches
     bias: bool = False         # bias in Linear and LayerNorm layers
     pos: str = "learned"       # learned | sinusoidal | rope | alibi
     norm: str = "layernorm"    # layernorm | rmsnorm
@@ -59,9 +58,9 @@ class ModelConfig:
     expert_top_k: int = 1      # experts each token is sent to
     expert_capacity: float = 1.25  # in training an expert takes at most this x its fair share of tokens
     balance_weight: float = 0.01   # weight of the experts' load-balancing loss in the loss
-    n_labels: int = 0          # conditional: how many control labels there are
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
+    n_labels: int = 0          # conditional: how many control labels there are (train.py: the dataset's)
+    tie_embeddings: bool = True    # the head reuses the token embedding's matrix
+    rope_theta: float = 10000.0    # rope: the base of its rotation frequencies
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -78,6 +77,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0: prepare the dataset with --labels=True")
         if self.arch == "lstm":
@@ -107,11 +108,6 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------
 # small functions
 
-def compute_dtype(device_type, default):
-    """The dtype matmuls (and so attention) compute in: autocast's while it is on, else default."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
-
-
 def make_norm(config):
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
@@ -125,6 +121,13 @@ def rope_tables(head_size, length, theta):
     return angles.cos(), angles.sin()
 
 
+def apply_rope(x, cos, sin):
+    """Rotate pairs (first half, second half) of each head's channels. x: (B, T, nh, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hs/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
 def sinusoid_table(length, dim):
     """The fixed positions of 'Attention Is All You Need': sin and cos of position x frequency,
     interleaved, frequencies from 1 down to 1/10000 (rope's, with theta 10000). (length, dim)."""
@@ -134,73 +137,45 @@ def sinusoid_table(length, dim):
     return table
 
 
-def apply_rope(x, cos, sin):
-    """Rotate pairs (first half, second half) of each head's channels. x: (B, T, nh, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hs/2)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
 def alibi_slopes(n_head):
     """ALiBi's per-head slopes, a geometric sequence from 2^(-8/n_head) down to 2^-8:
     some heads look far back, some only nearby."""
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
 
 
-def attention_mask(causal, T, start, keep=None, slopes=None, device=None):
-    """What F.scaled_dot_product_attention needs besides q, k, v, for T queries at positions
-    start.. over the S = start + T keys so far: (attn_mask, is_causal).
+def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
+    """The attn_mask F.scaled_dot_product_attention needs for T queries at positions start..
+    over the S = start + T keys so far, or None where none is needed: a fresh causal pass
+    says is_causal=True instead (the flash kernels' fast path), and one new token may see
+    every key before it.
 
-    keep (B, S) marks real keys (False = padding). slopes turn on ALiBi: a float mask of
-    -slope * distance, -inf where a key may not be seen. Without either, a causal pass
-    over a fresh sequence is is_causal=True, the fast path of the flash kernels.
+    keep (B, S) marks real keys (False = padding): a boolean mask (B, 1, T, S). slopes turn
+    on ALiBi: a float mask of -slope * distance, -inf where a key may not be seen.
     """
     S = start + T
     if slopes is None and keep is None and not (causal and start > 0 and T > 1):
-        return None, causal and T > 1
+        return None
     q_pos = torch.arange(start, S, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
     visible = (k_pos <= q_pos) if causal else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
     if keep is not None:
         visible = visible & keep[:, None, None, :]  # (B, 1, T, S)
     if slopes is None:
-        return visible, False
+        return visible
     bias = -slopes.to(device)[:, None, None] * (q_pos - k_pos).abs()  # (nh, T, S)
-    return bias.masked_fill(~visible, float("-inf")), False
+    return bias.masked_fill(~visible, float("-inf"))
 
 
-def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
-    """softmax(q k^T) v replaced by phi(q) (phi(k)^T v) / phi(q) sum(phi(k)), phi = elu + 1.
+def repeat_kv(x, n_head):
+    """(B, nkv, S, hs) -> (B, n_head, S, hs): each key/value head serves its group of query heads."""
+    if x.size(1) == n_head:
+        return x
+    return x.repeat_interleave(n_head // x.size(1), dim=1)
 
-    q, k, v: (B, nh, T, hs). Bidirectional: one (hs, hs) summary of all keys and values.
-    Causal: the same summary as a running sum, computed chunk by chunk so memory stays
-    O(T): inside a chunk of 64 a masked quadratic product, between chunks the carried sums.
-    state: (kv (B, nh, hs, hs), z (B, nh, hs)) of the tokens before these, or None.
-    Sums are kept in fp32: they add up thousands of terms. Returns (y, new state).
-    """
-    dtype = v.dtype
-    q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
-    if keep is not None:
-        k = k * keep[:, None, :, None]  # padding contributes nothing
-    B, nh, T, hs = q.shape
-    if state is None:
-        state = (q.new_zeros(B, nh, hs, hs), q.new_zeros(B, nh, hs))
-    kv, z = state
-    if not causal:
-        kv, z = kv + k.transpose(-2, -1) @ v, z + k.sum(dim=2)
-        y = (q @ kv) / (q @ z[..., None])
-        return y.to(dtype), (kv, z)
-    within = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    ys = []
-    for s in range(0, T, chunk):
-        qc, kc, vc = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]  # (B, nh, c, hs)
-        n = qc.size(2)
-        scores = (qc @ kc.transpose(-2, -1)).masked_fill(~within[:n, :n], 0.0)  # (B, nh, c, c)
-        numerator = qc @ kv + scores @ vc
-        denominator = qc @ z[..., None] + scores.sum(dim=-1, keepdim=True)
-        ys.append(numerator / denominator)
-        kv, z = kv + kc.transpose(-2, -1) @ vc, z + kc.sum(dim=2)
-    return torch.cat(ys, dim=2).to(dtype), (kv, z)
+
+def compute_dtype(device_type, default):
+    """The dtype matmuls (and so attention) compute in: autocast's while it is on, else default."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
 
 
 class KVCache:
@@ -229,72 +204,45 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-class LSTMCache:
-    """An LSTM's generation state: (h, c) of every layer after the tokens read so far."""
-
-    def __init__(self):
-        self.hc, self.pos = None, 0
-
-
 # ----------------------------------------------------------------------------------
-# blocks
+# the blocks
 
 class Attention(nn.Module):
+    """Multi-head self-attention: softmax over scaled dot products by F.scaled_dot_product_attention
+    (flash kernels on GPU, fused memory-efficient ones on CPU)."""
 
-    def __init__(self, config, causal, cross=False):
+    def __init__(self, config):
         super().__init__()
-        self.causal, self.cross = causal, cross
-        self.linear = config.attention == "linear" and not cross  # cross-attention is always softmax
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_size = config.n_embd // config.n_head
-        kv_size = self.n_kv_head * self.head_size
-        # one matrix for q, k and v; cross-attention applies its q rows to x, its k, v rows to the memory
-        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_size, bias=config.bias)
+        self.kv_size = self.n_kv_head * self.head_size
+        # q, k and v from one matrix: one matmul instead of three
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def heads(self, x, n):
-        B, T, _ = x.size()
-        return x.view(B, T, n, self.head_size)  # (B, T, n, hs)
-
-    def forward(self, x, rope=None, mask=(None, False), keep=None, memory=None, cache=None, layer=0):
-        """x (B, T, C). mask: (attn_mask, is_causal) from attention_mask(). keep (B, S): real keys,
-        for linear attention (softmax gets them through the mask). memory (B, S, C): the
-        encoder's output, for cross-attention."""
+    def project(self, x, rope=None):
+        """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), rope applied to q and k."""
         B, T, C = x.size()
-        kv_size = self.n_kv_head * self.head_size
-        if self.cross:
-            w_q, w_kv = self.c_attn.weight.split([C, 2 * kv_size])
-            b_q, b_kv = self.c_attn.bias.split([C, 2 * kv_size]) if self.c_attn.bias is not None else (None, None)
-            q = self.heads(F.linear(x, w_q, b_q), self.n_head).transpose(1, 2)
-            if cache is not None and cache.cross[layer] is not None:  # the memory's keys/values: once
-                k, v = cache.cross[layer]
-            else:
-                k, v = F.linear(memory, w_kv, b_kv).split([kv_size, kv_size], dim=2)
-                k, v = self.heads(k, self.n_kv_head).transpose(1, 2), self.heads(v, self.n_kv_head).transpose(1, 2)
-                if cache is not None:
-                    cache.cross[layer] = (k, v)
-        else:
-            q, k, v = self.c_attn(x).split([C, kv_size, kv_size], dim=2)
-            q, k, v = self.heads(q, self.n_head), self.heads(k, self.n_kv_head), self.heads(v, self.n_kv_head)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
-            if cache is not None and not self.linear:
-                k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = tokens so far
-        if self.n_kv_head != self.n_head:  # each group of heads reads the same keys/values
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.linear:
-            y, sums = linear_attention(q, k, v, self.causal, keep, cache.sums[layer] if cache is not None else None)
-            if cache is not None:
-                cache.sums[layer] = sums
-        else:  # flash attention on GPU, fused memory-efficient kernels on CPU
-            attn_mask, is_causal = mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        q, k, v = self.c_attn(x).split([C, self.kv_size, self.kv_size], dim=2)
+        q = q.view(B, T, self.n_head, self.head_size)
+        k = k.view(B, T, self.n_kv_head, self.head_size)
+        v = v.view(B, T, self.n_kv_head, self.head_size)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). mask: attention_mask()'s, or None; is_causal: a fresh causal pass."""
+        B, T, C = x.size()
+        q, k, v = self.project(x, rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every token so far
+        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -319,103 +267,31 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
-class MoE(nn.Module):
-    """A mixture of experts in the MLP's place (Switch Transformer / GShard).
-
-    A router scores the experts for each token; the token goes to its top-k, and their
-    outputs are mixed by the router's probabilities (renormalized over the k). In training
-    an expert takes at most `capacity` tokens of the batch, the earliest first: the others
-    skip it (the residual carries them), which bounds the work of an unbalanced router.
-    In eval every token gets its experts, so an output never depends on the rest of the batch.
-    The balancing loss (Switch's: n_expert * sum over experts of the share of tokens sent to
-    it times its mean probability; 1 when perfectly even) is left in self.balance_loss.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.top_k, self.capacity_factor = config.expert_top_k, config.expert_capacity
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.balance_loss = torch.zeros(())
-
-    def forward(self, x):
-        B, T, C = x.size()
-        flat = x.reshape(B * T, C)
-        n_tokens, n_expert = flat.size(0), len(self.experts)
-        probs = self.router(flat).float().softmax(dim=-1)       # (N, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)        # (N, k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        share = F.one_hot(chosen, n_expert).float().sum(dim=1).mean(dim=0) / self.top_k  # (E,)
-        self.balance_loss = n_expert * (share * probs.mean(dim=0)).sum()
-        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / n_expert) if self.training else n_tokens
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)  # tokens sent to e, in order
-            token, slot = token[:capacity], slot[:capacity]
-            y = expert(flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out.view(B, T, C)
-
-
 class Block(nn.Module):
+    """Self-attention then an MLP, each added to the residual stream; the encdec decoder's
+    blocks cross-attend to the encoder's output in between."""
 
     def __init__(self, config, causal, cross=False):
         super().__init__()
         self.norm_first = config.norm_first
-        self.ln_1, self.attn = make_norm(config), Attention(config, causal)
+        self.ln_1 = make_norm(config)
+        self.attn = LinearAttention(config, causal) if config.attention == "linear" else Attention(config)
         if cross:
-            self.ln_x, self.cross_attn = make_norm(config), Attention(config, causal=False, cross=True)
+            self.ln_x, self.cross_attn = make_norm(config), CrossAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def residual(self, x, norm, sublayer):
-        if self.norm_first:  # pre-norm: the residual stream itself is never normalized
-            return x + sublayer(norm(x))
-        return norm(x + sublayer(x))  # post-norm, as in 'Attention Is All You Need'
-
-    def forward(self, x, rope=None, mask=(None, False), keep=None, memory=None, memory_mask=(None, False),
-                cache=None, layer=0):
-        x = self.residual(x, self.ln_1, lambda h: self.attn(h, rope, mask, keep, cache=cache, layer=layer))
-        if memory is not None:  # cross-attention is softmax: the memory's padding is in memory_mask
-            x = self.residual(x, self.ln_x, lambda h: self.cross_attn(h, mask=memory_mask, memory=memory,
-                                                                      cache=cache, layer=layer))
-        return self.residual(x, self.ln_2, self.mlp)
-
-
-class Stack(nn.Module):
-    """n_layer blocks and a final norm: the body of every transformer here. It owns the
-    position tables that act inside attention (rope, alibi) and the attention masks."""
-
-    def __init__(self, config, causal, cross=False):
-        super().__init__()
-        self.config, self.causal = config, causal
-        self.blocks = nn.ModuleList(Block(config, causal, cross) for _ in range(config.n_layer))
-        # post-norm blocks already end with a norm
-        self.ln_f = make_norm(config) if config.norm_first else nn.Identity()
-        rope = config.pos == "rope"
-        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta) if rope \
-            else (None, None)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("slopes", alibi_slopes(config.n_head) if config.pos == "alibi" else None,
-                             persistent=False)
-
-    def forward(self, x, start=0, cache=None, keep=None, memory=None, memory_keep=None):
-        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, S): real keys;
-        memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
-        T = x.size(1)
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.rope_cos is not None else None
-        mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
-        if mask[0] is not None and mask[0].is_floating_point():  # alibi's biases: cast once, not in every layer
-            mask = (mask[0].to(compute_dtype(x.device.type, x.dtype)), mask[1])
-        memory_mask = (None, False)
-        if memory is not None and memory_keep is not None:
-            memory_mask = (memory_keep[:, None, None, :], False)  # (B, 1, 1, S)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, keep, memory, memory_mask, cache, layer)
-        if cache is not None:
-            cache.pos += T
-        return self.ln_f(x)
+    def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, layer=0, memory=None, memory_mask=None):
+        if self.norm_first:  # pre-norm (GPT-2): the residual stream itself is never normalized
+            x = x + self.attn(self.ln_1(x), rope, mask, is_causal, cache, layer)
+            if memory is not None:
+                x = x + self.cross_attn(self.ln_x(x), memory, memory_mask, cache, layer)
+            return x + self.mlp(self.ln_2(x))
+        # post-norm, as in 'Attention Is All You Need': normalize after each residual add
+        x = self.ln_1(x + self.attn(x, rope, mask, is_causal, cache, layer))
+        if memory is not None:
+            x = self.ln_x(x + self.cross_attn(x, memory, memory_mask, cache, layer))
+        return self.ln_2(x + self.mlp(x))
 
 
 class Embedding(nn.Module):
@@ -448,12 +324,49 @@ class Embedding(nn.Module):
         return self.drop(x)
 
 
+class Stack(nn.Module):
+    """n_layer blocks and a final norm: the body of every transformer here. It owns what the
+    blocks share: the position tables that act inside attention (rope, alibi) and the mask."""
+
+    def __init__(self, config, causal, cross=False):
+        super().__init__()
+        self.causal, self.linear = causal, config.attention == "linear"
+        self.blocks = nn.ModuleList(Block(config, causal, cross) for _ in range(config.n_layer))
+        self.ln_f = make_norm(config) if config.norm_first else nn.Identity()  # post-norm blocks end normalized
+        rope = config.pos == "rope"
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta) if rope \
+            else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("slopes", alibi_slopes(config.n_head) if config.pos == "alibi" else None,
+                             persistent=False)
+
+    def forward(self, x, start=0, cache=None, keep=None, memory=None, memory_keep=None):
+        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, S): real keys;
+        memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
+        T = x.size(1)
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.rope_cos is not None else None
+        if self.linear:  # linear attention is causal by its running sums: it needs only the padding
+            mask, is_causal = keep, False
+        else:
+            mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
+            is_causal = mask is None and self.causal and T > 1
+            if mask is not None and mask.is_floating_point():  # alibi's biases: cast once, not in every layer
+                mask = mask.to(compute_dtype(x.device.type, x.dtype))
+        memory_mask = memory_keep[:, None, None, :] if memory_keep is not None else None  # (B, 1, 1, S)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, is_causal, cache, layer, memory, memory_mask)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
+
 # ----------------------------------------------------------------------------------
-# the architectures
+# the models
 
 class Model(nn.Module):
     """What every architecture shares: initialization, the output head and loss, parameter
-    and FLOP counts, the optimizer, and the sampling loop around next_logits()."""
+    and FLOP counts, and the optimizer."""
 
     def init_weights(self):
         self.apply(self._init_weights)
@@ -520,31 +433,15 @@ class Model(nn.Module):
         stacks = {"lstm": 0, "encdec": 3}.get(c.arch, 1)  # encdec: encoder, decoder, cross-attention
         return 6 * n + stacks * 12 * c.n_layer * c.n_embd * c.block_size
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                 use_cache=True, generator=None, vocab_limit=None, **inputs):
-        """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy. Ids from vocab_limit
-        up (the rows padding the vocabulary past the tokenizer's) are never picked.
-        inputs: what the architecture reads besides idx (labels=, src=, src_mask=).
-        With use_cache each step reads only the new token and the state of the steps before
-        (until the context is full: then the sliding window is read again); without, each step
-        reads the whole sequence again. The output is the same."""
-        state = None
-        for _ in range(max_new_tokens):
-            logits, state = self.next_logits(idx, state, use_cache, **inputs)
-            next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
-
     def cache_dtype(self, device_type):
         """The cache holds keys/values in the dtype attention computes in, so no step re-casts it."""
         return compute_dtype(device_type, self.lm_head.weight.dtype)
 
 
 class Transformer(Model):
-    """gpt, conditional and encoder: embedding -> blocks -> head. One class, because they
-    differ only in what attention may see (the future, for the encoder) and in the
-    control label the embedding adds (conditional)."""
+    """gpt, and conditional and encoder with it: embedding -> blocks -> head. One class,
+    because the other two differ only in the control label the embedding adds
+    (conditional) and in what attention may see (the future, for the encoder)."""
 
     def __init__(self, config):
         super().__init__()
@@ -555,11 +452,6 @@ class Transformer(Model):
         self.make_head(self.embed.wte)
         self.init_weights()
 
-    def hidden(self, idx, cache=None, labels=None):
-        """idx (B, T) -> final hidden states (B, T, C)."""
-        start = cache.pos if cache is not None else 0
-        return self.body(self.embed(idx, start, labels), start, cache)
-
     def forward(self, idx, targets=None, cache=None, labels=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss if targets are given.
         labels (conditional): the control label of each row (B,) or position (B, T)."""
@@ -567,10 +459,16 @@ class Transformer(Model):
             raise ValueError("arch='conditional' needs the control labels of its input")
         return self.head(self.hidden(idx, cache, labels), targets, every_position=not self.causal)
 
+    def hidden(self, idx, cache=None, labels=None):
+        """idx (B, T) -> final hidden states (B, T, C)."""
+        start = cache.pos if cache is not None else 0
+        x = self.embed(idx, start, labels)  # (B, T, C)
+        return self.body(x, start, cache)
+
     def next_logits(self, idx, cache, use_cache, labels=None):
-        """The logits after idx (B, vocab); labels (conditional): one per row (B,). The cache holds the whole context; once the sequence
-        outgrows block_size the window slides and the cache is rebuilt from the window, so
-        the output is the same token for token as without a cache."""
+        """The logits after idx (B, vocab); labels (conditional): one per row (B,). The cache holds
+        the whole context; once the sequence outgrows block_size the window slides and the cache
+        is rebuilt from the window, so the output is the same token for token as without a cache."""
         window = idx[:, -self.config.block_size:]
         if not use_cache:
             logits, _ = self(window, labels=labels)
@@ -582,9 +480,135 @@ class Transformer(Model):
         return logits[:, -1], cache
 
 
+# ----------------------------------------------------------------------------------
+# Linear attention (attention="linear"): the same projections as Attention, but
+# softmax(q k^T) v becomes phi(q) (phi(k)^T v) / phi(q) sum(phi(k)) with phi = elu + 1,
+# so its cost grows linearly with the length. Causality comes from running sums, which
+# are also what it caches instead of keys and values.
+
+def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
+    """q, k, v: (B, nh, T, hs). Bidirectional: one (hs, hs) summary of all keys and values.
+    Causal: the same summary as a running sum, computed chunk by chunk so memory stays
+    O(T): inside a chunk of 64 a masked quadratic product, between chunks the carried sums.
+    keep (B, T): real keys. state: (kv (B, nh, hs, hs), z (B, nh, hs)) of the tokens before
+    these, or None. Sums are kept in fp32: they add up thousands of terms. Returns (y, new state).
+    """
+    dtype = v.dtype
+    q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
+    if keep is not None:
+        k = k * keep[:, None, :, None]  # padding contributes nothing
+    B, nh, T, hs = q.shape
+    if state is None:
+        state = (q.new_zeros(B, nh, hs, hs), q.new_zeros(B, nh, hs))
+    kv, z = state
+    if not causal:
+        kv, z = kv + k.transpose(-2, -1) @ v, z + k.sum(dim=2)
+        y = (q @ kv) / (q @ z[..., None])
+        return y.to(dtype), (kv, z)
+    within = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    ys = []
+    for s in range(0, T, chunk):
+        qc, kc, vc = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]  # (B, nh, c, hs)
+        n = qc.size(2)
+        scores = (qc @ kc.transpose(-2, -1)).masked_fill(~within[:n, :n], 0.0)  # (B, nh, c, c)
+        numerator = qc @ kv + scores @ vc
+        denominator = qc @ z[..., None] + scores.sum(dim=-1, keepdim=True)
+        ys.append(numerator / denominator)
+        kv, z = kv + kc.transpose(-2, -1) @ vc, z + kc.sum(dim=2)
+    return torch.cat(ys, dim=2).to(dtype), (kv, z)
+
+
+class LinearAttention(Attention):
+    """Attention's weights and projections, mixed by linear_attention. Causal or not is the
+    module's own; mask is the keys' padding (B, S), True = real."""
+
+    def __init__(self, config, causal):
+        super().__init__(config)
+        self.causal = causal
+
+    def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.project(x, rope)
+        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
+        y, sums = linear_attention(q, k, v, self.causal, mask, cache.sums[layer] if cache is not None else None)
+        if cache is not None:
+            cache.sums[layer] = sums
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------------
+# Mixture of experts (n_expert > 0): in every block's MLP's place, n_expert MLPs and a
+# router that sends each token to its top-k of them (Switch Transformer / GShard).
+
+class MoE(nn.Module):
+    """A token's output is its top-k experts' outputs mixed by the router's probabilities
+    (renormalized over the k). In training an expert takes at most `capacity` tokens of the
+    batch, the earliest first: the others skip it (the residual carries them), which bounds
+    the work of an unbalanced router. In eval every token gets its experts, so an output
+    never depends on the rest of the batch. The balancing loss (Switch's: n_expert * sum over
+    experts of the share of tokens sent to it times its mean probability; 1 when perfectly
+    even) is left in self.balance_loss.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k, self.capacity_factor = config.expert_top_k, config.expert_capacity
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.balance_loss = torch.zeros(())
+
+    def forward(self, x):
+        B, T, C = x.size()
+        flat = x.reshape(B * T, C)
+        n_tokens, n_expert = flat.size(0), len(self.experts)
+        probs = self.router(flat).float().softmax(dim=-1)       # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)        # (N, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        share = F.one_hot(chosen, n_expert).float().sum(dim=1).mean(dim=0) / self.top_k  # (E,)
+        self.balance_loss = n_expert * (share * probs.mean(dim=0)).sum()
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / n_expert) if self.training else n_tokens
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # tokens sent to e, in order
+            token, slot = token[:capacity], slot[:capacity]
+            y = expert(flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(B, T, C)
+
+
+# ----------------------------------------------------------------------------------
+# The encoder-decoder (arch="encdec", T5-style): a bidirectional Stack reads the source,
+# a causal Stack writes the target, and each decoder block also attends to the encoder's
+# output through CrossAttention. One embedding (and vocabulary) for both sides.
+
+class CrossAttention(Attention):
+    """The decoder's queries over the encoder's output (memory); always softmax. Its one
+    matrix holds the q rows, applied to x, and the k, v rows, applied to the memory; the
+    memory's keys/values are computed once per generation and kept in the cache."""
+
+    def forward(self, x, memory, mask=None, cache=None, layer=0):
+        """x (B, T, C), memory (B, S, C), mask (B, 1, 1, S): the memory's real tokens."""
+        B, T, C = x.size()
+        w_q, w_kv = self.c_attn.weight.split([C, 2 * self.kv_size])
+        b_q, b_kv = self.c_attn.bias.split([C, 2 * self.kv_size]) if self.c_attn.bias is not None else (None, None)
+        q = F.linear(x, w_q, b_q).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None and cache.cross[layer] is not None:
+            k, v = cache.cross[layer]
+        else:
+            S = memory.size(1)
+            k, v = F.linear(memory, w_kv, b_kv).split([self.kv_size, self.kv_size], dim=2)
+            k = k.view(B, S, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
+            v = v.view(B, S, self.n_kv_head, self.head_size).transpose(1, 2)
+            if cache is not None:
+                cache.cross[layer] = (k, v)
+        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
 class EncoderDecoder(Model):
-    """T5-style: a bidirectional encoder reads src, a causal decoder writes the target while
-    cross-attending to the encoder's output. One embedding (and vocabulary) for both sides."""
 
     def __init__(self, config):
         super().__init__()
@@ -628,10 +652,21 @@ class EncoderDecoder(Model):
         return logits[:, -1], cache
 
 
+# ----------------------------------------------------------------------------------
+# The LSTM (arch="lstm"): no blocks and no positions. Order is in the recurrence, so there
+# is no context limit either (block_size is only the training length); its generation
+# state is (h, c), not keys and values.
+
+class LSTMCache:
+    """An LSTM's generation state: (h, c) of every layer after the tokens read so far."""
+
+    def __init__(self):
+        self.hc, self.pos = None, 0
+
+
 class LSTM(Model):
     """embedding -> n_layer LSTM layers of n_embd units -> projection to the vocabulary
-    (the embedding's own matrix when tied). No positions: order is in the recurrence,
-    so there is no context limit either; block_size is only the training length."""
+    (the embedding's own matrix when tied)."""
 
     def __init__(self, config):
         super().__init__()
@@ -642,8 +677,8 @@ class LSTM(Model):
                             dropout=config.dropout if config.n_layer > 1 else 0.0)
         self.make_head(self.wte)
         self.apply(self._init_weights)  # embedding and head; the LSTM keeps PyTorch's uniform init
-        if not config.tie_embeddings:  # PyTorch's N(0, 1): at 0.02 the inputs barely move the gates, and
-            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)  # the LSTM sat at unigram loss for 200 steps
+        if not config.tie_embeddings:  # PyTorch's N(0, 1): at 0.02 the inputs barely move the gates
+            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)  # and the LSTM stays at unigram loss
 
     def hidden(self, idx, cache=None):
         """idx (B, T) -> the top layer's outputs (B, T, C), carrying (h, c) in the cache."""
@@ -675,86 +710,3 @@ def build_model(config):
     if config.arch == "encdec":
         return EncoderDecoder(config)
     return Transformer(config)
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Pick one token per row of logits (B, vocab): greedy, or sampled with top-k / nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        p = sorted_logits.softmax(dim=-1)
-        drop = p.cumsum(dim=-1) - p > top_p  # the mass before each token; keep the first token always
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-@torch.no_grad()
-def embed_documents(model, documents, batch_size=32):
-    """Mean-pooled final hidden states, one vector per document (N, C), for retrieval.
-
-    documents: lists of token ids. A document longer than the context is read in
-    consecutive windows of block_size (the full ones batch_size at a time), and every
-    token's state counts once.
-    """
-    block_size = model.config.block_size
-    device = next(model.parameters()).device
-    vectors = []
-    for ids in documents:
-        ids = torch.tensor(ids or [0], dtype=torch.long, device=device)
-        n_full = len(ids) // block_size
-        windows = list(ids[:n_full * block_size].view(n_full, block_size).split(batch_size))  # (b, block_size) each
-        if len(ids) % block_size:
-            windows.append(ids[n_full * block_size:][None, :])  # the rest, (1, T)
-        total = sum(model.hidden(w).float().sum(dim=(0, 1)) for w in windows)
-        vectors.append(total / len(ids))
-    return torch.stack(vectors)
-
-
-def rank_by_cosine(query, vectors):
-    """Indices of vectors (N, C) from the most to the least similar to query (C,), and the similarities."""
-    similarity = F.cosine_similarity(vectors, query[None, :], dim=-1)
-    order = torch.argsort(similarity, descending=True)
-    return order, similarity[order]
-
-
-# ----------------------------------------------------------------------------------
-# speed accounting
-
-PEAK_FLOPS = {  # dense bf16 tensor-core peaks, from the vendors' data sheets
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-_measured_peaks = {}
-
-
-def peak_flops(device_type, dtype):
-    """Peak FLOP/s of the device for dtype, the denominator of MFU.
-
-    A known GPU's data-sheet figure; elsewhere (CPU, MPS, unknown GPU) the rate of a
-    large matrix product measured once on this machine, so MFU reads as 'share of
-    what this machine's matmul can do'.
-    """
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 15
-    key = (device_type, dtype)
-    if key not in _measured_peaks:
-        n = 1024
-        a = torch.randn(n, n, device=device_type, dtype=dtype)
-        b = torch.randn(n, n, device=device_type, dtype=dtype)
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            (a @ b).sum().item()
-            best = min(best, time.perf_counter() - t0)
-        _measured_peaks[key] = 2 * n ** 3 / best
-    return _measured_peaks[key]

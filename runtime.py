@@ -1,6 +1,7 @@
 """
 What train.py, sample.py and bench.py share to run a model: picking the device and
-precision, and writing and reading checkpoints and run directories.
+precision, writing and reading checkpoints and run directories, and the device's peak
+FLOP/s that MFU is measured against.
 """
 
 import ctypes
@@ -8,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import warnings
 from contextlib import nullcontext
 
@@ -196,3 +198,40 @@ def load_run(out_dir, device="cpu"):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------
+# device accounting
+
+PEAK_FLOPS = {  # dense bf16 tensor-core peaks, from the vendors' data sheets
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+_measured_peaks = {}
+
+
+def peak_flops(device_type, dtype):
+    """Peak FLOP/s of the device for dtype, the denominator of MFU.
+
+    A known GPU's data-sheet figure; elsewhere (CPU, MPS, unknown GPU) the rate of a
+    large matrix product measured once on this machine, so MFU reads as 'share of
+    what this machine's matmul can do'.
+    """
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 15
+    key = (device_type, dtype)
+    if key not in _measured_peaks:
+        n = 1024
+        a = torch.randn(n, n, device=device_type, dtype=dtype)
+        b = torch.randn(n, n, device=device_type, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            (a @ b).sum().item()
+            best = min(best, time.perf_counter() - t0)
+        _measured_peaks[key] = 2 * n ** 3 / best
+    return _measured_peaks[key]

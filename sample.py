@@ -45,7 +45,7 @@ configure(globals())
 check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
                          "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]"})
 
-from model import embed_documents, rank_by_cosine  # noqa: E402
+from engine import embed_documents, generate, rank_by_cosine  # noqa: E402
 from runtime import autocast, load_run, pick_device, pick_dtype, save_atomically  # noqa: E402
 
 if embed and not (query or embed_out):
@@ -120,7 +120,7 @@ def continue_text():
     ids = prompt_ids(start)
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     with ctx:
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            use_cache=use_cache, generator=generator, vocab_limit=tokenizer.vocab_size, **inputs)
     print_samples(y.tolist(), ids, show_prompt=ids != [tokenizer.eot_id])  # a new document: no prompt to show
 
@@ -130,7 +130,7 @@ def respond():
     src = torch.tensor([prompt_ids(start)] * num_samples, dtype=torch.long, device=device)
     bos = torch.full((num_samples, 1), tokenizer.bos_id, dtype=torch.long, device=device)
     with ctx:
-        y = model.generate(bos, min(max_new_tokens, block_size - 1), temperature=temperature, top_k=top_k,
+        y = generate(model, bos, min(max_new_tokens, block_size - 1), temperature=temperature, top_k=top_k,
                            top_p=top_p, use_cache=use_cache, generator=generator,
                            vocab_limit=tokenizer.vocab_size, src=src)
     print_samples(y.tolist(), [tokenizer.bos_id], show_prompt=False)

@@ -97,9 +97,10 @@ check_ranges(globals(), {
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
     "ddp_timeout": "> 0"})
 
-from model import ModelConfig, build_model, peak_flops  # noqa: E402
+from model import ModelConfig, build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
-                     load_checkpoint, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
+                     load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
+                     save_checkpoint)
 from tokenizer import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 # ---- processes and device ---------------------------------------------------

@@ -1,10 +1,12 @@
 import itertools
+import os
 
 import pytest
 import torch
 
-from model import (KVCache, ModelConfig, alibi_slopes, attention_mask, build_model, embed_documents, linear_attention,
-                   rank_by_cosine, sample_next, sinusoid_table)
+from conftest import ROOT
+from engine import embed_documents, generate, rank_by_cosine, sample_next
+from model import KVCache, ModelConfig, alibi_slopes, attention_mask, build_model, linear_attention, sinusoid_table
 
 SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]))
 
@@ -21,8 +23,8 @@ def test_greedy_generation_is_the_same_with_and_without_kv_cache(pos, norm, mlp,
     model = tiny(pos=pos, norm=norm, mlp=mlp, n_kv_head=n_kv_head)
     prompt = torch.randint(0, 61, (2, 5))
     # 30 new tokens from 5: the window slides past block_size=24, and must still agree
-    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
-    without = model.generate(prompt, 30, temperature=0, use_cache=False)
+    with_cache = generate(model, prompt, 30, temperature=0, use_cache=True)
+    without = generate(model, prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
 
 
@@ -106,8 +108,8 @@ def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
 
 def test_generation_never_picks_the_padding_rows_past_the_tokenizers_vocabulary():
     model, prompt = tiny(), torch.zeros(4, 3, dtype=torch.long)
-    free = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0))
-    limited = model.generate(prompt, 20, generator=torch.Generator().manual_seed(0), vocab_limit=10)
+    free = generate(model, prompt, 20, generator=torch.Generator().manual_seed(0))
+    limited = generate(model, prompt, 20, generator=torch.Generator().manual_seed(0), vocab_limit=10)
     assert free[:, 3:].max() >= 10 and limited[:, 3:].max() < 10
 
 
@@ -150,15 +152,15 @@ def test_every_transformer_generates_the_same_with_and_without_its_cache(arch, v
     inputs = inputs_of(arch)
     prompt = torch.randint(0, 61, (2, 5))
     steps = 30 if arch != "encdec" else 18  # the decoder's context is 24: it does not slide
-    with_cache = model.generate(prompt, steps, temperature=0, use_cache=True, **inputs)
-    without = model.generate(prompt, steps, temperature=0, use_cache=False, **inputs)
+    with_cache = generate(model, prompt, steps, temperature=0, use_cache=True, **inputs)
+    without = generate(model, prompt, steps, temperature=0, use_cache=False, **inputs)
     assert torch.equal(with_cache, without)
 
 
 def test_a_mixture_of_experts_generates_the_same_with_and_without_the_cache():
     model = model_of("gpt", n_expert=4, expert_top_k=2)
     prompt = torch.randint(0, 61, (3, 4))
-    assert torch.equal(model.generate(prompt, 25, temperature=0), model.generate(prompt, 25, temperature=0,
+    assert torch.equal(generate(model, prompt, 25, temperature=0), generate(model, prompt, 25, temperature=0,
                                                                                  use_cache=False))
 
 
@@ -166,7 +168,7 @@ def test_the_lstm_carries_its_state_instead_of_reading_the_prompt_again():
     model = model_of("lstm")
     prompt = torch.randint(0, 61, (2, 5))
     # 40 new tokens: past block_size, which an LSTM does not have to respect
-    assert torch.equal(model.generate(prompt, 40, temperature=0), model.generate(prompt, 40, temperature=0,
+    assert torch.equal(generate(model, prompt, 40, temperature=0), generate(model, prompt, 40, temperature=0,
                                                                                  use_cache=False))
     cache = model.next_logits(prompt, None, True)[1]
     assert cache.pos == 5 and cache.hc[0].shape == (2, 2, 32)  # (layers, batch, hidden)
@@ -258,7 +260,7 @@ def test_sinusoidal_positions_and_alibi_slopes_follow_their_papers():
     assert torch.allclose(table[7, 1], torch.cos(torch.tensor(7.0)))
     assert torch.allclose(table[7, 6], torch.sin(torch.tensor(7.0 / 10000 ** (6 / 8))))
     assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]
-    bias, _ = attention_mask(True, 3, 0, slopes=alibi_slopes(2))
+    bias = attention_mask(True, 3, 0, slopes=alibi_slopes(2))
     inf = float("inf")  # head 0's slope is 2^(-8/2) = 1/16; a key may not be in the future
     assert bias[0].tolist() == [[0, -inf, -inf], [-0.0625, 0, -inf], [-0.125, -0.0625, 0]]
 
@@ -306,3 +308,21 @@ def test_embeddings_rank_a_document_first_for_its_own_text():
     for i in range(3):
         order, similarity = rank_by_cosine(vectors[i], vectors)
         assert order[0] == i and similarity[0] == pytest.approx(1.0)
+
+
+# ---- checkpoints written before model.py was rearranged -------------------------------------
+
+def test_checkpoints_of_the_earlier_model_py_load_and_give_the_same_logits():
+    # tiny models of every architecture and switch, saved by the model.py of commit e4464ef with an
+    # input and the logits they gave then
+    saved = torch.load(os.path.join(ROOT, "tests", "data", "checkpoints_e4464ef.pt"), weights_only=True)
+    assert len(saved) == 12
+    for name, case in saved.items():
+        model = build_model(ModelConfig(**case["model_args"])).eval()
+        model.load_state_dict(case["model"])  # the parameters kept their names
+        with torch.no_grad():
+            if case["model_args"]["arch"] == "encdec":
+                logits, _ = model(case["inputs"]["src"], case["idx"], case["idx"], src_mask=case["inputs"]["src_mask"])
+            else:
+                logits, _ = model(case["idx"], case["idx"], **case["inputs"])
+        assert torch.allclose(logits, case["logits"], atol=1e-5), name
