@@ -8,13 +8,21 @@ a config file (Python, run with the script's settings in scope: config files are
 code, so only run ones you trust), then each --key=value. A key that the script
 does not have, or a value of the wrong type, ends the program with one clear line
 and exit code 2 -- a typo never silently trains the wrong model.
+
+--help (or -h) prints every setting with its value after the config file and flags
+before it, and the comment beside it in the script, grouped as in the script; then exits 0.
 """
 
 import ast
+import dataclasses
 import difflib
+import inspect
+import io
 import math
 import os
 import sys
+import textwrap
+import tokenize
 
 SETTING_TYPES = (bool, int, float, str, type(None))
 
@@ -58,7 +66,10 @@ def configure(settings, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     known = sorted(k for k, v in settings.items()
                    if not k.startswith("_") and isinstance(v, SETTING_TYPES))
+    wants_help = any(arg in ("--help", "-h") for arg in argv)
     for arg in argv:
+        if arg in ("--help", "-h"):
+            continue
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 fail(f"config file not found: {arg}")
@@ -90,6 +101,9 @@ def configure(settings, argv=None):
     for key in known:
         if isinstance(settings[key], str) and "\0" in settings[key]:
             fail(f"{key} contains a NUL byte")
+    if wants_help:
+        print_help(settings, known)
+        sys.exit(0)
     return {k: settings[k] for k in known}
 
 
@@ -110,3 +124,93 @@ def check_ranges(settings, rules):
         value = settings[name]
         if not (math.isfinite(value) and _within(value, rule)):
             fail(f"{name} must be {'in ' if rule[0] in '[(' else ''}{rule}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------
+# --help: the settings as the script's source lists them
+
+def _comments(source):
+    """{line number: the comment on that line}, and the set of lines that are only a comment."""
+    found, alone = {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            found[tok.start[0]] = tok.string.lstrip("#").strip()
+            if not tok.line[:tok.start[1]].strip():
+                alone.add(tok.start[0])
+    return found, alone
+
+
+def _help_rows(settings, known):
+    """[(heading, [(name, comment), ...]), ...] in the order of the script's source: each setting
+    at its first assignment, under the comment line above it. Settings that come from a
+    dataclass's fields (the model's) are listed where the script brings them in, with the
+    comments beside the fields in the dataclass."""
+    path = settings.get("__file__")
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return [("settings", [(name, "") for name in known])]
+    comments, alone = _comments(source)
+    classes = [v for v in settings.values() if isinstance(v, type) and dataclasses.is_dataclass(v)]
+    events, placed = [], set()  # (line, heading or None, name, comment)
+    for line in sorted(alone):
+        if comments[line].strip("-= "):  # a heading, not a ruler
+            events.append((line, comments[line], None, None))
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                if isinstance(target, ast.Name) and target.id in known and target.id not in placed:
+                    placed.add(target.id)
+                    events.append((stmt.lineno, None, target.id, comments.get(stmt.lineno, "")))
+        mentioned = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+        for cls in [c for c in classes if c.__name__ in mentioned]:
+            classes.remove(cls)
+            field_comments = _field_comments(cls)
+            for field in dataclasses.fields(cls):
+                if field.name in known and field.name not in placed:
+                    placed.add(field.name)
+                    events.append((stmt.lineno, None, field.name, field_comments.get(field.name, "")))
+    rows, heading = [], "settings"
+    for _, title, name, comment in sorted(events, key=lambda e: (e[0], e[2] is not None)):
+        if title is not None:
+            heading = title
+        elif rows and rows[-1][0] == heading:
+            rows[-1][1].append((name, comment))
+        else:
+            rows.append((heading, [(name, comment)]))
+    rest = [(name, "") for name in known if name not in placed]
+    return rows + ([("other", rest)] if rest else [])
+
+
+def _field_comments(cls):
+    """{field: the comment beside it} in a dataclass's source."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments, _ = _comments(source)
+    return {stmt.target.id: comments.get(stmt.lineno, "") for stmt in ast.parse(source).body[0].body
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+
+
+def _as_flag(name, value):
+    return f"--{name}={value if isinstance(value, str) else repr(value)}"
+
+
+def print_help(settings, known):
+    """The script's docstring, then every setting as --key=value with its current value (after the
+    config file and flags before --help) and the comment beside it, grouped as in the file."""
+    script = os.path.basename(settings.get("__file__") or sys.argv[0])
+    print(f"usage: python {script} [config/file.py ...] [--key=value ...]")
+    if settings.get("__doc__"):
+        print("\n" + settings["__doc__"].strip())
+    for heading, entries in _help_rows(settings, known):
+        print(f"\n{heading}:")
+        width = min(40, max(len(_as_flag(name, settings[name])) for name, _ in entries))
+        for name, comment in entries:
+            flag = _as_flag(name, settings[name])
+            print(f"  {flag:<{width}}  {comment}".rstrip() if comment else f"  {flag}")
