@@ -205,12 +205,16 @@ def print_help(settings, known):
     """The script's docstring, then every setting as --key=value with its current value (after the
     config file and flags before --help) and the comment beside it, grouped as in the file."""
     script = os.path.basename(settings.get("__file__") or sys.argv[0])
-    print(f"usage: python {script} [config/file.py ...] [--key=value ...]")
+    lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]"]
     if settings.get("__doc__"):
-        print("\n" + settings["__doc__"].strip())
+        lines += ["", settings["__doc__"].strip()]
     for heading, entries in _help_rows(settings, known):
-        print(f"\n{heading}:")
+        lines += ["", f"{heading}:"]
         width = min(40, max(len(_as_flag(name, settings[name])) for name, _ in entries))
         for name, comment in entries:
             flag = _as_flag(name, settings[name])
-            print(f"  {flag:<{width}}  {comment}".rstrip() if comment else f"  {flag}")
+            lines.append(f"  {flag:<{width}}  {comment}" if comment else f"  {flag}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # read by `head`, say: what it did not read is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

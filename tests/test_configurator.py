@@ -136,3 +136,62 @@ def test_any_config_file_gives_settings_or_the_clear_error(body, tmp_path_factor
     path = tmp_path_factory.mktemp("cfg") / "config.py"
     path.write_bytes(body)
     configure_or_exit([str(path)], capsys)
+
+
+# ---- --help -----------------------------------------------------------------------------------
+
+HELP_SCRIPT = textwrap.dedent('''
+    """A script that trains something."""
+    from dataclasses import dataclass, fields
+
+    @dataclass
+    class Shape:
+        depth: int = 2       # how many layers
+        width: int = 8       # how wide each one is
+
+    # I/O
+    out_dir = "out"          # where the run goes
+    log_interval = 1
+    # -----------------------------------------------------------------
+    # shape: every field of Shape
+    globals().update({f.name: f.default for f in fields(Shape)})
+    # optimizer
+    learning_rate = 6e-4     # peak learning rate
+    from configurator import configure
+    configure(globals())
+    print("ran past the settings")
+''')
+
+
+def test_help_lists_every_setting_with_its_value_and_comment_grouped_as_in_the_script(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(HELP_SCRIPT)
+    config = tmp_path / "small.py"
+    config.write_text("width = 32\nlearning_rate = 1e-3\n")
+    done = run(path, str(config), "--out_dir=elsewhere", "--help")
+    assert done.returncode == 0 and done.stderr == ""
+    assert "ran past the settings" not in done.stdout
+    lines = [line.rstrip() for line in done.stdout.splitlines()]
+    assert "A script that trains something." in lines
+    groups = [line for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert groups == ["I/O:", "shape: every field of Shape:", "optimizer:"]
+    flat = " ".join(done.stdout.split())
+    # values after the config file and the flags; the comment beside each, the dataclass's for its fields
+    for expected in ("--out_dir=elsewhere where the run goes", "--log_interval=1", "--depth=2 how many layers",
+                     "--width=32 how wide each one is", "--learning_rate=0.001 peak learning rate"):
+        assert expected in flat
+    assert flat.index("--log_interval") < flat.index("--depth") < flat.index("--learning_rate")
+
+
+def test_help_still_refuses_a_bad_flag_before_it(script):
+    done = run(script, "--n_layers=3", "--help")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown setting '--n_layers'")
+
+
+@pytest.mark.parametrize("name", ["train.py", "sample.py", "prepare.py", "bench.py"])
+def test_every_script_answers_help_with_its_settings_and_exit_code_0(name):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, name), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"usage: python {name} [config/file.py ...] [--key=value ...]")
+    assert "\n  --seed=1337" in done.stdout  # a setting every script has, with its value
