@@ -5,7 +5,7 @@ Read the GPT first (arch="gpt", the defaults): token + learned position embeddin
 n_layer pre-norm blocks of causal self-attention and an MLP -> a final norm -> a head
 tied to the token embedding, trained to predict the next token. That path is
 ModelConfig, the small functions, Attention, MLP, Block, Embedding, Stack, Model and
-Transformer, in that order.
+GPT, in that order.
 
 Its switches, each read in one place:
 - n_kv_head < n_head   grouped-query attention: groups of heads share keys/values (1 = MQA)
@@ -438,10 +438,10 @@ class Model(nn.Module):
         return compute_dtype(device_type, self.lm_head.weight.dtype)
 
 
-class Transformer(Model):
-    """gpt, and conditional and encoder with it: embedding -> blocks -> head. One class,
-    because the other two differ only in the control label the embedding adds
-    (conditional) and in what attention may see (the future, for the encoder)."""
+class GPT(Model):
+    """The decoder: embedding -> blocks -> head. arch="conditional" and arch="encoder" are this
+    class too, since they differ only in the control label the embedding adds (conditional)
+    and in what attention may see (the future, for the encoder)."""
 
     def __init__(self, config):
         super().__init__()
@@ -709,4 +709,4 @@ def build_model(config):
         return LSTM(config)
     if config.arch == "encdec":
         return EncoderDecoder(config)
-    return Transformer(config)
+    return GPT(config)
