@@ -19,10 +19,10 @@ time of forward + backward and of forward alone, and peak memory; where linear w
 
 The LSTM-vs-Transformer study: train.py on each of `configs` (one tokenizer, one token
 budget), then parameters, val perplexity, bits per byte and per character, training time,
-generation latency and training memory of each, as a table, also written into `readme`
-between the lines <!-- study:begin --> and <!-- study:end -->:
+generation latency and training memory of each, as a table; with --readme=PATH also
+written into that file between the lines <!-- study:begin --> and <!-- study:end -->:
 
-    python bench.py --what=study
+    python bench.py --what=study --readme=docs/study.md
 """
 
 import glob
@@ -89,7 +89,7 @@ train_overrides = ""        # more --key=value for every train.py run, e.g. "--m
 gen_prompt_tokens = 64      # generation latency: prompt (the start of the val split), then
 gen_new_tokens = 64         # this many new tokens, greedy, with the model's cache
 gen_batch_sizes = "1,32"
-readme = "README.md"        # write the table between its study markers ("" = do not)
+readme = ""                 # study: a file to write the table into, between its study markers ("" = none)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import assert_clear_error, run_in_process, run_script
+from conftest import ROOT, assert_clear_error, run_in_process, run_script
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--vocab_size=128",
         "--warmup_iters=1", "--iters=3", "--compile=False"]
@@ -90,19 +90,19 @@ TINY_BUDGET = ("--n_layer=1 --n_head=2 --n_embd=32 --mlp_hidden=48 --block_size=
                "--eval_interval=3 --eval_iters=2 --log_interval=1")
 
 
-def compare(dataset, tmp_path, readme, *more):
+def study(dataset, tmp_path, *more, cwd=None):
     data_dir, name = dataset
     return run_script("bench.py", "--what=study", f"--data_dir={data_dir}", f"--dataset={name}",
-                      f"--work_dir={tmp_path / 'runs'}", f"--readme={readme}", f"--train_overrides={TINY_BUDGET}",
-                      "--gen_prompt_tokens=8", "--gen_new_tokens=4", "--gen_batch_sizes=1,3", "--repeats=1", *more)
+                      f"--work_dir={tmp_path / 'runs'}", f"--train_overrides={TINY_BUDGET}", "--gen_prompt_tokens=8",
+                      "--gen_new_tokens=4", "--gen_batch_sizes=1,3", "--repeats=1", *more, cwd=cwd)
 
 
-def test_compare_trains_each_recipe_and_writes_the_table_between_the_markers(dataset, tmp_path):
+def test_study_trains_each_recipe_and_writes_the_table_between_the_markers(dataset, tmp_path):
     head = "# Project\r\n\r\nSome text, CRLF and all.\r\n<!-- study:begin -->\n"
     tail = "<!-- study:end -->\n\n## Later\nmore text, no newline at the end"
     readme = tmp_path / "README.md"
     readme.write_bytes((head + "an old table\n" + tail).encode())
-    done = compare(dataset, tmp_path, readme)
+    done = study(dataset, tmp_path, f"--readme={readme}")
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     runs = result["runs"]
@@ -125,10 +125,10 @@ def test_compare_trains_each_recipe_and_writes_the_table_between_the_markers(dat
     assert not (tmp_path / "README.md.tmp").exists()
 
 
-def test_compare_adds_a_section_with_the_markers_to_a_readme_without_them(dataset, tmp_path):
+def test_study_adds_a_section_with_the_markers_to_a_readme_without_them(dataset, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Project\n\nno markers here")
-    done = compare(dataset, tmp_path, readme, "--configs=config/compare_lstm.py")
+    done = study(dataset, tmp_path, f"--readme={readme}", "--configs=config/compare_lstm.py")
     assert done.returncode == 0, done.stderr
     text = readme.read_text()
     assert text.startswith("# Project\n\nno markers here\n\n## LSTM vs Transformer\n\n<!-- study:begin -->\n")
@@ -136,11 +136,22 @@ def test_compare_adds_a_section_with_the_markers_to_a_readme_without_them(datase
     assert list(last_json(done.stdout)["runs"]) == ["compare_lstm"]
 
 
-def test_bad_attention_and_compare_settings_give_one_clear_line(dataset, tmp_path):
+def test_study_without_a_readme_setting_prints_the_table_and_writes_no_file(dataset, tmp_path):
+    readme = tmp_path / "README.md"  # in the folder it runs in, with markers: the old default wrote here
+    readme.write_text("<!-- study:begin -->\nan old table\n<!-- study:end -->\n")
+    done = study(dataset, tmp_path, f"--configs={ROOT}/config/compare_lstm.py",
+                 f"--budget={ROOT}/config/compare_budget.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "| compare_lstm: LSTM 1×32 |" in done.stdout and last_json(done.stdout)["readme"] == ""
+    assert readme.read_text() == "<!-- study:begin -->\nan old table\n<!-- study:end -->\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "runs"]
+
+
+def test_bad_attention_and_study_settings_give_one_clear_line(dataset, tmp_path):
     assert_clear_error(run_in_process("bench.py", "--what=attention", "--lengths=64,abc"),
                        "lengths='64,abc' must be positive whole numbers")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- study:end -->\n<!-- study:begin -->\n")
-    assert_clear_error(compare(dataset, tmp_path, readme), "once each and in that order")
+    assert_clear_error(study(dataset, tmp_path, f"--readme={readme}"), "once each and in that order")
     assert readme.read_text() == "<!-- study:end -->\n<!-- study:begin -->\n"
     assert not (tmp_path / "runs").exists()  # nothing was trained
