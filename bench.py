@@ -1,11 +1,14 @@
 """
 Speed and memory numbers. The last line printed is one JSON object.
 
-Training speed of a model shape: forward + backward + optimizer step on random tokens,
-timed after warm-up:
+Training speed of a model shape: forward + backward + optimizer step on random batches,
+timed after warm-up. The model settings are model.ModelConfig's fields, so every
+architecture and variant is timed the same way (--help lists them):
 
     python bench.py --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=16
     python bench.py ... --compare     # also the same model in plain fp32 eager mode, and the ratio
+    python bench.py ... --arch=encdec  # or lstm, encoder, conditional (with --n_labels=4)
+    python bench.py ... --n_expert=4   # a mixture of experts; likewise --attention=linear, --pos=rope ...
 
 The data pipeline:
 
@@ -39,24 +42,17 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import fields
 
 import torch
 
+from model import ModelConfig, build_model
+
 # -----------------------------------------------------------------------------
-# model (see model.ModelConfig) and batch
-vocab_size = 8192
-n_layer = 12
-n_head = 12
-n_kv_head = 0
-n_embd = 768
-dropout = 0.0
-bias = False
-pos = "learned"
-norm = "layernorm"
-mlp = "gelu"
-tie_embeddings = True
-batch_size = 12
-block_size = 1024
+# model: every field of model.ModelConfig, at its default
+globals().update({f.name: f.default for f in fields(ModelConfig)})
+# batch
+batch_size = 12             # rows of random tokens per step, each block_size long
 # timing
 warmup_iters = 3            # not timed: torch.compile and allocator warm-up happen here
 iters = 10                  # timed; the median is reported
@@ -105,9 +101,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, times):
-    """Median wall time of `times` calls of fn, after one untimed call (caches, thread pools, lazy DFAs)."""
-    fn()
+def median_seconds(fn, times, warmup=1):
+    """Median wall time of `times` calls of fn, after `warmup` untimed ones (caches, thread pools,
+    lazy DFAs, torch.compile). fn must finish its work before it returns (see sync)."""
+    for _ in range(warmup):
+        fn()
     runs = []
     for _ in range(times):
         t0 = time.perf_counter()
@@ -310,7 +308,7 @@ def attention_run(kind, length, where, ptdtype):
     on CPU the resident memory's: see resident_growth_mb). It counts what is saved for
     backward, the gradients, and the temporaries (softmax's scores where a kernel makes
     them) at their largest moment."""
-    from model import Attention, LinearAttention, ModelConfig
+    from model import Attention, LinearAttention
     from runtime import autocast
     torch.manual_seed(seed)
     config = ModelConfig(n_embd=attention_embd, n_head=attention_heads, block_size=length, attention=kind)
@@ -355,7 +353,6 @@ def linear_wins_from(rows, key, measured):
 
 
 def bench_attention():
-    from model import ModelConfig
     measured = sorted(set(positive_ints("lengths", lengths)))
     if min(attention_batch, attention_heads, attention_embd, repeats, sdpa_max_length) < 1:
         fail("attention_batch, attention_heads, attention_embd, repeats and sdpa_max_length must be at least 1")
@@ -628,8 +625,21 @@ if what in MODES:
     MODES[what]()
     sys.exit(0)
 
-from model import ModelConfig, build_model  # noqa: E402
 from runtime import autocast, keep_freed_memory, peak_flops  # noqa: E402
+
+
+def random_batch(config, where):
+    """Random inputs for one training step, as config.arch's forward takes them."""
+    def tokens():
+        return torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=where)  # (B, T)
+    batch = {"idx": tokens(), "targets": tokens()}
+    if config.arch == "conditional":
+        batch["labels"] = torch.randint(0, config.n_labels, (batch_size,), device=where)  # one per row (B,)
+    if config.arch == "encdec":  # a source as long as the target, no padding
+        batch["src"] = tokens()
+        batch["src_mask"] = torch.ones(batch_size, config.block_size, dtype=torch.bool, device=where)  # (B, S)
+    return batch
+
 
 if iters < 1 or warmup_iters < 0 or rounds < 1:
     fail("iters and rounds must be at least 1, warmup_iters at least 0")
@@ -668,25 +678,21 @@ model = build_model(model_config).to(device)
 optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
 step_model = torch.compile(model) if use_compile else model
 ctx = autocast(device, ptdtype)
-x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-y = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+batch = random_batch(model_config, device)
 
 
-times = []
-for i in range(warmup_iters + iters):
-    sync(device)
-    t0 = time.perf_counter()
+def train_step():
     with ctx:
-        _, loss = step_model(x, y)
+        _, loss = step_model(**batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss.item()
     sync(device)
-    if i >= warmup_iters:
-        times.append(time.perf_counter() - t0)
 
-dt = statistics.median_high(times)
+
+sync(device)  # the model and the batch are on the device before the first call
+dt = median_seconds(train_step, iters, warmup=warmup_iters)
 tok_per_s = batch_size * block_size / dt
 if device_type == "cuda":
     peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -1,10 +1,12 @@
 import json
 import math
 import os
+from dataclasses import fields
 
 import pytest
 
 from conftest import ROOT, assert_clear_error, run_in_process, run_script
+from model import ModelConfig
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--vocab_size=128",
         "--warmup_iters=1", "--iters=3", "--compile=False"]
@@ -33,6 +35,28 @@ def test_compare_runs_the_fp32_eager_baseline_beside_the_default_path():
     assert result["compile"] is False and result["device"] == baseline["device"]
     assert len(result["speedups"]) == 3 and result["speedup"] == result["speedups"][1]
     assert sum(line.startswith("fp32_eager: ") for line in done.stdout.splitlines()) == 3
+
+
+def test_every_model_config_field_is_a_bench_setting_listed_by_help():
+    done = run_script("bench.py", "--help")
+    assert done.returncode == 0, done.stderr
+    flags = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("  --")}
+    for field in fields(ModelConfig):
+        default = field.default if isinstance(field.default, str) else repr(field.default)
+        assert f"--{field.name}={default}" in flags
+
+
+# each architecture and variant, with the inputs its forward takes
+VARIANTS = {"encdec": ["--arch=encdec"], "moe": ["--n_expert=4", "--expert_top_k=2"],
+            "linear_attention": ["--attention=linear"], "conditional": ["--arch=conditional", "--n_labels=3"],
+            "encoder": ["--arch=encoder"], "lstm": ["--arch=lstm"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_mode_times_every_architecture_and_variant(variant):
+    done = run_script("bench.py", *TINY, "--warmup_iters=0", "--iters=1", "--device=cpu", *VARIANTS[variant])
+    assert done.returncode == 0, done.stderr
+    assert last_json(done.stdout)["tok_per_s"] > 0
 
 
 # both data benchmarks draw on the built-in legal corpus
