@@ -80,7 +80,8 @@ class ModelConfig:
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.arch == "conditional" and self.n_labels <= 0:
-            raise ValueError("arch='conditional' needs n_labels > 0: prepare the dataset with --labels=True")
+            raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
+                             "dataset prepared with --labels=True)")
         if self.arch == "lstm":
             if self.n_expert:
                 raise ValueError("n_expert (mixture of experts) replaces a transformer's MLP; arch='lstm' has none")
