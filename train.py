@@ -24,7 +24,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -97,11 +96,11 @@ check_ranges(globals(), {
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
     "ddp_timeout": "> 0"})
 
+from batches import Batches  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
                      load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
                      save_checkpoint)
-from tokenizer import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 
 # ---- processes and device ---------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -161,60 +160,12 @@ if not os.path.isfile(os.path.join(data_path, "meta.json")):
             fail("preparing the built-in legal corpus failed (see above)")
     if ddp:
         dist.barrier()
+try:  # meta.json, the tokenizer and the .bin files, read and checked once
+    batches = Batches(data_path, arch, block_size, batch_size, mask_prob, span_length)
+except ValueError as e:
+    fail(str(e))
 
-
-def read_bin(name, dtype, tokens, limit):
-    """data_path/name as a memmap, checked: whole values of dtype, as many as meta.json says, each below limit
-    (an id beyond the vocabulary would index past the embedding: a crash on CPU, a device assert on CUDA)."""
-    path = os.path.join(data_path, name)
-    size, itemsize = os.path.getsize(path), np.dtype(dtype).itemsize
-    if size % itemsize:
-        fail(f"{path} is {size} bytes, not a whole number of {np.dtype(dtype).name} values: it is truncated or "
-             "not from prepare.py; prepare it again")
-    if size // itemsize != tokens:
-        fail(f"{path} holds {size // itemsize} tokens but meta.json says {tokens}: it is truncated or from another "
-             "prepare; prepare it again")
-    data = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype=dtype)
-    chunk = 1 << 26
-    for i in range(0, len(data), chunk):  # the whole file, once, a chunk at a time
-        top = int(data[i:i + chunk].max())
-        if top >= limit:
-            fail(f"{path} holds the value {top} at or beyond {limit}, the number of ids it may use: it was not "
-                 "written with this tokenizer (or is damaged); prepare it again")
-    return data
-
-
-try:
-    with open(os.path.join(data_path, "meta.json")) as f:
-        meta = json.load(f)
-    tokenizer = load_tokenizer(data_path)
-    data_fingerprint = meta["tokenizer"]["fingerprint"]
-    if tokenizer_fingerprint(data_path) != data_fingerprint:
-        fail(f"{data_path}: the tokenizer files are not the ones meta.json was written with; prepare it again")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        fail(f"{data_path}/meta.json: dtype must be uint16 or uint32, got {meta['dtype']!r}; prepare it again")
-    counts = {split: meta["splits"][split]["tokens"] for split in ("train", "val")}
-    bins = {split: read_bin(f"{split}.bin", meta["dtype"], counts[split], tokenizer.vocab_size) for split in counts}
-    # prompt/response data: 1 where a target token counts in the loss (the responses)
-    masks = {split: read_bin(f"{split}_mask.bin", np.uint8, counts[split], 2)
-             for split in counts} if meta.get("loss_mask") else None
-    # conditional: the control label of every token, and the labels' names
-    labels = {split: read_bin(f"{split}_label.bin", np.uint16, counts[split], len(meta["labels"]))
-              for split in counts} if arch == "conditional" and meta.get("labels") else None
-    # bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
-    val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
-except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
-    fail(f"cannot read the dataset at {data_path} ({type(e).__name__}: {e}); prepare it again with prepare.py")
-if arch == "conditional" and not labels:
-    fail(f"arch='conditional' needs a control label per document: prepare {data_path} with --labels=True")
-for split, data in bins.items():
-    if len(data) <= block_size and not masks:
-        fail(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than block_size+1={block_size + 1}")
-if masks:  # windows start where a document starts
-    doc_starts = {split: np.concatenate([[0], np.flatnonzero(data[:-1] == tokenizer.eot_id) + 1])
-                  for split, data in bins.items()}
-
-TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)
+TRAIN_BATCHES, EVAL_BATCHES, DROPOUT = range(3)  # the streams of random draws
 
 
 def stream_seed(*key):
@@ -229,124 +180,9 @@ def batch_generator(*key):
     return torch.Generator().manual_seed(stream_seed(*key))
 
 
-def document_window(split, start):
-    """block_size+1 tokens from a document's start, and which of them count as targets.
-
-    Only whole documents count: a document cut by the window's end is left to the windows
-    that start with it (unless it is the first, longer than a window). Past the end of
-    the data is padding, counted nowhere.
-    """
-    tokens = bins[split][start:start + block_size + 1]
-    window = np.full(block_size + 1, tokenizer.pad_id, dtype=np.int64)
-    counts = np.zeros(block_size + 1, dtype=bool)
-    window[:len(tokens)], counts[:len(tokens)] = tokens, masks[split][start:start + block_size + 1]
-    ends = np.flatnonzero(tokens == tokenizer.eot_id)
-    if len(ends):
-        counts[ends[-1] + 1:] = False
-    return window, counts
-
-
-def read_windows(array, starts, length):
-    """(len(starts), length) int64: array[s:s + length] for each start, one read each; 0 past its end."""
-    windows = torch.zeros(len(starts), length, dtype=torch.long)
-    for row, s in enumerate(starts.tolist()):
-        piece = array[s:s + length]
-        windows[row, :len(piece)] = torch.from_numpy(piece.astype(np.int64))
-    return windows
-
-
-def random_document_starts(split, generator):
-    return doc_starts[split][torch.randint(len(doc_starts[split]), (batch_size,), generator=generator).numpy()]
-
-
-def next_token_batch(split, generator):
-    """gpt, conditional, lstm: inputs and the same tokens one step ahead as targets."""
-    data = bins[split]
-    if masks:  # prompt/response data: windows of whole documents, loss only on the responses
-        starts = random_document_starts(split, generator)
-        windows, counts = zip(*(document_window(split, s) for s in starts.tolist()))
-        windows = torch.from_numpy(np.stack(windows))
-        targets = torch.where(torch.from_numpy(np.stack(counts))[:, 1:], windows[:, 1:], -1)
-        batch = {"idx": windows[:, :-1], "targets": targets}
-    else:
-        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-        # one read of block_size+1 tokens per row: inputs are its first block_size, targets its last
-        windows = read_windows(data, starts, block_size + 1)
-        batch = {"idx": windows[:, :-1], "targets": windows[:, 1:]}
-    if labels:  # each position carries its document's label (a window may span two documents)
-        batch["labels"] = read_windows(labels[split], starts, block_size)
-    return batch
-
-
-def masked_lm_batch(split, generator):
-    """encoder: BERT's masked-language modelling. mask_prob of the positions become targets;
-    of those, 80% read <|mask|>, 10% a random ordinary token, 10% themselves."""
-    data = bins[split]
-    starts = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
-    idx = read_windows(data, starts, block_size)
-    chosen = torch.rand(idx.shape, generator=generator) < mask_prob
-    how = torch.rand(idx.shape, generator=generator)
-    random_ids = ordinary_ids[torch.randint(len(ordinary_ids), idx.shape, generator=generator)]
-    targets = torch.where(chosen, idx, -1)
-    idx = torch.where(chosen & (how < 0.8), tokenizer.mask_id, idx)
-    idx = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, idx)
-    return {"idx": idx, "targets": targets}
-
-
-def span_corruption(tokens, generator):
-    """T5's pretraining pair from a run of tokens, with <|mask|> as every sentinel: spans of
-    span_length tokens covering about mask_prob of them are cut out of the source, each
-    leaving one <|mask|>; the target gives them back in order, each after its <|mask|>."""
-    n = len(tokens)
-    cut = np.zeros(n, dtype=bool)
-    for s in torch.randperm(n, generator=generator)[:n_spans].tolist():
-        cut[s:s + span_length] = True  # spans that touch merge into one
-    first = cut & ~np.concatenate([[False], cut[:-1]])  # where each cut-out span begins
-    source = np.where(first, tokenizer.mask_id, tokens)[~cut | first]
-    target = np.insert(tokens[cut], np.flatnonzero(first[cut]), tokenizer.mask_id)
-    return source, np.append(target, tokenizer.eot_id)
-
-
-def prompt_response(split, start):
-    """encdec on prompt/response data: the prompt is the source, the response the target."""
-    tokens = bins[split][start:start + 2 * block_size + 1].astype(np.int64)
-    ends = np.flatnonzero(tokens == tokenizer.eot_id)
-    document = tokens[:ends[0] + 1] if len(ends) else tokens
-    is_response = masks[split][start:start + len(document)].astype(bool)
-    prompt = document[~is_response]
-    return (prompt if len(prompt) else np.array([tokenizer.bos_id])), document[is_response]
-
-
-def seq2seq_batch(split, generator):
-    """encdec: (source, target) pairs, padded: src and its src_mask (real tokens), the decoder's
-    input (<|bos|> then the target but its last token) and the target."""
-    if masks:
-        pairs = [prompt_response(split, s) for s in random_document_starts(split, generator).tolist()]
-    else:
-        starts = torch.randint(len(bins[split]) - block_size + 1, (batch_size,), generator=generator)
-        pairs = [span_corruption(window.numpy(), generator) for window in read_windows(bins[split], starts, block_size)]
-    src = torch.full((batch_size, block_size), tokenizer.pad_id)
-    idx = torch.full((batch_size, target_length), tokenizer.pad_id)
-    targets = torch.full((batch_size, target_length), -1)
-    for row, (source, target) in enumerate(pairs):
-        source, target = torch.from_numpy(source[:block_size]), torch.from_numpy(target[:target_length])
-        src[row, :len(source)] = source
-        idx[row, 0], idx[row, 1:len(target)] = tokenizer.bos_id, target[:-1]
-        targets[row, :len(target)] = target
-    return {"src": src, "src_mask": src != tokenizer.pad_id, "idx": idx, "targets": targets}
-
-
-# what each architecture learns from: its batches
-get_batch_of = {"encoder": masked_lm_batch, "encdec": seq2seq_batch}.get(arch, next_token_batch)
-# the encoder's random replacements are ordinary tokens, never <|endoftext|> or <|mask|>
-ordinary_ids = torch.tensor(sorted(set(range(tokenizer.vocab_size)) - set(tokenizer.special.values())))
-# encdec: how many spans are cut from a window, and the longest target they make
-n_spans = max(1, round(mask_prob * block_size / span_length))
-target_length = block_size if masks else min(block_size, n_spans * (span_length + 1) + 1)
-
-
 def get_batch(split, generator):
-    batch = get_batch_of(split, generator)
+    """batches.py's batch of arch's objective, on the device."""
+    batch = batches.get(split, generator)
     if device_type == "cuda":  # pinned memory lets the copy overlap with compute
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
@@ -414,8 +250,8 @@ if init_from == "scratch":
     if os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
     # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
-    model_args = {**config, "vocab_size": 64 * math.ceil(tokenizer.vocab_size / 64),
-                  "n_labels": len(meta["labels"]) if labels else 0}
+    model_args = {**config, "vocab_size": 64 * math.ceil(batches.tokenizer.vocab_size / 64),
+                  "n_labels": batches.n_labels}
 else:  # resume this run, or fine-tune another: its weights, shape and architecture
     if init_from != "resume" and not os.path.isdir(init_from):
         fail(f"init_from={init_from!r} is not scratch, resume, or the directory of a run to fine-tune")
@@ -429,7 +265,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
             checkpoint = load_checkpoint(init_path, device)
         except ValueError as e:
             fail(str(e))
-    if checkpoint.get("tokenizer_fingerprint", data_fingerprint) != data_fingerprint:
+    if checkpoint.get("tokenizer_fingerprint", batches.fingerprint) != batches.fingerprint:
         fail(f"{init_path} was trained with another tokenizer than the dataset {data_path} has; use a dataset "
              f"prepared with it (prepare.py --tokenizer_from={os.path.dirname(init_path) or '.'})")
     model_args = checkpoint["model_args"]  # the run's shape wins over settings
@@ -449,13 +285,13 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
 try:
     model_config = ModelConfig.from_settings(model_args)
     model_args = asdict(model_config)
-    check_vocab(model_config.vocab_size, tokenizer, init_path if checkpoint else data_path)
+    check_vocab(model_config.vocab_size, batches.tokenizer, init_path if checkpoint else data_path)
 except (ValueError, TypeError) as e:
     fail(f"{init_path if checkpoint else 'settings'}: {e}")
 if model_config.block_size < block_size:
     fail(f"block_size={block_size} is longer than the model's context ({model_config.block_size})")
-if labels and model_config.n_labels != len(meta["labels"]):
-    fail(f"{init_path} knows {model_config.n_labels} labels but {data_path} has {len(meta['labels'])}")
+if batches.n_labels and model_config.n_labels != batches.n_labels:
+    fail(f"{init_path} knows {model_config.n_labels} labels but {data_path} has {batches.n_labels}")
 torch.manual_seed(seed)
 model = build_model(model_config)
 if checkpoint:
@@ -484,7 +320,7 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 if master:
-    ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", *meta["tokenizer"]["files"]}
+    ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", *batches.meta["tokenizer"]["files"]}
     for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):  # left by a run killed while writing
         name = os.path.basename(tmp).removesuffix(".tmp")
         if name in ours or re.fullmatch(r"ckpt-\d+\.pt", name):
@@ -498,7 +334,7 @@ if master:
              f"{12 * raw_model.num_params() / 1e6:,.0f} MB there")
     if init_from == "resume":
         keep_log_until(iter_num)
-    for name in meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
+    for name in batches.meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
         with open(os.path.join(data_path, name), "rb") as src:
             content = src.read()
         save_atomically(os.path.join(out_dir, name), lambda f: f.write(content))
@@ -558,7 +394,7 @@ def save(iter_num, val_loss=None):
             "best_val_loss": best_val_loss,
             "bad_steps": bad_steps,
             "config": config,
-            "tokenizer_fingerprint": data_fingerprint,  # sample.py and resume check the tokenizer is this one
+            "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
             "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
                         "gradient_accumulation_steps": gradient_accumulation_steps},
         }, ckpt_path)
@@ -581,54 +417,13 @@ def evaluate(iter_num, elapsed):
               "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
     line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
     if predicts_next_token:  # bits per byte: the loss of every val token, so only for next-token models
-        record["val_bpb"] = losses["val"] * val_tokens_per_byte / math.log(2)
+        record["val_bpb"] = losses["val"] * batches.val_tokens_per_byte / math.log(2)
         line += f", val bpb {record['val_bpb']:.4f}"
     if master:
         log(f"{line}, val accuracy {losses['accuracy']:.3f}")
         append_jsonl(log_path, record)
         if not eval_only:
             save(iter_num, losses["val"])
-
-
-def train_step(iter_num):
-    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss and balance loss
-    (device tensors) and what every process has to agree on: were the loss and gradient norm
-    finite, and does anyone stop (a signal, max_seconds) -- one look at the device per step."""
-    step_loss = torch.zeros((), device=device)
-    step_balance = torch.zeros((), device=device)
-    for micro_step in range(grad_accum):
-        place = rank * grad_accum + micro_step  # this micro-batch's place in the global batch
-        torch.manual_seed(stream_seed(DROPOUT, iter_num, place))
-        batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
-        # under DDP, average gradients across processes only once, after the last micro-step
-        sync = not ddp or micro_step == grad_accum - 1
-        with (nullcontext() if sync else model.no_sync()), ctx:
-            _, loss = model(**batch)
-            loss = loss / grad_accum
-        scaler.scale(loss).backward()
-        step_loss += loss.detach()
-        if n_expert:
-            step_balance += raw_model.balance_loss().detach() / grad_accum
-    scaler.unscale_(optimizer)  # (fp16 only) the norm and the clip need the true gradients
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    out_of_time = max_seconds > 0 and time.time() - t_start >= max_seconds
-    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm),
-                         torch.tensor(stop_signal is not None, device=device),
-                         torch.tensor(out_of_time, device=device)]).float()
-    if ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_norm, stopping, out_of_time = (bool(flag) for flag in flags.tolist())
-    if bad_loss or bad_norm:
-        scaler.update()  # (fp16) an overflow shrinks the loss scale
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
-    return step_loss, step_balance, fault, stopping, out_of_time
 
 
 # ---- stopping on request ------------------------------------------------------
@@ -649,9 +444,52 @@ def on_stop_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_stop_signal)
 signal.signal(signal.SIGINT, on_stop_signal)
 
-# ---- the loop ---------------------------------------------------------------
+
+def train_step(iter_num, deadline):
+    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss and balance loss
+    (device tensors) and what every process has to agree on: were the loss and gradient norm
+    finite, and does anyone stop (a signal, max_seconds' deadline) -- one look at the device per step."""
+    step_loss = torch.zeros((), device=device)
+    step_balance = torch.zeros((), device=device)
+    for micro_step in range(grad_accum):
+        place = rank * grad_accum + micro_step  # this micro-batch's place in the global batch
+        torch.manual_seed(stream_seed(DROPOUT, iter_num, place))
+        batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
+        # under DDP, average gradients across processes only once, after the last micro-step
+        sync = not ddp or micro_step == grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()), ctx:
+            _, loss = model(**batch)
+            loss = loss / grad_accum
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+        if n_expert:
+            step_balance += raw_model.balance_loss().detach() / grad_accum
+    scaler.unscale_(optimizer)  # (fp16 only) the norm and the clip need the true gradients
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    out_of_time = time.time() >= deadline
+    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm),
+                         torch.tensor(stop_signal is not None, device=device),
+                         torch.tensor(out_of_time, device=device)]).float()
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_norm, stopping, out_of_time = (bool(flag) for flag in flags.tolist())
+    if bad_loss or bad_norm:
+        scaler.update()  # (fp16) an overflow shrinks the loss scale
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
+    return step_loss, step_balance, fault, stopping, out_of_time
+
+
+# ---- the training loop ------------------------------------------------------
 start_iter = iter_num
 t_start = t_log = time.time()
+deadline = t_start + max_seconds if max_seconds > 0 else math.inf
 tokens_since_log = steps_since_log = 0
 loss_sum = torch.zeros((), device=device)
 balance_sum = torch.zeros((), device=device)
@@ -673,7 +511,7 @@ try:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num)
+        step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num, deadline)
         iter_num += 1
         tokens_since_log += tokens_per_iter
         if fault:  # skipped: no update, and the schedule moves on
