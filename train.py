@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -41,27 +41,10 @@ keep_last = 1               # checkpoints kept: ckpt.pt is always the newest; > 
 data_dir = "data"
 dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal" is prepared on demand
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed over all processes
-batch_size = 12             # sequences per micro-step per process
-block_size = 1024
-# model (see model.ModelConfig)
-arch = "gpt"                # gpt | conditional | encoder | encdec | lstm; each trains on its own objective
-n_layer = 12
-n_head = 12
-n_kv_head = 0               # 0 = n_head
-n_embd = 768
-dropout = 0.0
-bias = False
-pos = "learned"             # learned | sinusoidal | rope | alibi
-norm = "layernorm"          # layernorm | rmsnorm
-norm_first = True           # pre-norm; False = post-norm
-mlp = "gelu"                # gelu | swiglu
-mlp_hidden = 0              # 0 = 4 x n_embd (gelu), ~8/3 x n_embd (swiglu)
-attention = "sdpa"          # sdpa | linear
-n_expert = 0                # > 0: a mixture of experts in every MLP's place (gpt, conditional, encoder, encdec)
-expert_top_k = 1
-expert_capacity = 1.25
-balance_weight = 0.01       # the experts' load-balancing loss, logged as balance_loss
-tie_embeddings = True
+batch_size = 12             # sequences per micro-step per process, block_size tokens each (a model setting)
+# model: every field of model.ModelConfig but the two the dataset decides (vocab_size, n_labels)
+from model import ModelConfig  # noqa: E402
+globals().update({f.name: f.default for f in fields(ModelConfig) if f.name not in ("vocab_size", "n_labels")})
 # objectives of the encoder (masked-language modelling) and encdec (span corruption)
 mask_prob = 0.15            # share of tokens masked (encoder: 80% <|mask|>, 10% random, 10% kept) or cut out (encdec)
 span_length = 3             # encdec: tokens per cut-out span
@@ -97,7 +80,7 @@ check_ranges(globals(), {
     "ddp_timeout": "> 0"})
 
 from batches import Batches  # noqa: E402
-from model import ModelConfig, build_model  # noqa: E402
+from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
                      load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
                      save_checkpoint)

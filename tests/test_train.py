@@ -2,12 +2,14 @@ import json
 import math
 import os
 import shutil
+from dataclasses import fields
 
 import pytest
 import torch
 
-from conftest import (ARCHS, assert_clear_error, prepare_dataset, read_log, run_in_process, run_script,
+from conftest import (ARCHS, ROOT, assert_clear_error, prepare_dataset, read_log, run_in_process, run_script,
                       train_args, train_losses)
+from model import ModelConfig
 
 LOG_FIELDS = {"iter", "loss", "lr", "tok_per_s", "mfu", "elapsed_s"}
 EVAL_FIELDS = {"iter", "loss", "val_loss", "val_bpb", "elapsed_s"}
@@ -65,6 +67,48 @@ def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
     assert "preparing the built-in legal corpus" in done.stdout
     meta = json.loads((data_dir / "legal" / "meta.json").read_text())
     assert meta["splits"]["train"]["bytes"] > 1_000_000
+
+
+# ---- settings ----------------------------------------------------------------------------
+
+def help_lines(*args):
+    """{setting: its line} of python train.py ARGS --help."""
+    done = run_in_process("train.py", *args, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split()[0].partition("=")[0]: line.strip() for line in done.stdout.splitlines()
+            if line.startswith("  --")}
+
+
+def comment_in_source(path, prefix):
+    """The comment beside the line of path that starts with prefix."""
+    with open(os.path.join(ROOT, path)) as f:
+        return next(line for line in f if line.startswith(prefix)).partition("#")[2].strip()
+
+
+def test_every_model_setting_but_vocab_size_and_n_labels_is_a_train_setting_with_the_models_default():
+    lines = help_lines()
+    for field in fields(ModelConfig):
+        if field.name in ("vocab_size", "n_labels"):  # the dataset decides them
+            assert f"--{field.name}" not in lines
+            continue
+        value = field.default if isinstance(field.default, str) else repr(field.default)
+        assert lines[f"--{field.name}"].startswith(f"--{field.name}={value}"), lines.get(f"--{field.name}")
+
+
+def test_help_shows_each_setting_with_its_value_after_a_config_file_and_the_comment_beside_it():
+    lines = help_lines("config/legal_small.py")
+    assert lines["--n_layer"].startswith("--n_layer=4 ")  # legal_small's, not the default 12
+    assert lines["--n_layer"].endswith(comment_in_source("model.py", "    n_layer:"))  # a model setting's
+    assert lines["--keep_last"].endswith(comment_in_source("train.py", "keep_last ="))  # one of train.py's own
+
+
+def test_rope_theta_set_on_the_command_line_is_the_trained_models(tmp_path, dataset):
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args(dataset, out_dir, "--pos=rope", "--rope_theta=500000.0",
+                                              "--max_iters=1", "--eval_iters=1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    model_args = torch.load(out_dir / "ckpt.pt", weights_only=True)["model_args"]
+    assert model_args["pos"] == "rope" and model_args["rope_theta"] == 500000.0
 
 
 def broken_dataset(tmp_path, dataset, breakage):
