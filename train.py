@@ -8,7 +8,15 @@ Several processes (DDP), on one machine or many:
     torchrun --standalone --nproc_per_node=8 train.py config/legal_gpt2.py
 
 Settings are the globals below; a config file and --key=value override them.
-With no config at all this is a GPU-scale run: GPT-2 124M on the legal corpus.
+With no config at all this is a GPU-scale run: GPT-2 124M, ~0.5M tokens per step. Mind the
+data: a 124M model wants on the order of billions of tokens (~2.5B at 20 tokens per
+parameter), and the built-in legal corpus is about 1.2M tokens, far too little. Prepare
+your own corpus and train on it by name:
+
+    python prepare.py --input=/path/to/your/text/ --dataset=NAME
+    python train.py --dataset=NAME
+
+For the built-in corpus on one GPU, use config/legal_gpu.py instead.
 """
 
 import datetime
@@ -39,7 +47,7 @@ init_from = "scratch"       # scratch | resume (out_dir's newest readable checkp
 keep_last = 1               # checkpoints kept: ckpt.pt is always the newest; > 1 also keeps the last N as ckpt-ITER.pt
 # data
 data_dir = "data"
-dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal" is prepared on demand
+dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal": the built-in ~1.2M tokens, prepared on demand
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed over all processes
 batch_size = 12             # sequences per micro-step per process, block_size tokens each (a model setting)
 # model: every field of model.ModelConfig but the two the dataset decides (vocab_size, n_labels)
