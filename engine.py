@@ -1,19 +1,88 @@
 """
-Generation over a trained model, for every architecture that writes text (gpt, conditional,
-lstm, encdec) and for retrieval: the sampling loop, the choice of each next token, and
-document embeddings. sample.py is the command line over it. A library: importing it runs nothing.
+Generation over a trained run, for every architecture that writes text (gpt, conditional,
+lstm, encdec; softmax and linear attention), and embeddings and scores of texts. sample.py
+is the command line over it; in a notebook:
 
-Each model's next_logits(idx, cache, use_cache, **inputs) gives the logits after idx and
-the generation state to pass back in (a KVCache, an LSTMCache, or None without a cache),
-so the loop here is the same for every architecture.
+    from engine import Engine
+    engine = Engine.load("out-legal-small")
+    engine.generate("The Licensee shall", max_new_tokens=100, temperature=0.7).text
+    engine.generate(["The Licensor", "IN NO EVENT"], temperature=0)   # a batch: a list of Completions
+    for piece in engine.stream("The Licensee shall", max_new_tokens=50):
+        print(piece, end="", flush=True)
+    engine.embed(["one text", "another"])      # (2, n_embd) vectors, for retrieval
+    engine.score("The Licensee shall pay.")    # log-likelihood and bits per byte
+
+A library: importing it runs nothing. The decoding options, the same for every call:
+
+    max_new_tokens      at most this many new tokens
+    temperature         0 = greedy
+    top_k, top_p, min_p sample among the k likeliest / the nucleus of mass p / the tokens at
+                        least min_p times as likely as the likeliest (0, 1.0, 0 = off)
+    repetition_penalty  CTRL's: the logit of a token already in the prompt or the output is
+                        divided by it (multiplied, when negative); 1.0 = off
+    frequency_penalty   OpenAI's: subtracted from a token's logit once per time it was
+    presence_penalty    generated / once if it was generated at all; 0 = off
+    stop                strings that end the output; it never contains one, nor ends in
+                        the start of one
+    ignore_eos          go on past <|endoftext|> (by default it ends the output)
+    seed                row i of a batch samples with seed + i; None = not reproducible
+
+Each prompt becomes a Completion: its text, its new token ids, finish_reason ("stop": an
+end-of-text or a stop string; "length": max_new_tokens) and the token counts.
+
+Prompts of different lengths share one batch: they are padded on the left, each row keeps
+its own positions, and padding is never attended to (the LSTM reads each prompt alone and
+then steps the rows together). A row that finishes leaves the batch and costs no more
+compute. Each row's output is the same as its prompt's alone.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from model import LSTMCache
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Pick one token per row of logits (B, vocab): greedy, or sampled with top-k / nucleus."""
+
+@dataclass
+class Completion:
+    text: str                # the new text: no end-of-text token, no stop string
+    ids: list                # the new token ids (an end-of-text token that ended it is not among them)
+    finish_reason: str       # "stop" (end-of-text or a stop string) | "length" (max_new_tokens)
+    prompt_tokens: int
+    completion_tokens: int   # tokens generated, with the end-of-text token that ended it
+
+
+DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None)
+
+
+def check_options(options):
+    """The options with the defaults filled in; a ValueError names the first one that is wrong."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    o = {**DEFAULTS, **options}
+    if isinstance(o["stop"], str):
+        o["stop"] = [o["stop"]]
+    if not all(isinstance(s, str) and s for s in o["stop"]):
+        raise ValueError(f"stop must be a list of non-empty strings, got {o['stop']!r}")
+    rules = {"max_new_tokens": (0, math.inf), "temperature": (0, math.inf), "top_k": (0, math.inf),
+             "top_p": (0, 1), "min_p": (0, 1), "repetition_penalty": (0, math.inf),
+             "frequency_penalty": (0, math.inf), "presence_penalty": (0, math.inf)}
+    for name, (low, high) in rules.items():
+        value = o[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}")
+    if o["top_p"] == 0 or o["repetition_penalty"] == 0:
+        raise ValueError("top_p and repetition_penalty must be above 0")
+    return o
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min_p=0.0):
+    """Pick one token per row of logits (B, vocab): greedy, or sampled with top-k / nucleus / min-p.
+    generator: one torch.Generator for all rows, or a list of one per row."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -26,24 +95,186 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         drop = p.cumsum(dim=-1) - p > top_p  # the mass before each token; keep the first token always
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
     probs = logits.softmax(dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    if isinstance(generator, list):  # each row its own stream: a row draws the same alone or in a batch
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def penalize(logits, seen, counts, o):
+    """The repetition, frequency and presence penalties on logits (B, V). seen (B, V): tokens in
+    the prompt or the output; counts (B, V): how often each was generated."""
+    if o["repetition_penalty"] != 1.0:
+        penalized = torch.where(logits > 0, logits / o["repetition_penalty"], logits * o["repetition_penalty"])
+        logits = torch.where(seen, penalized, logits)
+    if o["frequency_penalty"] or o["presence_penalty"]:
+        logits = logits - o["frequency_penalty"] * counts - o["presence_penalty"] * (counts > 0).float()
+    return logits
+
+
+class Row:
+    """One prompt's output as it is made: ids, and text decoded a few tokens at a time (never the
+    whole output again per token), held back while it could end in half a character or in the
+    start of a stop string."""
+
+    def __init__(self, tokenizer, prompt, stop):
+        self.tokenizer, self.stop, self.prompt = tokenizer, stop, prompt
+        self.context = list(prompt[-4:])  # the prompt's last tokens: a new piece may join its last word
+        self.start = self.offset = len(self.context)  # decode from start; text before offset is out
+        self.ids, self.text, self.sent = [], "", 0
+        self.finish_reason, self.generated = None, 0
+
+    def add(self, token):
+        """Take one new token; returns the text that is now certain (maybe "")."""
+        self.ids.append(token)
+        self.context.append(token)
+        if self.tokenizer is None:
+            return ""
+        before = self.tokenizer.decode(self.context[self.start:self.offset])
+        after = self.tokenizer.decode(self.context[self.start:])
+        if after.endswith("\ufffd"):  # half a character: wait for the rest of its bytes
+            return ""
+        self.text += after[len(before):]
+        self.start, self.offset = self.offset, len(self.context)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                self.text, self.finish_reason = self.text[:at], "stop"
+        return self.release()
+
+    def release(self, final=False):
+        """The text not yet sent that no stop string can still claim."""
+        hold = 0 if final or self.finish_reason else max(
+            (n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0)
+        piece = self.text[self.sent:len(self.text) - hold]
+        self.sent += len(piece)
+        return piece
+
+    def finish(self, reason):
+        """End the row; the text it held back for a stop string that never came is released."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        if self.tokenizer is not None and self.offset < len(self.context):  # a last half character
+            self.text += self.tokenizer.decode(self.context[self.start:])[
+                len(self.tokenizer.decode(self.context[self.start:self.offset])):]
+        return self.release(final=True)
+
+
+def batch_of(model, prompts, pad_id=0, bos_id=0):
+    """The model's inputs for prompts of any lengths (lists of token ids): (idx (B, T), inputs).
+    Decoders: padded on the left, so every row's last token sits in the last column, with
+    inputs["pad"] (B,) when the lengths differ. encdec: the prompts are the sources, padded on
+    the right (src, src_mask), and the decoder begins at <|bos|> in every row."""
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = int(lengths.max())
+    if model.config.arch == "encdec":
+        src = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            src[i, :len(p)] = torch.tensor(p, device=device)
+        idx = torch.full((len(prompts), 1), bos_id, dtype=torch.long, device=device)
+        return idx, {"src": src, "src_mask": torch.arange(longest, device=device) < lengths[:, None]}
+    idx = torch.full((len(prompts), longest), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, longest - len(p):] = torch.tensor(p, device=device)
+    if model.config.arch == "lstm" or not bool((lengths != longest).any()):
+        return idx, {}  # the LSTM reads each prompt alone (see read_prompts_alone)
+    return idx, {"pad": longest - lengths}
+
+
+def read_prompts_alone(model, prompts, device):
+    """An LSTM's state after each prompt read alone (padding would flow through its recurrence),
+    stacked into one batch: (LSTMCache, the logits after each prompt (B, V))."""
+    states, logits = [], []
+    for p in prompts:
+        cache = LSTMCache()
+        out, _ = model(torch.tensor([p], device=device), cache=cache)
+        states.append(cache.hc)
+        logits.append(out[:, -1])
+    cache = LSTMCache()
+    cache.hc = tuple(torch.cat(parts, dim=1) for parts in zip(*states))  # (layers, B, C) each
+    return cache, torch.cat(logits)
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             use_cache=True, generator=None, vocab_limit=None, **inputs):
-    """Continue idx (B, T) by max_new_tokens. temperature 0 = greedy. Ids from vocab_limit
-    up (the rows padding the vocabulary past the tokenizer's) are never picked.
-    inputs: what the architecture reads besides idx (labels=, src=, src_mask=).
-    With use_cache each step reads only the new token and the state of the steps before
-    (until the context is full: then the sliding window is read again); without, each step
-    reads the whole sequence again. The output is the same."""
-    state = None
-    for _ in range(max_new_tokens):
-        logits, state = model.next_logits(idx, state, use_cache, **inputs)
-        next_id = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
-        idx = torch.cat((idx, next_id), dim=1)
-    return idx
+def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_limit=None, eot=None):
+    """The decoding loop, a generator: yields (row, text piece) as text is made, and finishes the
+    rows (Row objects, one per row of idx). idx, inputs: from batch_of(); generators: one per row
+    (or None); eot: the token that ends a row, or None."""
+    o = options
+    B, device = idx.size(0), idx.device
+    vocab = vocab_limit or model.config.vocab_size
+    max_new = o["max_new_tokens"]
+    if model.config.arch == "encdec":
+        max_new = min(max_new, model.config.block_size - idx.size(1))  # the decoder's context is not windowed
+    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+    for i, row in enumerate(rows):
+        seen[i, [t for t in row.prompt if t < vocab]] = True
+    counts = torch.zeros(B, vocab, device=device)  # generated tokens, for the frequency/presence penalties
+    active = list(range(B))  # the rows still in the batch, by their place in idx
+    state = first = None
+    if model.config.arch == "lstm" and len({len(row.prompt) for row in rows}) > 1:
+        if not use_cache:
+            raise ValueError("an LSTM batches prompts of different lengths only with use_cache=True")
+        state, first = read_prompts_alone(model, [row.prompt for row in rows], device)
+    for step in range(max_new):
+        if first is not None:
+            logits, first = first, None
+        else:
+            logits, state = model.next_logits(idx, state, use_cache, **inputs)
+        logits = penalize(logits[:, :vocab].float(), seen, counts, o)
+        token = sample_next(logits, o["temperature"], o["top_k"], o["top_p"], [generators[i] for i in active],
+                            o["min_p"])  # (b, 1)
+        idx = torch.cat((idx, token), dim=1)
+        here = torch.arange(len(active), device=device)
+        seen[here, token[:, 0]] = True
+        counts[here, token[:, 0]] += 1
+        done = []
+        for place, (i, t) in enumerate(zip(active, token[:, 0].tolist())):
+            row = rows[i]
+            row.generated += 1
+            piece = row.finish("stop") if t == eot else row.add(t)
+            if row.finish_reason is None and step == max_new - 1:
+                piece += row.finish("length")
+            if piece:
+                yield i, piece
+            if row.finish_reason is not None:
+                done.append(place)
+        if done:  # finished rows leave the batch
+            keep = torch.tensor([p for p in range(len(active)) if p not in done], dtype=torch.long, device=device)
+            active = [active[p] for p in keep.tolist()]
+            if not active:
+                return
+            idx, seen, counts = idx[keep], seen[keep], counts[keep]
+            inputs = {k: v[keep] for k, v in inputs.items()}
+            if state is not None:
+                state.keep_rows(keep)
+    for i in active:  # max_new_tokens was 0
+        piece = rows[i].finish("length")
+        if piece:
+            yield i, piece
+
+
+def run_to_end(steps):
+    for _ in steps:
+        pass
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None,
+             vocab_limit=None, **inputs):
+    """Continue the rows of idx (B, T), all of one length, by max_new_tokens each, with no stop:
+    idx with the new tokens after it (B, T + max_new_tokens). temperature 0 = greedy; ids from
+    vocab_limit up (the rows padding the vocabulary past the tokenizer's) are never picked.
+    inputs: what the architecture reads besides idx (labels=, src=, src_mask=). With use_cache
+    each step reads only the new token and the state of the steps before; without, the whole
+    sequence again. The output is the same."""
+    rows = [Row(None, prompt, ()) for prompt in idx.tolist()]
+    options = check_options({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                             "top_p": top_p})
+    run_to_end(decode(model, idx, inputs, rows, [generator] * idx.size(0), options, use_cache, vocab_limit))
+    new = torch.tensor([row.ids for row in rows], dtype=idx.dtype, device=idx.device).view(idx.size(0), -1)
+    return torch.cat((idx, new), dim=1)
 
 
 @torch.no_grad()
@@ -73,3 +304,105 @@ def rank_by_cosine(query, vectors):
     similarity = F.cosine_similarity(vectors, query[None, :], dim=-1)
     order = torch.argsort(similarity, descending=True)
     return order, similarity[order]
+
+
+class Engine:
+    """A trained run loaded once, ready to generate, embed and score texts."""
+
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=()):
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.labels = list(labels)  # conditional: the names of the control labels
+
+    @classmethod
+    def load(cls, out_dir, device="auto", dtype="auto"):
+        """The run in out_dir (weights, settings, tokenizer), on device ("auto": CUDA, then MPS, then CPU)."""
+        import json
+        import os
+
+        from runtime import load_run, pick_device, pick_dtype
+        device = pick_device(device)
+        model, tokenizer, _ = load_run(out_dir, device)
+        labels = ()
+        if model.config.arch == "conditional":
+            with open(os.path.join(out_dir, "meta.json")) as f:
+                labels = json.load(f)["labels"]
+        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels)
+
+    def autocast(self):
+        from runtime import autocast
+        return autocast(self.device, self.dtype)
+
+    def prompt_ids(self, text):
+        """A prompt's ids; special tokens written in it (<|endoftext|>, <|mask|>) are meant as such.
+        The empty prompt begins a new document."""
+        ids = self.tokenizer.encode(text, allow_special=True) if text else [self.tokenizer.eot_id]
+        if self.model.config.arch != "lstm" and len(ids) > self.model.config.block_size:
+            raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                             f"{self.model.config.block_size}: shorten it")
+        return ids
+
+    def steps(self, prompts, condition=None, use_cache=True, **options):
+        """decode() over texts: (rows, the generator of (row, piece))."""
+        if self.model.config.arch not in ("gpt", "conditional", "lstm", "encdec"):
+            raise ValueError(f"a {self.model.config.arch!r} run does not generate text (it fills masks and embeds)")
+        o = check_options(options)
+        ids = [self.prompt_ids(p) for p in prompts]
+        idx, inputs = batch_of(self.model, ids, self.tokenizer.pad_id, self.tokenizer.bos_id)
+        if self.model.config.arch == "conditional":
+            if condition not in self.labels:
+                raise ValueError(f"condition={condition!r} is not one of this run's labels: {', '.join(self.labels)}")
+            inputs["labels"] = torch.full((len(ids),), self.labels.index(condition), device=idx.device)
+        generators = [None if o["seed"] is None else torch.Generator(device=idx.device).manual_seed(o["seed"] + i)
+                      for i in range(len(ids))]
+        rows = [Row(self.tokenizer, p, o["stop"]) for p in ids]
+        eot = None if o["ignore_eos"] else self.tokenizer.eot_id
+        return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
+
+    def generate(self, prompt, condition=None, use_cache=True, **options):
+        """A Completion of prompt (a text), or a list of them for a list of texts, in one batch."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows, steps = self.steps(prompts, condition, use_cache, **options)
+        with self.autocast():
+            run_to_end(steps)
+        done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated) for r in rows]
+        return done[0] if isinstance(prompt, str) else done
+
+    def stream(self, prompt, condition=None, use_cache=True, **options):
+        """The new text of one prompt, piece by piece as it is made; the pieces join to generate()'s text."""
+        _, steps = self.steps([prompt], condition, use_cache, **options)
+        with self.autocast():
+            for _, piece in steps:
+                yield piece
+
+    @torch.no_grad()
+    def embed(self, texts):
+        """One vector per text (N, n_embd): the mean of the model's final hidden states."""
+        with self.autocast():
+            return embed_documents(self.model, [self.tokenizer.encode(t) for t in texts])
+
+    @torch.no_grad()
+    def score(self, text):
+        """How likely the model finds text, as a new document: {"log_likelihood" (nats), "tokens",
+        "bits_per_byte"}. A text longer than the context is read in windows that overlap by half,
+        each token scored once, with at least half a context before it."""
+        if self.model.config.arch not in ("gpt", "conditional", "lstm"):
+            raise ValueError(f"score needs a next-token model, not a {self.model.config.arch!r} run")
+        if self.model.config.arch == "conditional":
+            raise ValueError("score of a conditional run needs its label: not supported")
+        ids = [self.tokenizer.eot_id] + self.tokenizer.encode(text)
+        block = self.model.config.block_size
+        total, scored = 0.0, 1  # ids[0], the document's start, is given, not scored
+        with self.autocast():
+            while scored < len(ids):
+                begin = max(0, min(scored - block // 2, len(ids) - 1 - block))
+                window = torch.tensor([ids[begin:begin + block + 1]], device=self.device)
+                targets = window[:, 1:].clone()
+                targets[:, :scored - begin - 1] = -1  # already scored in the window before
+                logits, _ = self.model(window[:, :-1], targets)
+                logp = F.log_softmax(logits[0].float(), dim=-1)
+                counted = targets[0] != -1
+                total += logp[counted].gather(1, targets[0][counted][:, None]).sum().item()
+                scored = begin + window.size(1)
+        nbytes = len(text.encode("utf-8"))
+        return {"log_likelihood": total, "tokens": len(ids) - 1,
+                "bits_per_byte": -total / math.log(2) / nbytes if nbytes else float("nan")}

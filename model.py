@@ -123,9 +123,10 @@ def rope_tables(head_size, length, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (first half, second half) of each head's channels. x: (B, T, nh, hs)."""
+    """Rotate pairs (first half, second half) of each head's channels. x: (B, T, nh, hs); cos and
+    sin: (T, hs/2), or (B, T, hs/2) when each row has its own positions."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, hs/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): one per head
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -144,14 +145,26 @@ def alibi_slopes(n_head):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
 
 
+def positions(start, T, block_size, pad=None, device=None):
+    """The positions of T tokens in columns start..start+T: (T,); with pad (B,), the number
+    of padding tokens on the left of each row, each row's own (B, T), counted from its first
+    real token (the padding sits at 0)."""
+    if start + T > block_size:  # past the positions every kind of attention was trained on
+        raise ValueError(f"input of {start + T} tokens is longer than block_size={block_size}")
+    pos = torch.arange(start, start + T, device=device)
+    return pos if pad is None else (pos[None, :] - pad[:, None]).clamp(min=0)
+
+
 def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
-    """The attn_mask F.scaled_dot_product_attention needs for T queries at positions start..
+    """The attn_mask F.scaled_dot_product_attention needs for T queries in columns start..
     over the S = start + T keys so far, or None where none is needed: a fresh causal pass
     says is_causal=True instead (the flash kernels' fast path), and one new token may see
     every key before it.
 
-    keep (B, S) marks real keys (False = padding): a boolean mask (B, 1, T, S). slopes turn
-    on ALiBi: a float mask of -slope * distance, -inf where a key may not be seen.
+    keep (B, S) marks real keys (False = padding): a boolean mask (B, 1, T, S), in which a
+    padding query sees itself, so that no row is empty (an empty row's softmax is NaN,
+    and NaN times a zero weight is still NaN in the next layer). slopes turn on ALiBi: a
+    float mask of -slope * distance, -inf where a key may not be seen.
     """
     S = start + T
     if slopes is None and keep is None and not (causal and start > 0 and T > 1):
@@ -160,7 +173,7 @@ def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
     k_pos = torch.arange(S, device=device)[None, :]
     visible = (k_pos <= q_pos) if causal else torch.ones(T, S, dtype=torch.bool, device=device)  # (T, S)
     if keep is not None:
-        visible = visible & keep[:, None, None, :]  # (B, 1, T, S)
+        visible = visible & keep[:, None, None, :] | (k_pos == q_pos)  # (B, 1, T, S)
     if slopes is None:
         return visible
     bias = -slopes.to(device)[:, None, None] * (q_pos - k_pos).abs()  # (nh, T, S)
@@ -195,6 +208,7 @@ class KVCache:
         self.sums = [None] * config.n_layer   # linear attention: (kv, z) per layer
         self.cross = [None] * config.n_layer  # encdec: cross-attention (k, v) per layer
         self.memory = None                    # encdec: the encoder's output
+        self.pad = None                       # (B,): padding tokens on the left of each row, or None
         self.pos = 0
 
     def update(self, layer, k, v):
@@ -203,6 +217,15 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def keep_rows(self, rows):
+        """Only these rows (a tensor of indices) from now on: the others have finished."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.sums = [None if s is None else (s[0][rows], s[1][rows]) for s in self.sums]
+        self.cross = [None if c is None else (c[0][rows], c[1][rows]) for c in self.cross]
+        self.memory = None if self.memory is None else self.memory[rows]
+        self.pad = None if self.pad is None else self.pad[rows]
 
 
 # ----------------------------------------------------------------------------------
@@ -301,7 +324,6 @@ class Embedding(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.block_size = config.block_size
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
         self.register_buffer("sinusoid", sinusoid_table(config.block_size, config.n_embd)
@@ -309,16 +331,13 @@ class Embedding(nn.Module):
         self.wle = nn.Embedding(config.n_labels, config.n_embd) if config.arch == "conditional" else None
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, idx, start=0, labels=None):
-        """idx (B, T) at positions start..start+T; labels (B,) or (B, T) -> (B, T, C)."""
-        T = idx.size(1)
-        if start + T > self.block_size:  # past the positions every kind of attention was trained on
-            raise ValueError(f"input of {start + T} tokens is longer than block_size={self.block_size}")
+    def forward(self, idx, pos, labels=None):
+        """idx (B, T) at positions pos (T,) or (B, T); labels (B,) or (B, T) -> (B, T, C)."""
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos)
         elif self.sinusoid is not None:  # as in the paper: embeddings of std d^-1/2 (see init_weights),
-            x = x * math.sqrt(x.size(-1)) + self.sinusoid[start:start + T]  # times sqrt(d), meet a table of ~1
+            x = x * math.sqrt(x.size(-1)) + self.sinusoid[pos]  # times sqrt(d), meet a table of ~1
         if self.wle is not None and labels is not None:  # no label: a representation for retrieval
             label = self.wle(labels)
             x = x + (label[:, None, :] if labels.dim() == 1 else label)
@@ -342,13 +361,13 @@ class Stack(nn.Module):
         self.register_buffer("slopes", alibi_slopes(config.n_head) if config.pos == "alibi" else None,
                              persistent=False)
 
-    def forward(self, x, start=0, cache=None, keep=None, memory=None, memory_keep=None):
-        """x (B, T, C) at positions start..start+T -> (B, T, C). keep (B, S): real keys;
-        memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
+    def forward(self, x, pos, start=0, cache=None, keep=None, memory=None, memory_keep=None):
+        """x (B, T, C) in columns start..start+T, at positions pos (see positions()) -> (B, T, C).
+        keep (B, S): real keys; memory (B, S, C) and memory_keep (B, S): what cross-attention reads."""
         T = x.size(1)
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.rope_cos is not None else None
-        if self.linear:  # linear attention is causal by its running sums: it needs only the padding
-            mask, is_causal = keep, False
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.rope_cos is not None else None
+        if self.linear:  # causal by its running sums (the earlier keys are in them): only this pass's padding
+            mask, is_causal = (keep[:, -T:] if keep is not None else None), False
         else:
             mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
             is_causal = mask is None and self.causal and T > 1
@@ -453,29 +472,38 @@ class GPT(Model):
         self.make_head(self.embed.wte)
         self.init_weights()
 
-    def forward(self, idx, targets=None, cache=None, labels=None):
+    def forward(self, idx, targets=None, cache=None, labels=None, pad=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean loss if targets are given.
-        labels (conditional): the control label of each row (B,) or position (B, T)."""
+        labels (conditional): the control label of each row (B,) or position (B, T).
+        pad (B,): rows of different lengths, each after this many padding tokens on its left."""
         if self.config.arch == "conditional" and labels is None:
             raise ValueError("arch='conditional' needs the control labels of its input")
-        return self.head(self.hidden(idx, cache, labels), targets, every_position=not self.causal)
+        return self.head(self.hidden(idx, cache, labels, pad), targets, every_position=not self.causal)
 
-    def hidden(self, idx, cache=None, labels=None):
+    def hidden(self, idx, cache=None, labels=None, pad=None):
         """idx (B, T) -> final hidden states (B, T, C)."""
         start = cache.pos if cache is not None else 0
-        x = self.embed(idx, start, labels)  # (B, T, C)
-        return self.body(x, start, cache)
+        if cache is not None and start == 0:
+            cache.pad = pad  # the first pass sets the rows' padding for the whole generation
+        pad = cache.pad if cache is not None else pad
+        pos = positions(start, idx.size(1), self.config.block_size, pad, idx.device)
+        x = self.embed(idx, pos, labels)  # (B, T, C)
+        keep = None if pad is None else torch.arange(start + idx.size(1), device=idx.device) >= pad[:, None]
+        return self.body(x, pos, start, cache, keep)
 
-    def next_logits(self, idx, cache, use_cache, labels=None):
-        """The logits after idx (B, vocab); labels (conditional): one per row (B,). The cache holds
-        the whole context; once the sequence outgrows block_size the window slides and the cache
-        is rebuilt from the window, so the output is the same token for token as without a cache."""
+    def next_logits(self, idx, cache, use_cache, labels=None, pad=None):
+        """The logits after idx (B, vocab); labels (conditional): one per row (B,); pad (B,): each
+        row's padding on the left. The cache holds the whole context; once the sequence outgrows
+        block_size the window slides and the cache is rebuilt from the window, so the output is
+        the same token for token as without a cache."""
         window = idx[:, -self.config.block_size:]
+        if pad is not None:  # the padding that slid out of the window
+            pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
         if not use_cache:
-            logits, _ = self(window, labels=labels)
+            logits, _ = self(window, labels=labels, pad=pad)
         elif cache is None or cache.pos + 1 > self.config.block_size:
             cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
-            logits, _ = self(window, cache=cache, labels=labels)
+            logits, _ = self(window, cache=cache, labels=labels, pad=pad)
         else:
             logits, _ = self(idx[:, -1:], cache=cache, labels=labels)
         return logits[:, -1], cache
@@ -496,8 +524,9 @@ def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
     """
     dtype = v.dtype
     q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
-    if keep is not None:
-        k = k * keep[:, None, :, None]  # padding contributes nothing
+    if keep is not None:  # padding contributes nothing (filled, not multiplied: it may hold NaN)
+        k = k.masked_fill(~keep[:, None, :, None], 0.0)
+        v = v.masked_fill(~keep[:, None, :, None], 0.0)
     B, nh, T, hs = q.shape
     if state is None:
         state = (q.new_zeros(B, nh, hs, hs), q.new_zeros(B, nh, hs))
@@ -521,7 +550,7 @@ def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
 
 class LinearAttention(Attention):
     """Attention's weights and projections, mixed by linear_attention. Causal or not is the
-    module's own; mask is the keys' padding (B, S), True = real."""
+    module's own; mask is the padding of this pass's keys (B, T), True = real."""
 
     def __init__(self, config, causal):
         super().__init__(config)
@@ -622,7 +651,8 @@ class EncoderDecoder(Model):
 
     def encode(self, src, src_mask=None):
         """src (B, S) -> (B, S, C); src_mask (B, S) marks real tokens (False = padding)."""
-        return self.encoder(self.embed(src), keep=src_mask)
+        pos = positions(0, src.size(1), self.config.block_size, device=src.device)
+        return self.encoder(self.embed(src, pos), pos, keep=src_mask)
 
     def forward(self, src, idx, targets=None, cache=None, src_mask=None):
         """src (B, S) and the decoder's input idx (B, T) -> logits (B, T, vocab), and the loss."""
@@ -633,7 +663,8 @@ class EncoderDecoder(Model):
             memory = self.encode(src, src_mask)
             if cache is not None:
                 cache.memory = memory
-        x = self.decoder(self.embed(idx, start), start, cache, memory=memory, memory_keep=src_mask)
+        pos = positions(start, idx.size(1), self.config.block_size, device=idx.device)
+        x = self.decoder(self.embed(idx, pos), pos, start, cache, memory=memory, memory_keep=src_mask)
         return self.head(x, targets)
 
     def hidden(self, idx):
@@ -663,6 +694,10 @@ class LSTMCache:
 
     def __init__(self):
         self.hc, self.pos = None, 0
+
+    def keep_rows(self, rows):
+        """Only these rows from now on: the others have finished."""
+        self.hc = tuple(state[:, rows] for state in self.hc)  # (layers, B, C) each
 
 
 class LSTM(Model):

@@ -272,7 +272,7 @@ def test_post_norm_blocks_leave_a_normalized_residual_stream():
     h = post.hidden(x)
     assert torch.allclose(h.mean(dim=-1), torch.zeros(2, 10), atol=1e-5)
     assert torch.allclose(h.std(dim=-1, unbiased=False), torch.ones(2, 10), atol=1e-3)
-    assert not torch.allclose(pre.body.blocks[0](pre.embed(x)).std(dim=-1), torch.ones(2, 10), atol=1e-2)
+    assert not torch.allclose(pre.body.blocks[0](pre.embed(x, torch.arange(10))).std(dim=-1), torch.ones(2, 10), atol=1e-2)
 
 
 def test_experts_are_balanced_by_a_loss_and_bounded_by_capacity_in_training_only():
