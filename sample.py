@@ -7,6 +7,11 @@ What it does follows the run's architecture:
     python sample.py --out_dir=out-mlm --start="The <|mask|> shall indemnify"      # encoder: fill each mask
     python sample.py --out_dir=out-t5 --start="Summarize: ..." --temperature=0     # encdec: the response to start
     python sample.py --out_dir=out-legal-small --embed='docs/*.txt' --query=FILE:q.txt   # retrieval, any arch
+    python sample.py --out_dir=out-legal-small --prompts=prompts.jsonl --stop='["\\n\\n"]' --temperature=0
+    python sample.py --out_dir=out-legal-small --start="WHEREAS" --stream=True --repetition_penalty=1.3
+
+A sample ends at <|endoftext|> (unless --ignore_eos), at a --stop string (not printed), or
+after max_new_tokens. The prompts of --prompts= are generated in one batch.
 
 --embed= embeds documents (a .jsonl file, one per line in its "text" field, or files,
 folders and globs, a file each) as the mean of the model's final hidden states, and
@@ -23,30 +28,41 @@ import torch
 # -----------------------------------------------------------------------------
 out_dir = "out"
 start = "<|endoftext|>"     # prompt text, or FILE:path to read it from a file; the default: a new document
-num_samples = 3
+prompts = ""                # a .jsonl file of prompts, one a line ("a string" or {"prompt": ...}), in one batch
+num_samples = 3             # samples of each prompt
+# decoding (see engine.py)
 max_new_tokens = 300
 temperature = 0.8           # 0 = greedy
 top_k = 200                 # 0 = off
 top_p = 1.0                 # nucleus sampling; 1.0 = off
-seed = 1337
+min_p = 0.0                 # keep tokens at least this times as likely as the likeliest; 0 = off
+repetition_penalty = 1.0    # > 1 discourages tokens already in the prompt or the output; 1.0 = off
+frequency_penalty = 0.0     # subtracted from a token's logit per time it was generated
+presence_penalty = 0.0      # subtracted from a token's logit once it was generated
+stop = ""                   # a string that ends a sample, or several as a JSON list: '["\\n\\n", "WHEREAS"]'
+ignore_eos = False          # go on past <|endoftext|>
+stream = False              # print the text as it is made
+seed = 1337                 # sample i uses seed + i
 use_cache = True            # KV cache (or LSTM state): each new token reads the state of the ones before
 condition = ""              # conditional: the control label to generate under (one of the run's labels)
+# the other architectures' uses, and retrieval
 fill_top_k = 5              # encoder: fillers printed per <|mask|>
 embed = ""                  # documents to embed (see above)
 query = ""                  # with embed: text (or FILE:path) whose nearest documents to print
 num_results = 5
 embed_out = ""              # with embed: write the vectors and document names here (.npz)
+# system
 device = "auto"
 dtype = "auto"
-compile = False
 # -----------------------------------------------------------------------------
 from configurator import check_ranges, configure, fail  # noqa: E402
 configure(globals())
 check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
-                         "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]"})
+                         "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]", "min_p": "[0, 1]",
+                         "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0"})
 
-from engine import embed_documents, generate, rank_by_cosine  # noqa: E402
-from runtime import autocast, load_run, pick_device, pick_dtype, save_atomically  # noqa: E402
+from engine import Engine, check_options, embed_documents, rank_by_cosine  # noqa: E402
+from runtime import save_atomically  # noqa: E402
 
 if embed and not (query or embed_out):
     fail("--embed needs --query= (print the nearest documents) or --embed_out= (save the vectors), or both")
@@ -74,66 +90,76 @@ def read_text(value, what):
     return value
 
 
+def read_prompts(path):
+    """The prompts of a .jsonl file: one a line, a JSON string or an object with a "prompt" string."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        fail(f"cannot read --prompts={path}: {e.strerror}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"--prompts={path} is not JSON Lines of UTF-8 text ({e})")
+    texts = [r.get("prompt") if isinstance(r, dict) else r for r in rows]
+    if not texts or not all(isinstance(t, str) and t.strip() and "\0" not in t for t in texts):
+        fail(f"--prompts={path}: every line must be a non-empty string or an object with a \"prompt\" string")
+    return texts
+
+
+def stop_strings(value):
+    """--stop: one string, or several as a JSON list."""
+    if not value.startswith("["):
+        return [value] if value else []
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        fail(f"--stop={value!r} starts like a JSON list but is not one ({e})")
+
+
 start = read_text(start, "--start")
 query = read_text(query, "--query") if query else ""
+texts = read_prompts(prompts) if prompts else [start]
+options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+               repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+               presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed)
 try:
-    device = pick_device(device)
-    ptdtype = pick_dtype(device, dtype)
-    model, tokenizer, _ = load_run(out_dir, device)
+    check_options(options)
+    engine = Engine.load(out_dir, device, dtype)
 except ValueError as e:
     fail(str(e))
+model, tokenizer = engine.model, engine.tokenizer
 arch, block_size = model.config.arch, model.config.block_size
-generator = torch.Generator(device=device).manual_seed(seed)  # the only randomness in sampling
-if compile:
-    model = torch.compile(model)
-ctx = autocast(device, ptdtype)
+ctx = engine.autocast()
 
 
 def prompt_ids(text):
     """The prompt's ids (special tokens written in it, like <|mask|>, are meant as such); it must fit the context."""
-    ids = tokenizer.encode(text, allow_special=True)
-    if len(ids) > block_size:
-        fail(f"the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: shorten it")
-    return ids
+    try:
+        return engine.prompt_ids(text)
+    except ValueError as e:
+        fail(str(e))
 
 
-def print_samples(rows, prompt, show_prompt=True):
-    """Each row's new tokens up to the end of its document, after the prompt text if show_prompt."""
-    for row in rows:
-        new = row[len(prompt):]
-        if tokenizer.eot_id in new:  # a document ended: stop there
-            new = new[:new.index(tokenizer.eot_id)]
-        # prompt and continuation decoded together: a piece may join the prompt's last word (wordpiece "##")
-        print(tokenizer.decode(prompt + new if show_prompt else new))
-        print("-" * 40)
-
-
-def continue_text():
-    """gpt, conditional, lstm: continue the prompt."""
-    inputs = {}
-    if arch == "conditional":
-        with open(os.path.join(out_dir, "meta.json")) as f:
-            names = json.load(f)["labels"]
-        if condition not in names:
-            fail(f"--condition={condition!r} is not one of this run's labels: {', '.join(names)}")
-        inputs["labels"] = torch.full((num_samples,), names.index(condition), device=device)
-    ids = prompt_ids(start)
-    x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    with ctx:
-        y = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           use_cache=use_cache, generator=generator, vocab_limit=tokenizer.vocab_size, **inputs)
-    print_samples(y.tolist(), ids, show_prompt=ids != [tokenizer.eot_id])  # a new document: no prompt to show
-
-
-def respond():
-    """encdec: the response to the prompt, written by the decoder from <|bos|>."""
-    src = torch.tensor([prompt_ids(start)] * num_samples, dtype=torch.long, device=device)
-    bos = torch.full((num_samples, 1), tokenizer.bos_id, dtype=torch.long, device=device)
-    with ctx:
-        y = generate(model, bos, min(max_new_tokens, block_size - 1), temperature=temperature, top_k=top_k,
-                           top_p=top_p, use_cache=use_cache, generator=generator,
-                           vocab_limit=tokenizer.vocab_size, src=src)
-    print_samples(y.tolist(), [tokenizer.bos_id], show_prompt=False)
+def write():
+    """gpt, conditional, lstm: continue each prompt; encdec: answer it. Each sample after its prompt
+    (none for a new document, nor for encdec, whose prompt is the source), then a line of dashes."""
+    for text in texts:
+        prompt_ids(text)  # fits the context, or a clear error
+    batch = [text for text in texts for _ in range(num_samples)]
+    shown = ["" if arch == "encdec" or prompt_ids(text) == [tokenizer.eot_id] else tokenizer.decode(prompt_ids(text))
+             for text in batch]
+    try:
+        if stream:  # one sample at a time, each with the seed it has in the batch
+            for i, (text, prompt) in enumerate(zip(batch, shown)):
+                print(prompt, end="", flush=True)
+                for piece in engine.stream(text, condition, use_cache, **{**options, "seed": seed + i}):
+                    print(piece, end="", flush=True)
+                print("\n" + "-" * 40)
+            return
+        for completion, prompt in zip(engine.generate(batch, condition, use_cache, **options), shown):
+            print(prompt + completion.text)
+            print("-" * 40)
+    except ValueError as e:  # a condition that is not one of the run's labels
+        fail(f"--{e}" if str(e).startswith("condition=") else str(e))
 
 
 def fill_masks():
@@ -143,14 +169,16 @@ def fill_masks():
     if not where:
         fail("an encoder fills in masks: put <|mask|> in --start where a word is missing")
     with torch.no_grad(), ctx:
-        logits, _ = model(torch.tensor([ids], device=device))
+        logits, _ = model(torch.tensor([ids], device=model.lm_head.weight.device))
+    logits = logits[0, :, :tokenizer.vocab_size].float()
+    logits[:, list(tokenizer.special.values())] = -float("inf")  # a filler is a piece of text, never a marker
     for n, i in enumerate(where, 1):
-        probs = logits[0, i, :tokenizer.vocab_size].float().softmax(dim=-1)
+        probs = logits[i].softmax(dim=-1)
         best = torch.topk(probs, fill_top_k)
         fillers = ", ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for p, t in zip(best.values.tolist(),
                                                                                  best.indices.tolist()))
         print(f"mask {n}: {fillers}")
-    best = logits[0, :, :tokenizer.vocab_size].argmax(dim=-1).tolist()
+    best = logits.argmax(dim=-1).tolist()
     print(tokenizer.decode([best[i] if i in where else t for i, t in enumerate(ids)]))
 
 
@@ -204,7 +232,5 @@ if embed:
     retrieve()
 elif arch == "encoder":
     fill_masks()
-elif arch == "encdec":
-    respond()
 else:
-    continue_text()
+    write()

@@ -422,6 +422,15 @@ BAD_INPUTS = {
     "sample: negative temperature": ("sample.py", lambda w: w.sample("--temperature=-1"),
                                      ["temperature must be >= 0"]),
     "sample: top_p 0": ("sample.py", lambda w: w.sample("--top_p=0"), ["top_p must be in (0, 1]"]),
+    "sample: stop list not strings": ("sample.py", lambda w: w.sample("--stop=[1, 2]"),
+                                      ["stop must be a list of non-empty strings"]),
+    "sample: stop not a JSON list": ("sample.py", lambda w: w.sample("--stop=[oops"), ["is not one"]),
+    "sample: negative penalty": ("sample.py", lambda w: w.sample("--presence_penalty=-1"),
+                                 ["presence_penalty must be >= 0"]),
+    "sample: prompts file missing": ("sample.py", lambda w: w.sample(f"--prompts={w.tmp / 'no.jsonl'}"),
+                                     ["cannot read --prompts="]),
+    "sample: prompts line not a prompt": ("sample.py", lambda w: w.write("p.jsonl", '{"text": 3}\n').sample(
+        f"--prompts={w.tmp / 'p.jsonl'}"), ['must be a non-empty string or an object with a "prompt" string']),
     "sample: cuda without CUDA": ("sample.py", lambda w: w.sample("--device=cuda"), ["no CUDA device"]),
     "sample: checkpoint from another vocabulary": ("sample.py", lambda w: w.edit_checkpoint(
         smaller_vocabulary).sample(), ["vocabulary of 64 tokens"]),

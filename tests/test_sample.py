@@ -115,6 +115,8 @@ def test_an_encoder_prints_the_likeliest_fillers_of_each_mask(arch_run):
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1
     assert lines[2].startswith("The") and "<|mask|>" not in lines[2]  # the sentence with the best fillers
+    many = run_script("sample.py", f"--out_dir={arch_run('encoder')}", "--start=The <|mask|> shall", "--fill_top_k=60")
+    assert many.returncode == 0 and "<|" not in many.stdout.splitlines()[0]  # no special token among 60 fillers
     assert_clear_error(run_in_process("sample.py", f"--out_dir={arch_run('encoder')}", "--start=No mask here"),
                        "put <|mask|> in --start")
 
@@ -163,3 +165,33 @@ def test_a_licenses_own_text_ranks_it_first_among_the_built_in_licenses(run_alon
     # links (GPL -> GPL-3) are one document, not two
     assert len(saved["names"]) == len({os.path.realpath(f"{LICENSES}/{n}") for n in names}) == len(saved["vectors"])
     assert saved["vectors"].shape[1] == 64 and not (tmp_path / "licenses.npz.tmp").exists()
+
+
+# ---- decoding options ------------------------------------------------------------------------
+
+def test_a_stop_string_ends_each_sample_before_it(run_alone):
+    args = [f"--out_dir={run_alone}", "--start=The Licensee shall", "--temperature=0", "--num_samples=1",
+            "--max_new_tokens=40", "--ignore_eos=True", "--dtype=float32"]
+    free = samples(run_script("sample.py", *args).stdout)[0]
+    stop = free[len("The Licensee shall") + 4:][:3]
+    cut = run_script("sample.py", *args, f"--stop={stop}")
+    assert cut.returncode == 0, cut.stderr
+    assert samples(cut.stdout)[0] == free[:free.index(stop, len("The Licensee shall"))]
+
+
+def test_prompts_of_a_file_in_one_batch_give_what_each_gives_alone(run_alone, tmp_path):
+    texts = ["The Licensee shall", "SECTION 3. The", "In witness whereof the parties"]
+    (tmp_path / "p.jsonl").write_text('"The Licensee shall"\n{"prompt": "SECTION 3. The"}\n'
+                                      '"In witness whereof the parties"\n')
+    args = [f"--out_dir={run_alone}", "--temperature=0", "--num_samples=1", "--max_new_tokens=30", "--dtype=float32"]
+    batch = run_script("sample.py", *args, f"--prompts={tmp_path / 'p.jsonl'}")
+    assert batch.returncode == 0, batch.stderr
+    alone = [samples(run_script("sample.py", *args, f"--start={t}").stdout)[0] for t in texts]
+    assert samples(batch.stdout) == alone
+
+
+def test_streamed_samples_are_the_samples_printed_at_once(run_alone):
+    args = [f"--out_dir={run_alone}", "--start=The Tenant", "--num_samples=2", "--max_new_tokens=40", "--seed=3"]
+    at_once, streamed = run_script("sample.py", *args), run_script("sample.py", *args, "--stream=True")
+    assert streamed.returncode == 0, streamed.stderr
+    assert samples(streamed.stdout) == samples(at_once.stdout)
