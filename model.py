@@ -263,8 +263,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every token so far
-        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        # enable_gqa: each key/value head serves its group of query heads without being copied
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
@@ -632,8 +632,8 @@ class CrossAttention(Attention):
             v = v.view(B, S, self.n_kv_head, self.head_size).transpose(1, 2)
             if cache is not None:
                 cache.cross[layer] = (k, v)
-        k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
