@@ -26,6 +26,11 @@ generation latency and training memory of each, as a table; with --readme=PATH a
 written into that file between the lines <!-- study:begin --> and <!-- study:end -->:
 
     python bench.py --what=study --readme=docs/study.md
+
+How fast a trained run writes: time to the first token and new tokens/s, with and
+without the cache, at each batch size, in fp32 and (where the device has the units) bf16:
+
+    python bench.py --what=decode --out_dir=out-legal-small
 """
 
 import glob
@@ -65,7 +70,7 @@ compare = False             # run the configured path and the fp32 eager baselin
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare | attention | study
+what = "train"              # train | tokenizers | prepare | attention | study | decode
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
@@ -86,6 +91,10 @@ gen_prompt_tokens = 64      # generation latency: prompt (the start of the val s
 gen_new_tokens = 64         # this many new tokens, greedy, with the model's cache
 gen_batch_sizes = "1,32"
 readme = ""                 # study: a file to write the table into, between its study markers ("" = none)
+# decode: how fast a trained run writes, from a prompt until its context is full
+out_dir = ""                # decode: the run
+decode_prompt_tokens = 32
+decode_batch_sizes = "1,16"  # the cache's speed at each; without the cache, batch 1 only
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
@@ -617,8 +626,63 @@ def bench_study():
                       "device": where, "dtype": dtype_name, "readme": readme}))
 
 
+# ---- decode: generation speed of a trained run ------------------------------------------------
+
+def bench_decode():
+    """Greedy decoding from a decode_prompt_tokens prompt (random ids) until the context is full,
+    per precision, batch size and cache: time to the first token and new tokens/s (medians)."""
+    from engine import generate
+    from runtime import autocast, load_run, pick_dtype
+    if not out_dir:
+        fail("--what=decode needs --out_dir=RUN, a trained run")
+    batches = positive_ints("decode_batch_sizes", decode_batch_sizes)
+    try:
+        where, _ = device_and_dtype()
+        model, tok, _ = load_run(out_dir, where)
+    except ValueError as e:
+        fail(str(e))
+    arch, block = model.config.arch, model.config.block_size
+    if arch not in ("gpt", "conditional", "lstm"):
+        fail(f"--what=decode times next-token models (gpt, conditional, lstm), not {arch!r}")
+    if not 1 <= decode_prompt_tokens < block or repeats < 1:
+        fail(f"decode_prompt_tokens must be from 1 to {block - 1} (the run's context), repeats at least 1")
+    new = block - decode_prompt_tokens
+    precisions = {"float32": torch.float32}
+    if pick_dtype(where, "auto") != torch.float32:  # bf16 (fp16) where the device has the units
+        precisions[str(pick_dtype(where, "auto")).removeprefix("torch.")] = pick_dtype(where, "auto")
+    rows = []
+    for name, ptdtype in precisions.items():
+        for batch, cache in [(b, True) for b in batches] + [(1, False)]:
+            generator = torch.Generator().manual_seed(seed)
+            prompt = torch.randint(0, tok.vocab_size, (batch, decode_prompt_tokens), generator=generator).to(where)
+            inputs = {"labels": torch.zeros(batch, dtype=torch.long, device=where)} if arch == "conditional" else {}
+
+            def write(n):
+                with autocast(where, ptdtype):
+                    generate(model, prompt, n, temperature=0, use_cache=cache, vocab_limit=tok.vocab_size, **inputs)
+                sync(where)
+            first = median_seconds(lambda: write(1), repeats)
+            whole = median_seconds(lambda: write(new), repeats)
+            rows.append({"dtype": name, "batch": batch, "cache": cache, "first_token_ms": round(1000 * first, 1),
+                         "tok_per_s": round(batch * new / whole, 1)})
+            print(f"{name:>9} batch {batch:>3} {'cache' if cache else 'no cache':>8}: first token "
+                  f"{1000 * first:7.1f} ms, {batch * new / whole:8.1f} new tokens/s", flush=True)
+
+    def speed(name, batch, cache):
+        return next(r["tok_per_s"] for r in rows if (r["dtype"], r["batch"], r["cache"]) == (name, batch, cache))
+    ratios = {"cache_over_no_cache": round(speed("float32", 1, True) / speed("float32", 1, False), 2),
+              f"batch_{batches[-1]}_over_batch_{batches[0]}": round(speed("float32", batches[-1], True)
+                                                                     / speed("float32", batches[0], True), 2)}
+    for name in list(precisions)[1:]:
+        ratios[f"{name}_over_float32"] = round(speed(name, 1, True) / speed("float32", 1, True), 2)
+    print(f"{decode_prompt_tokens}-token prompt, {new} new tokens, greedy, medians of {repeats}; "
+          f"{machine(where)}, torch {torch.__version__}: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    print(json.dumps({"run": out_dir, "prompt_tokens": decode_prompt_tokens, "new_tokens": new, "rows": rows,
+                      "ratios": ratios, "device": where}))
+
+
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
-         "study": bench_study}
+         "study": bench_study, "decode": bench_decode}
 if what != "train" and what not in MODES:
     fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
 if what in MODES:
