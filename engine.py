@@ -26,6 +26,12 @@ A library: importing it runs nothing. The decoding options, the same for every c
                         the start of one
     ignore_eos          go on past <|endoftext|> (by default it ends the output)
     seed                row i of a batch samples with seed + i; None = not reproducible
+    num_beams           beam search over this many hypotheses instead of sampling; 1 = off.
+                        Deterministic: it refuses temperature, top_k, top_p and min_p, and
+                        applies the penalties to the beams' scores (see beam_search)
+    length_penalty      beam search: a finished hypothesis scores its summed log-probability
+                        over length ** length_penalty; 1.0 = the mean per token
+    no_repeat_ngram_size  beam search: no n-gram of this size twice in prompt + output; 0 = off
 
 Each prompt becomes a Completion: its text, its new token ids, finish_reason ("stop": an
 end-of-text or a stop string; "length": max_new_tokens) and the token counts.
@@ -55,7 +61,8 @@ class Completion:
 
 
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-                frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None)
+                frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None,
+                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0)
 
 
 def check_options(options):
@@ -77,7 +84,28 @@ def check_options(options):
             raise ValueError(f"{name} must be a number from {low} to {high}, got {value!r}")
     if o["top_p"] == 0 or o["repetition_penalty"] == 0:
         raise ValueError("top_p and repetition_penalty must be above 0")
+    check_beam_options(o, options)
     return o
+
+
+def check_beam_options(o, given):
+    """check_options' part for beam search. given: the options as passed, so that a sampling
+    setting left at its default is no contradiction."""
+    for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0)):
+        if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] < low:
+            raise ValueError(f"{name} must be an integer from {low} up, got {o[name]!r}")
+    penalty = o["length_penalty"]
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {penalty!r}")
+    if o["num_beams"] == 1:
+        if penalty != 1.0 or o["no_repeat_ngram_size"]:
+            raise ValueError("length_penalty and no_repeat_ngram_size are beam search's: set num_beams > 1")
+        return
+    off = {"temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    sampling = [name for name, value in off.items() if given.get(name, value) != value]
+    if sampling:
+        raise ValueError(f"num_beams > 1 is a deterministic search, but {', '.join(sampling)} would sample: "
+                         "leave them out (or at temperature=0, top_k=0, top_p=1, min_p=0)")
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min_p=0.0):
@@ -277,6 +305,96 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
     return torch.cat((idx, new), dim=1)
 
 
+def repeated_ngrams(idx, n, vocab):
+    """(B, vocab): True for each token that would end an n-gram its row of idx (B, T) already holds."""
+    banned = torch.zeros(idx.size(0), vocab, dtype=torch.bool, device=idx.device)
+    for row, seq in enumerate(idx.tolist()):
+        prefix = seq[len(seq) - n + 1:]  # the n - 1 tokens the next n-gram starts with
+        ends = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
+        banned[row, [t for t in ends if t < vocab]] = True
+    return banned
+
+
+@torch.no_grad()
+def beam_search(model, idx, inputs, options, use_cache=True, vocab_limit=None, eot=None):
+    """Beam search over one prompt: idx (1, T) and inputs from batch_of(); options from
+    check_options() (num_beams, length_penalty, no_repeat_ngram_size, max_new_tokens and the
+    penalties). Returns the best hypothesis: (its score, its new token ids, whether it ended
+    with eot, which is not among the ids).
+
+    The num_beams open hypotheses are the rows of one batch. Each step extends every one by
+    every token below vocab_limit and keeps the num_beams likeliest extensions; the cache
+    (KVCache or LSTMCache) follows, each kept row taking its parent's state (keep_rows with
+    repeated rows). A hypothesis's log-probability is the sum of its tokens' log_softmax, taken
+    after the repetition/frequency/presence penalties when they are set; a token that would
+    make an n-gram (n = no_repeat_ngram_size) appear twice in the prompt and the output gets
+    -inf (for encdec: in the decoder's tokens, <|bos|> and the output). An extension by eot
+    that ranks among the num_beams best is finished, and scores
+
+        its log-probability / length ** length_penalty
+
+    where length counts its new tokens, eot included: 0 = the plain sum, which favours short
+    outputs; 1 = the mean per token; more favours longer ones. The open hypotheses at
+    max_new_tokens are scored the same way and compete with the finished ones.
+
+    Early stop: a log-probability only falls as its hypothesis grows, so an open one can still
+    reach at most its sum now over max_new_tokens ** length_penalty (length_penalty > 0) or
+    over (its length + 1) ** length_penalty (otherwise). Once none can beat the best finished
+    hypothesis the search ends: the result is what going on to max_new_tokens would give.
+    """
+    o, beams, penalty = options, options["num_beams"], options["length_penalty"]
+    vocab = vocab_limit or model.config.vocab_size
+    max_new = o["max_new_tokens"]
+    if model.config.arch == "encdec":
+        max_new = min(max_new, model.config.block_size - idx.size(1))  # the decoder's context is not windowed
+    T, device = idx.size(1), idx.device
+    prompt = (inputs["src"] if model.config.arch == "encdec" else idx)[0].tolist()
+    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+    seen[0, [t for t in prompt if t < vocab]] = True
+    counts = torch.zeros(1, vocab, device=device)  # generated tokens, for the frequency/presence penalties
+    scores = torch.zeros(1, device=device)  # (n,) the open hypotheses' log-probabilities
+    best = state = None  # best: the best finished hypothesis so far
+    for step in range(max_new):
+        n = idx.size(0)
+        logits, state = model.next_logits(idx, state, use_cache, **{k: v.expand(n, *v.shape[1:])
+                                                                     for k, v in inputs.items()})
+        logp = F.log_softmax(penalize(logits[:, :vocab].float(), seen, counts, o), dim=-1)  # (n, V)
+        if o["no_repeat_ngram_size"]:
+            logp = logp.masked_fill(repeated_ngrams(idx, o["no_repeat_ngram_size"], vocab), -math.inf)
+        total = (scores[:, None] + logp).view(-1)  # (n * V,) every hypothesis extended by every token
+        top = torch.topk(total, min(2 * beams, total.numel()))  # at most one eot per parent among them
+        kept = []
+        for rank, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            if s == -math.inf or len(kept) == beams:
+                break
+            if i % vocab != eot:
+                kept.append(i)
+            elif rank < beams and (best is None or s / (step + 1) ** penalty > best[0]):
+                best = (s / (step + 1) ** penalty, idx[i // vocab, T:].tolist(), True)
+        if not kept:  # every extension is banned: the open hypotheses end where they are
+            break
+        kept = torch.tensor(kept, device=device)
+        parents, tokens = kept // vocab, kept % vocab
+        idx = torch.cat((idx[parents], tokens[:, None]), dim=1)
+        scores, seen, counts = total[kept], seen[parents], counts[parents]
+        here = torch.arange(len(parents), device=device)
+        seen[here, tokens] = True
+        counts[here, tokens] += 1
+        if state is not None:
+            state.keep_rows(parents)
+        if best is not None:
+            reach = max_new ** penalty if penalty > 0 else (step + 2) ** penalty
+            if max(scores.tolist()) / reach <= best[0]:
+                return best
+    length = idx.size(1) - T
+    if length:
+        final = (scores / length ** penalty).tolist()
+        i = max(range(len(final)), key=final.__getitem__)
+        if best is None or final[i] > best[0]:
+            best = (final[i], idx[i, T:].tolist(), False)
+    return best or (0.0, [], False)
+
+
 @torch.no_grad()
 def embed_documents(model, documents, batch_size=32):
     """Mean-pooled final hidden states, one vector per document (N, C), for retrieval.
@@ -341,17 +459,22 @@ class Engine:
                              f"{self.model.config.block_size}: shorten it")
         return ids
 
-    def steps(self, prompts, condition=None, use_cache=True, **options):
-        """decode() over texts: (rows, the generator of (row, piece))."""
+    def batch(self, prompts, condition=None):
+        """The prompts' ids and the model's inputs for them in one batch: (ids, idx, inputs) (see batch_of)."""
         if self.model.config.arch not in ("gpt", "conditional", "lstm", "encdec"):
             raise ValueError(f"a {self.model.config.arch!r} run does not generate text (it fills masks and embeds)")
-        o = check_options(options)
         ids = [self.prompt_ids(p) for p in prompts]
         idx, inputs = batch_of(self.model, ids, self.tokenizer.pad_id, self.tokenizer.bos_id)
         if self.model.config.arch == "conditional":
             if condition not in self.labels:
                 raise ValueError(f"condition={condition!r} is not one of this run's labels: {', '.join(self.labels)}")
             inputs["labels"] = torch.full((len(ids),), self.labels.index(condition), device=idx.device)
+        return ids, idx, inputs
+
+    def steps(self, prompts, condition=None, use_cache=True, **options):
+        """decode() over texts: (rows, the generator of (row, piece))."""
+        o = check_options(options)
+        ids, idx, inputs = self.batch(prompts, condition)
         generators = [None if o["seed"] is None else torch.Generator(device=idx.device).manual_seed(o["seed"] + i)
                       for i in range(len(ids))]
         rows = [Row(self.tokenizer, p, o["stop"]) for p in ids]
@@ -359,7 +482,10 @@ class Engine:
         return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
 
     def generate(self, prompt, condition=None, use_cache=True, **options):
-        """A Completion of prompt (a text), or a list of them for a list of texts, in one batch."""
+        """A Completion of prompt (a text), or a list of them for a list of texts, in one batch
+        (with num_beams > 1: see beam_completions)."""
+        if check_options(options)["num_beams"] > 1:
+            return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows, steps = self.steps(prompts, condition, use_cache, **options)
         with self.autocast():
@@ -369,10 +495,36 @@ class Engine:
 
     def stream(self, prompt, condition=None, use_cache=True, **options):
         """The new text of one prompt, piece by piece as it is made; the pieces join to generate()'s text."""
+        if check_options(options)["num_beams"] > 1:
+            raise ValueError("beam search (num_beams > 1) knows its text only at the end: it does not stream")
         _, steps = self.steps([prompt], condition, use_cache, **options)
         with self.autocast():
             for _, piece in steps:
                 yield piece
+
+    def beam_completions(self, prompt, condition=None, use_cache=True, **options):
+        """generate() with num_beams > 1: beam_search() over each prompt in turn (its beams are the
+        rows of one batch), and the best hypothesis as its Completion: finish_reason "stop" when it
+        ended with end-of-text, "length" otherwise; its text is cut before the first stop string
+        (the stop strings do not steer the search)."""
+        o = check_options(options)
+        eot = None if o["ignore_eos"] else self.tokenizer.eot_id
+        done = []
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            ids, idx, inputs = self.batch([text], condition)
+            with self.autocast():
+                _, new, ended = beam_search(self.model, idx, inputs, o, use_cache, self.tokenizer.vocab_size, eot)
+            row = Row(self.tokenizer, ids[0], o["stop"])
+            for t in new:
+                row.generated += 1
+                row.add(t)
+                if row.finish_reason:  # a stop string: the text ends before it
+                    break
+            else:
+                row.generated += ended  # the end-of-text token
+                row.finish("stop" if ended else "length")
+            done.append(Completion(row.text, row.ids, row.finish_reason, len(row.prompt), row.generated))
+        return done[0] if isinstance(prompt, str) else done
 
     @torch.no_grad()
     def embed(self, texts):

@@ -9,6 +9,7 @@ What it does follows the run's architecture:
     python sample.py --out_dir=out-legal-small --embed='docs/*.txt' --query=FILE:q.txt   # retrieval, any arch
     python sample.py --out_dir=out-legal-small --prompts=prompts.jsonl --stop='["\\n\\n"]' --temperature=0
     python sample.py --out_dir=out-legal-small --start="WHEREAS" --stream=True --repetition_penalty=1.3
+    python sample.py --out_dir=out-legal-small --start="WHEREAS" --num_beams=4 --no_repeat_ngram_size=3
 
 A sample ends at <|endoftext|> (unless --ignore_eos), at a --stop string (not printed), or
 after max_new_tokens. The prompts of --prompts= are generated in one batch.
@@ -39,6 +40,9 @@ min_p = 0.0                 # keep tokens at least this times as likely as the l
 repetition_penalty = 1.0    # > 1 discourages tokens already in the prompt or the output; 1.0 = off
 frequency_penalty = 0.0     # subtracted from a token's logit per time it was generated
 presence_penalty = 0.0      # subtracted from a token's logit once it was generated
+num_beams = 1               # > 1: beam search instead of sampling, one result per prompt; 1 = off
+length_penalty = 1.0        # beam search: a finished hypothesis scores its log-probability / length ** this
+no_repeat_ngram_size = 0    # beam search: no n-gram of this size twice in prompt + output; 0 = off
 stop = ""                   # a string that ends a sample, or several as a JSON list: '["\\n\\n", "WHEREAS"]'
 ignore_eos = False          # go on past <|endoftext|>
 stream = False              # print the text as it is made
@@ -55,6 +59,7 @@ embed_out = ""              # with embed: write the vectors and document names h
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
+sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)  # the defaults, for beam search
 from configurator import check_ranges, configure, fail  # noqa: E402
 configure(globals())
 check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
@@ -66,6 +71,8 @@ from runtime import save_atomically  # noqa: E402
 
 if embed and not (query or embed_out):
     fail("--embed needs --query= (print the nearest documents) or --embed_out= (save the vectors), or both")
+if stream and num_beams > 1:
+    fail("--stream prints the text as it is made, but beam search (--num_beams > 1) has it only at the end")
 
 
 def read_text(value, what):
@@ -120,7 +127,10 @@ query = read_text(query, "--query") if query else ""
 texts = read_prompts(prompts) if prompts else [start]
 options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-               presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed)
+               presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed,
+               num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+if num_beams > 1:  # beam search does not sample: the sampling settings count only when set away from their defaults
+    options = {k: v for k, v in options.items() if not (k in sampling and v == sampling[k])}
 try:
     check_options(options)
     engine = Engine.load(out_dir, device, dtype)
@@ -144,7 +154,7 @@ def write():
     (none for a new document, nor for encdec, whose prompt is the source), then a line of dashes."""
     for text in texts:
         prompt_ids(text)  # fits the context, or a clear error
-    batch = [text for text in texts for _ in range(num_samples)]
+    batch = [text for text in texts for _ in range(num_samples if num_beams == 1 else 1)]  # beam search: one result
     shown = ["" if arch == "encdec" or prompt_ids(text) == [tokenizer.eot_id] else tokenizer.decode(prompt_ids(text))
              for text in batch]
     try:
