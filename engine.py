@@ -32,9 +32,14 @@ A library: importing it runs nothing. The decoding options, the same for every c
     length_penalty      beam search: a finished hypothesis scores its summed log-probability
                         over length ** length_penalty; 1.0 = the mean per token
     no_repeat_ngram_size  beam search: no n-gram of this size twice in prompt + output; 0 = off
+    choices             a list of strings: the output is the one the model finds likeliest
+                        after the prompt, with no decoding (see choice_log_likelihoods)
+    regex               a pattern the output must match: only tokens that keep the text a
+                        possible start of a full match are allowed (see RegexMask); None = off
 
 Each prompt becomes a Completion: its text, its new token ids, finish_reason ("stop": an
-end-of-text or a stop string; "length": max_new_tokens) and the token counts.
+end-of-text or a stop string; "length": max_new_tokens) and the token counts (with choices:
+each choice's log-likelihood too).
 
 Prompts of different lengths share one batch: they are padded on the left, each row keeps
 its own positions, and padding is never attended to (the LSTM reads each prompt alone and
@@ -42,6 +47,7 @@ then steps the rows together). A row that finishes leaves the batch and costs no
 compute. Each row's output is the same as its prompt's alone.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,11 +64,12 @@ class Completion:
     finish_reason: str       # "stop" (end-of-text or a stop string) | "length" (max_new_tokens)
     prompt_tokens: int
     completion_tokens: int   # tokens generated, with the end-of-text token that ended it
+    choice_scores: list = None  # choices=: each choice's log-likelihood (nats), in their order
 
 
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None,
-                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0)
+                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None)
 
 
 def check_options(options):
@@ -85,6 +92,7 @@ def check_options(options):
     if o["top_p"] == 0 or o["repetition_penalty"] == 0:
         raise ValueError("top_p and repetition_penalty must be above 0")
     check_beam_options(o, options)
+    check_constraint_options(o)
     return o
 
 
@@ -106,6 +114,29 @@ def check_beam_options(o, given):
     if sampling:
         raise ValueError(f"num_beams > 1 is a deterministic search, but {', '.join(sampling)} would sample: "
                          "leave them out (or at temperature=0, top_k=0, top_p=1, min_p=0)")
+
+
+def check_constraint_options(o):
+    """check_options' part for choices= and regex=."""
+    choices, pattern = o["choices"], o["regex"]
+    if o["num_beams"] > 1 and (choices is not None or pattern is not None):
+        raise ValueError("choices and regex do not go with beam search (num_beams > 1)")
+    if choices is not None and (not isinstance(choices, (list, tuple)) or not choices
+                                or not all(isinstance(c, str) and c for c in choices)):
+        raise ValueError(f"choices must be a list of non-empty strings, got {choices!r}")
+    if pattern is None:
+        return
+    if not isinstance(pattern, str):
+        raise ValueError(f"regex must be a string, got {pattern!r}")
+    import regex
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"regex={pattern!r} does not compile: {e}") from None
+    if choices is not None:
+        raise ValueError("choices and regex do not go together: choices already fixes the whole answer")
+    if o["ignore_eos"]:
+        raise ValueError("regex ends the output at end-of-text once the text matches: leave ignore_eos off")
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min_p=0.0):
@@ -152,6 +183,7 @@ class Row:
         self.start = self.offset = len(self.context)  # decode from start; text before offset is out
         self.ids, self.text, self.sent = [], "", 0
         self.finish_reason, self.generated = None, 0
+        self.scores = None  # choices=: each choice's log-likelihood
 
     def add(self, token):
         """Take one new token; returns the text that is now certain (maybe "")."""
@@ -242,6 +274,7 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
     counts = torch.zeros(B, vocab, device=device)  # generated tokens, for the frequency/presence penalties
     active = list(range(B))  # the rows still in the batch, by their place in idx
     state = first = None
+    spelling = RegexMask(o["regex"], rows[0].tokenizer, eot, o["temperature"] == 0) if o["regex"] else None
     if model.config.arch == "lstm" and len({len(row.prompt) for row in rows}) > 1:
         if not use_cache:
             raise ValueError("an LSTM batches prompts of different lengths only with use_cache=True")
@@ -252,6 +285,8 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
         else:
             logits, state = model.next_logits(idx, state, use_cache, **inputs)
         logits = penalize(logits[:, :vocab].float(), seen, counts, o)
+        if spelling is not None:
+            logits = spelling(logits, [rows[i] for i in active])
         token = sample_next(logits, o["temperature"], o["top_k"], o["top_p"], [generators[i] for i in active],
                             o["min_p"])  # (b, 1)
         idx = torch.cat((idx, token), dim=1)
@@ -424,6 +459,169 @@ def rank_by_cosine(query, vectors):
     return order, similarity[order]
 
 
+# ----------------------------------------------------------------------------------
+# Constrained generation: choices= (the likeliest of a few given answers) and regex= (only
+# text that can still become a match of a pattern).
+
+@torch.no_grad()
+def choice_log_likelihoods(model, prompt, choices, vocab, label=None, bos_id=0):
+    """The log-likelihood (nats) of each choice right after prompt (lists of token ids): the sum
+    of its tokens' log-probabilities over the first vocab ids, as generation draws them. The
+    sum, not the mean per token: the plain likelihood of the whole answer, so of two choices
+    the model finds as likely per token, the shorter wins. One forward pass for all choices:
+    decoders read prompt + choice, the rows padded on the right (a causal model never looks
+    right); encdec reads the prompt as its source and each choice after <|bos|>, teacher-forced.
+    label (conditional): the control label, a 0-d tensor."""
+    device = next(model.parameters()).device
+    encdec = model.config.arch == "encdec"
+    given = [bos_id] if encdec else list(prompt)  # what each row reads before its choice
+    rows = [given + c for c in choices]
+    T = max(map(len, rows)) - 1
+    if model.config.arch != "lstm" and T > model.config.block_size:
+        raise ValueError(f"the prompt and its longest choice need a context of {T} tokens, longer than the "
+                         f"model's {model.config.block_size}: shorten them")
+    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)  # (n, T)
+    targets = torch.full_like(idx, -1)  # each row's choice, where the model predicts it
+    for i, r in enumerate(rows):
+        idx[i, :len(r) - 1] = torch.tensor(r[:-1])
+        targets[i, len(given) - 1:len(r) - 1] = torch.tensor(r[len(given):])
+    if encdec:
+        logits, _ = model(torch.tensor([prompt], device=device).expand(len(rows), -1), idx, targets)
+    elif label is not None:
+        logits, _ = model(idx, targets, labels=label.expand(len(rows)))
+    else:
+        logits, _ = model(idx, targets)
+    logp = F.log_softmax(logits[..., :vocab].float(), dim=-1)  # (n, T, vocab)
+    picked = logp.gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(targets >= 0, picked, 0.0).sum(dim=1).tolist()
+
+
+@functools.lru_cache(maxsize=4)  # reading the vocabulary costs more than decoding a short constrained answer
+def token_bytes(tokenizer):
+    """(the UTF-8 bytes each id adds to a text, None for the special tokens and <|unk|>;
+    {first byte: the ids whose bytes begin with it}). A ValueError for wordpiece, whose
+    tokens' text depends on their neighbours (the spaces it puts between words)."""
+    kind = tokenizer.kind
+    if kind in ("bpe", "gpt2"):
+        spell = tokenizer.enc.decode_single_token_bytes
+    elif kind == "byte":
+        def spell(t):
+            return bytes([t])
+    elif kind == "char":
+        def spell(t):
+            return tokenizer.pieces[t].encode()
+    elif kind in ("sentencepiece", "unigram"):
+        sp = tokenizer.sp
+
+        def spell(t):  # a byte-fallback piece is "<0xNN>"; "▁" is SentencePiece's space
+            piece = sp.id_to_piece(t)
+            return bytes([int(piece[3:5], 16)]) if sp.is_byte(t) else piece.replace("\u2581", " ").encode()
+    else:
+        raise ValueError(f"regex needs tokens that each spell a fixed text; a {kind} tokenizer's do not")
+    special = set(tokenizer.special.values())
+    pieces = [None if t in special else spell(t) for t in range(tokenizer.vocab_size)]
+    by_first = {}
+    for t, piece in enumerate(pieces):
+        if piece:
+            by_first.setdefault(piece[0], []).append(t)
+    return pieces, by_first
+
+
+class RegexMask:
+    """regex=: the tokens that keep each row's new text a possible start of a full match of the
+    pattern (the regex module's partial matching) stay; the others get -inf before sampling,
+    so top_k, top_p and min_p choose among the allowed tokens.
+
+    When it ends: end-of-text is allowed once the text is a full match, and ends the output
+    ("stop"); when no token can continue the text (the pattern is complete, like a date, or no
+    token spells what must come next) end-of-text is all that is left. When max_new_tokens runs
+    out first ("length") the text is the start of a match. A token that stops inside a
+    character (a byte of "§") is allowed only when a character written in the pattern can
+    complete it; any other character must come whole in one token.
+
+    Greedy decoding tries tokens from the likeliest down until one fits. Sampling needs every
+    token that fits: the tokens are grouped by their first byte, a group is skipped when its
+    first byte cannot follow, and the allowed set is kept per text for rows that reach it again.
+    """
+
+    def __init__(self, pattern, tokenizer, eot, greedy):
+        import regex
+        self.pattern, self.eot, self.greedy = regex.compile(pattern), eot, greedy
+        self.pieces, self.by_first = token_bytes(tokenizer)
+        self.written = [c.encode() for c in set(pattern) if ord(c) > 127]  # may complete a split character
+        self.allowed_after = {}  # (text, tail) -> the ids allowed after it
+        self.read = {}  # Row -> (its ids read, text, tail): the whole characters, then a split one's bytes
+
+    def __call__(self, logits, rows):
+        """logits (b, V) of rows (a Row each) with the tokens that do not fit at -inf."""
+        keep = torch.zeros(logits.shape, dtype=torch.bool)
+        for r, row in enumerate(rows):
+            text, tail = self.state(row)
+            keep[r, self.likeliest(logits[r], text, tail) if self.greedy else self.allowed(text, tail)] = True
+        return logits.masked_fill(~keep.to(logits.device), -math.inf)
+
+    def state(self, row):
+        """The row's text so far: (its whole characters, the bytes of a split last one)."""
+        n, text, tail = self.read.get(row, (0, "", b""))
+        for t in row.ids[n:]:
+            text, tail = spell_after(text, tail + self.pieces[t])
+        self.read[row] = (len(row.ids), text, tail)
+        return text, tail
+
+    def could_match(self, text):
+        return self.pattern.fullmatch(text, partial=True) is not None
+
+    def fits(self, text, tail, t):
+        """Whether token t may come after text and tail."""
+        if t == self.eot:
+            return not tail and self.pattern.fullmatch(text) is not None
+        if self.pieces[t] is None:
+            return False
+        spelled = spell_after(text, tail + self.pieces[t])
+        if spelled is None:
+            return False
+        text, tail = spelled
+        if tail:
+            return any(c.startswith(tail) and self.could_match(text + c.decode()) for c in self.written)
+        return self.could_match(text)
+
+    def likeliest(self, logits, text, tail):
+        """Greedy: the likeliest token that fits, found among the 64 likeliest one by one first."""
+        for t in torch.topk(logits, min(64, logits.numel())).indices.tolist():
+            if self.fits(text, tail, t):
+                return t
+        allowed = self.allowed(text, tail)
+        return allowed[int(logits[allowed].argmax())]
+
+    def allowed(self, text, tail):
+        """Every token that fits after text and tail; end-of-text alone when none does."""
+        if (text, tail) not in self.allowed_after:
+            ids = [t for first, group in self.by_first.items() if self.may_begin(text, tail, first)
+                   for t in group if self.fits(text, tail, t)]
+            if self.fits(text, tail, self.eot):
+                ids.append(self.eot)
+            self.allowed_after[text, tail] = ids or [self.eot]
+        return self.allowed_after[text, tail]
+
+    def may_begin(self, text, tail, first):
+        """Whether a token beginning with the byte first may fit: the whole characters so far could match."""
+        if not tail and first >= 0x80:  # it begins a character still to come (a lead byte of UTF-8), or none
+            return 0xC2 <= first <= 0xF4
+        spelled = spell_after(text, tail + bytes([first]))
+        return spelled is not None and (spelled[0] == text or self.could_match(spelled[0]))
+
+
+def spell_after(text, data):
+    """text followed by the bytes data: (text and data's whole characters, the bytes of a last
+    character split off at the end), or None when data is not UTF-8."""
+    try:
+        return text + data.decode(), b""
+    except UnicodeDecodeError as e:
+        if e.end < len(data) or e.reason != "unexpected end of data":
+            return None
+        return text + data[:e.start].decode(), data[e.start:]
+
+
 class Engine:
     """A trained run loaded once, ready to generate, embed and score texts."""
 
@@ -479,6 +677,8 @@ class Engine:
                       for i in range(len(ids))]
         rows = [Row(self.tokenizer, p, o["stop"]) for p in ids]
         eot = None if o["ignore_eos"] else self.tokenizer.eot_id
+        if o["choices"] is not None:
+            return rows, self.chosen(rows, o["choices"], inputs.get("labels"))
         return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
 
     def generate(self, prompt, condition=None, use_cache=True, **options):
@@ -490,7 +690,7 @@ class Engine:
         rows, steps = self.steps(prompts, condition, use_cache, **options)
         with self.autocast():
             run_to_end(steps)
-        done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated) for r in rows]
+        done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores) for r in rows]
         return done[0] if isinstance(prompt, str) else done
 
     def stream(self, prompt, condition=None, use_cache=True, **options):
@@ -525,6 +725,20 @@ class Engine:
                 row.finish("stop" if ended else "length")
             done.append(Completion(row.text, row.ids, row.finish_reason, len(row.prompt), row.generated))
         return done[0] if isinstance(prompt, str) else done
+
+    def chosen(self, rows, choices, labels=None):
+        """What steps() runs for choices= instead of decode(): each row's output is its likeliest
+        choice (see choice_log_likelihoods), told whole, with finish_reason "stop"."""
+        ids = [self.tokenizer.encode(c) for c in choices]
+        if not all(ids):  # a likelihood of 1: it would always win
+            raise ValueError(f"choice {choices[ids.index([])]!r} encodes to no tokens with this tokenizer")
+        for i, row in enumerate(rows):
+            label = None if labels is None else labels[i]
+            row.scores = choice_log_likelihoods(self.model, row.prompt, ids, self.tokenizer.vocab_size, label,
+                                                self.tokenizer.bos_id)
+            best = max(range(len(choices)), key=row.scores.__getitem__)
+            row.ids, row.text, row.generated = ids[best], choices[best], len(ids[best])
+            yield i, row.finish("stop")
 
     @torch.no_grad()
     def embed(self, texts):

@@ -10,6 +10,8 @@ What it does follows the run's architecture:
     python sample.py --out_dir=out-legal-small --prompts=prompts.jsonl --stop='["\\n\\n"]' --temperature=0
     python sample.py --out_dir=out-legal-small --start="WHEREAS" --stream=True --repetition_penalty=1.3
     python sample.py --out_dir=out-legal-small --start="WHEREAS" --num_beams=4 --no_repeat_ngram_size=3
+    python sample.py --out_dir=out-legal-small --start="Who pays? The" --choices='[" Licensor", " Licensee"]'
+    python sample.py --out_dir=out-legal-small --start="as set out in " --regex='§ \\d+(\\.\\d+)*' --temperature=0
 
 A sample ends at <|endoftext|> (unless --ignore_eos), at a --stop string (not printed), or
 after max_new_tokens. The prompts of --prompts= are generated in one batch.
@@ -45,6 +47,8 @@ length_penalty = 1.0        # beam search: a finished hypothesis scores its log-
 no_repeat_ngram_size = 0    # beam search: no n-gram of this size twice in prompt + output; 0 = off
 stop = ""                   # a string that ends a sample, or several as a JSON list: '["\\n\\n", "WHEREAS"]'
 ignore_eos = False          # go on past <|endoftext|>
+choices = ""                # a JSON list of strings: print the one the model finds likeliest, and each one's score
+regex = ""                  # a pattern the output must match, e.g. a section number: '§ \d+(\.\d+)*'
 stream = False              # print the text as it is made
 seed = 1337                 # sample i uses seed + i
 use_cache = True            # KV cache (or LSTM state): each new token reads the state of the ones before
@@ -112,6 +116,16 @@ def read_prompts(path):
     return texts
 
 
+def choice_list(value):
+    """--choices: a JSON list (engine.check_options says what is wrong with its items), or None."""
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        fail(f"--choices={value!r} is not a JSON list of strings ({e})")
+
+
 def stop_strings(value):
     """--stop: one string, or several as a JSON list."""
     if not value.startswith("["):
@@ -128,7 +142,8 @@ texts = read_prompts(prompts) if prompts else [start]
 options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed,
-               num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+               num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+               choices=choice_list(choices), regex=regex or None)
 if num_beams > 1:  # beam search does not sample: the sampling settings count only when set away from their defaults
     options = {k: v for k, v in options.items() if not (k in sampling and v == sampling[k])}
 try:
@@ -154,7 +169,8 @@ def write():
     (none for a new document, nor for encdec, whose prompt is the source), then a line of dashes."""
     for text in texts:
         prompt_ids(text)  # fits the context, or a clear error
-    batch = [text for text in texts for _ in range(num_samples if num_beams == 1 else 1)]  # beam search: one result
+    one = num_beams > 1 or choices  # beam search and choices have one result
+    batch = [text for text in texts for _ in range(1 if one else num_samples)]
     shown = ["" if arch == "encdec" or prompt_ids(text) == [tokenizer.eot_id] else tokenizer.decode(prompt_ids(text))
              for text in batch]
     try:
@@ -167,6 +183,9 @@ def write():
             return
         for completion, prompt in zip(engine.generate(batch, condition, use_cache, **options), shown):
             print(prompt + completion.text)
+            if completion.choice_scores is not None:
+                print("log-likelihoods: " + ", ".join(f"{c!r} {s:.3f}" for c, s in
+                                                      zip(options["choices"], completion.choice_scores)))
             print("-" * 40)
     except ValueError as e:  # a condition that is not one of the run's labels
         fail(f"--{e}" if str(e).startswith("condition=") else str(e))
