@@ -1,11 +1,12 @@
 """
 What train.py, sample.py and bench.py share to run a model: picking the device and
-precision, writing and reading checkpoints and run directories, and the device's peak
-FLOP/s that MFU is measured against.
+precision, writing and reading checkpoints and run directories, the device's peak
+FLOP/s that MFU is measured against, and int8 weights for decoding on a CPU.
 """
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import shutil
@@ -14,8 +15,10 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
-from model import ModelConfig, build_model
+from model import CrossAttention, ModelConfig, build_model, compute_dtype
 from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -235,3 +238,83 @@ def peak_flops(device_type, dtype):
             best = min(best, time.perf_counter() - t0)
         _measured_peaks[key] = 2 * n ** 3 / best
     return _measured_peaks[key]
+
+
+# ----------------------------------------------------------------------------------
+# int8 weights for decoding on a CPU
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is int8 with one scale per output row (symmetric: the row's largest
+    magnitude becomes 127). Its product runs on PyTorch's int8 x int8 kernels of dynamic
+    quantization (each input is quantized on the fly, per tensor), the fastest of its int8
+    products on a CPU one token at a time, where int8_backend() found them working; otherwise
+    it multiplies by the weight dequantized to float."""
+
+    def __init__(self, linear, backend):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+        self.packed = None
+        if backend == "dynamic":
+            with warnings.catch_warnings():  # PyTorch calls its quantized tensors deprecated:
+                warnings.simplefilter("ignore")  # int8_backend() checks they still work
+                qw = torch.quantize_per_channel(self.weight, scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                                0, torch.qint8)
+                self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    @property
+    def weight(self):
+        """The float weight the int8 one stands for, for code that reads .weight (dequantized at each read)."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x):
+        dtype = compute_dtype(x.device.type, x.dtype)  # what a float Linear would return, under autocast too
+        if self.packed is None:
+            return F.linear(x.float(), self.weight, self.bias).to(dtype)
+        # reduce_range: 7-bit inputs, so no int16 sum of two products saturates in the non-VNNI kernels
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, reduce_range=True).to(dtype)
+
+
+@functools.cache
+def int8_backend():
+    """'dynamic' where PyTorch's int8 kernels (torch.ops.quantized) run on this CPU and agree with
+    the dequantized product on a test input, else 'dequantize' (slower, but right everywhere)."""
+    g = torch.Generator().manual_seed(0)  # not the global one: asking must not change anyone's samples
+    linear = nn.utils.skip_init(nn.Linear, 64, 48)
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        linear.weight.copy_(torch.randn(48, 64, generator=g))
+        linear.bias.copy_(torch.randn(48, generator=g))
+        try:
+            layer = Int8Linear(linear, "dynamic")
+            got = layer(x)
+        except Exception:  # no such op or no engine for it in this build: whatever the cause, the fallback is right
+            return "dequantize"
+        want = F.linear(x, layer.weight, layer.bias)
+    # quantizing the input costs about 1% here; a kernel that computes something else is off by ~100%
+    return "dynamic" if (got - want).norm() <= 0.05 * want.norm() else "dequantize"
+
+
+def quantize(model, kind="int8"):
+    """Give model's Linear layers int8 weights, in place, for decoding on the CPU; returns model.
+    Inference only: the int8 layers have no gradients.
+
+    Every architecture: a tied head gets its own int8 copy (the embedding keeps the float
+    matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear) and
+    cross-attention's c_attn, whose weight CrossAttention splits itself.
+    """
+    if kind != "int8":
+        raise ValueError(f"quantize={kind!r} is not supported; the one kind is int8")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"int8 weights run on the CPU only, and this model is on {device} (use --device=cpu)")
+    backend = int8_backend()
+    keep_float = {id(m.c_attn) for m in model.modules() if isinstance(m, CrossAttention)}
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and id(child) not in keep_float:
+                setattr(parent, name, Int8Linear(child, backend))
+    return model
