@@ -630,9 +630,12 @@ def bench_study():
 
 def bench_decode():
     """Greedy decoding from a decode_prompt_tokens prompt (random ids) until the context is full,
-    per precision, batch size and cache: time to the first token and new tokens/s (medians)."""
+    per precision (fp32; bf16 where the device has the units; int8 weights on a CPU), batch size
+    and cache: time to the first token and new tokens/s (medians)."""
+    import copy
+
     from engine import generate
-    from runtime import autocast, load_run, pick_dtype
+    from runtime import autocast, load_run, pick_dtype, quantize
     if not out_dir:
         fail("--what=decode needs --out_dir=RUN, a trained run")
     batches = positive_ints("decode_batch_sizes", decode_batch_sizes)
@@ -647,11 +650,13 @@ def bench_decode():
     if not 1 <= decode_prompt_tokens < block or repeats < 1:
         fail(f"decode_prompt_tokens must be from 1 to {block - 1} (the run's context), repeats at least 1")
     new = block - decode_prompt_tokens
-    precisions = {"float32": torch.float32}
+    precisions = {"float32": (model, torch.float32)}  # name: (model, the dtype it computes in)
     if pick_dtype(where, "auto") != torch.float32:  # bf16 (fp16) where the device has the units
-        precisions[str(pick_dtype(where, "auto")).removeprefix("torch.")] = pick_dtype(where, "auto")
+        precisions[str(pick_dtype(where, "auto")).removeprefix("torch.")] = (model, pick_dtype(where, "auto"))
+    if where == "cpu":
+        precisions["int8"] = (quantize(copy.deepcopy(model)), torch.float32)
     rows = []
-    for name, ptdtype in precisions.items():
+    for name, (timed, ptdtype) in precisions.items():
         for batch, cache in [(b, True) for b in batches] + [(1, False)]:
             generator = torch.Generator().manual_seed(seed)
             prompt = torch.randint(0, tok.vocab_size, (batch, decode_prompt_tokens), generator=generator).to(where)
@@ -659,7 +664,7 @@ def bench_decode():
 
             def write(n):
                 with autocast(where, ptdtype):
-                    generate(model, prompt, n, temperature=0, use_cache=cache, vocab_limit=tok.vocab_size, **inputs)
+                    generate(timed, prompt, n, temperature=0, use_cache=cache, vocab_limit=tok.vocab_size, **inputs)
                 sync(where)
             first = median_seconds(lambda: write(1), repeats)
             whole = median_seconds(lambda: write(new), repeats)

@@ -630,14 +630,21 @@ class Engine:
         self.labels = list(labels)  # conditional: the names of the control labels
 
     @classmethod
-    def load(cls, out_dir, device="auto", dtype="auto"):
-        """The run in out_dir (weights, settings, tokenizer), on device ("auto": CUDA, then MPS, then CPU)."""
+    def load(cls, out_dir, device="auto", dtype="auto", quantize=""):
+        """The run in out_dir (weights, settings, tokenizer), on device ("auto": CUDA, then MPS, then CPU).
+        quantize="int8": int8 weights for decoding on the CPU (runtime.quantize), computed in float32
+        (bf16 autocast around the int8 products only slows them)."""
         import json
         import os
 
         from runtime import load_run, pick_device, pick_dtype
+        from runtime import quantize as to_int8
         device = pick_device(device)
         model, tokenizer, _ = load_run(out_dir, device)
+        if quantize:
+            if dtype not in ("auto", "float32"):
+                raise ValueError(f"quantize={quantize!r} computes in float32, not dtype={dtype}")
+            model, dtype = to_int8(model, quantize), "float32"
         labels = ()
         if model.config.arch == "conditional":
             with open(os.path.join(out_dir, "meta.json")) as f:

@@ -455,7 +455,7 @@ class Model(nn.Module):
 
     def cache_dtype(self, device_type):
         """The cache holds keys/values in the dtype attention computes in, so no step re-casts it."""
-        return compute_dtype(device_type, self.lm_head.weight.dtype)
+        return compute_dtype(device_type, next(self.parameters()).dtype)  # (an int8 head's .weight is computed)
 
 
 class GPT(Model):

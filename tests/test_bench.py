@@ -190,7 +190,7 @@ def test_decode_bench_times_the_cache_batches_and_precisions_of_a_run(trained_ru
     cells = {(r["dtype"], r["batch"], r["cache"]) for r in result["rows"]}
     assert {("float32", 1, True), ("float32", 3, True), ("float32", 1, False)} <= cells
     assert all(r["tok_per_s"] > 0 and r["first_token_ms"] > 0 for r in result["rows"])
-    assert {"cache_over_no_cache", "batch_3_over_batch_1"} <= result["ratios"].keys()
+    assert {"cache_over_no_cache", "batch_3_over_batch_1", "int8_over_float32"} <= result["ratios"].keys()
 
 
 def test_decode_bench_needs_a_run_that_writes(trained_run):

@@ -431,6 +431,10 @@ BAD_INPUTS = {
                                      ["cannot read --prompts="]),
     "sample: prompts line not a prompt": ("sample.py", lambda w: w.write("p.jsonl", '{"text": 3}\n').sample(
         f"--prompts={w.tmp / 'p.jsonl'}"), ['must be a non-empty string or an object with a "prompt" string']),
+    "sample: unknown quantization": ("sample.py", lambda w: w.sample("--quantize=int4"),
+                                     ["quantize='int4' is not supported"]),
+    "sample: int8 with bf16": ("sample.py", lambda w: w.sample("--quantize=int8", "--dtype=bfloat16"),
+                               ["computes in float32, not dtype=bfloat16"]),
     "sample: cuda without CUDA": ("sample.py", lambda w: w.sample("--device=cuda"), ["no CUDA device"]),
     "sample: checkpoint from another vocabulary": ("sample.py", lambda w: w.edit_checkpoint(
         smaller_vocabulary).sample(), ["vocabulary of 64 tokens"]),

@@ -195,3 +195,11 @@ def test_streamed_samples_are_the_samples_printed_at_once(run_alone):
     at_once, streamed = run_script("sample.py", *args), run_script("sample.py", *args, "--stream=True")
     assert streamed.returncode == 0, streamed.stderr
     assert samples(streamed.stdout) == samples(at_once.stdout)
+
+
+def test_int8_weights_write_what_float32_writes_greedily(run_alone):
+    args = [f"--out_dir={run_alone}", "--start=The Tenant", "--temperature=0", "--num_samples=1", "--max_new_tokens=30",
+            "--dtype=float32"]
+    full, int8 = run_script("sample.py", *args), run_script("sample.py", *args, "--quantize=int8")
+    assert int8.returncode == 0, int8.stderr
+    assert int8.stdout == full.stdout  # a tiny model's greedy choices are far apart enough for int8's rounding
