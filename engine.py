@@ -11,6 +11,7 @@ is the command line over it; in a notebook:
         print(piece, end="", flush=True)
     engine.embed(["one text", "another"])      # (2, n_embd) vectors, for retrieval
     engine.score("The Licensee shall pay.")    # log-likelihood and bits per byte
+    Engine.load("out-legal-small", draft_out_dir="out-draft")   # speculative decoding (see speculative_decode)
 
 A library: importing it runs nothing. The decoding options, the same for every call:
 
@@ -36,6 +37,8 @@ A library: importing it runs nothing. The decoding options, the same for every c
                         after the prompt, with no decoding (see choice_log_likelihoods)
     regex               a pattern the output must match: only tokens that keep the text a
                         possible start of a full match are allowed (see RegexMask); None = off
+    draft_tokens        with a draft run (Engine.load(draft_out_dir=)): the tokens it proposes
+                        per round of speculative decoding (see speculative_decode)
 
 Each prompt becomes a Completion: its text, its new token ids, finish_reason ("stop": an
 end-of-text or a stop string; "length": max_new_tokens) and the token counts (with choices:
@@ -54,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from model import LSTMCache
+from model import KVCache, LSTMCache
 
 
 @dataclass
@@ -65,11 +68,12 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int   # tokens generated, with the end-of-text token that ended it
     choice_scores: list = None  # choices=: each choice's log-likelihood (nats), in their order
+    draft_acceptance: float = None  # speculative decoding: the share of the draft's tokens the model kept
 
 
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None,
-                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None)
+                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None, draft_tokens=4)
 
 
 def check_options(options):
@@ -99,7 +103,7 @@ def check_options(options):
 def check_beam_options(o, given):
     """check_options' part for beam search. given: the options as passed, so that a sampling
     setting left at its default is no contradiction."""
-    for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0)):
+    for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0), ("draft_tokens", 1)):
         if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] < low:
             raise ValueError(f"{name} must be an integer from {low} up, got {o[name]!r}")
     penalty = o["length_penalty"]
@@ -139,11 +143,10 @@ def check_constraint_options(o):
         raise ValueError("regex ends the output at end-of-text once the text matches: leave ignore_eos off")
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min_p=0.0):
-    """Pick one token per row of logits (B, vocab): greedy, or sampled with top-k / nucleus / min-p.
-    generator: one torch.Generator for all rows, or a list of one per row."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution sampling draws from (B, vocab): logits (B, vocab) over temperature (> 0),
+    restricted to the top_k likeliest / the nucleus of mass top_p / the tokens at least min_p
+    times as likely as the likeliest (unnormalized after min_p: multinomial does not mind)."""
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -156,6 +159,15 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min
     probs = logits.softmax(dim=-1)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min_p=0.0):
+    """Pick one token per row of logits (B, vocab): greedy, or sampled with top-k / nucleus / min-p.
+    generator: one torch.Generator for all rows, or a list of one per row."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = probabilities(logits, temperature, top_k, top_p, min_p)
     if isinstance(generator, list):  # each row its own stream: a row draws the same alone or in a batch
         return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
     return torch.multinomial(probs, num_samples=1, generator=generator)
@@ -184,6 +196,7 @@ class Row:
         self.ids, self.text, self.sent = [], "", 0
         self.finish_reason, self.generated = None, 0
         self.scores = None  # choices=: each choice's log-likelihood
+        self.drafted = self.accepted = 0  # speculative decoding: draft tokens proposed, and kept
 
     def add(self, token):
         """Take one new token; returns the text that is now certain (maybe "")."""
@@ -317,6 +330,92 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
         piece = rows[i].finish("length")
         if piece:
             yield i, piece
+
+
+@torch.no_grad()
+def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, options, vocab_limit=None, eot=None):
+    """decode() for one prompt (idx (1, T)) with a smaller draft model's help: a generator of the
+    row's text pieces (speculative decoding, Leviathan et al. 2023; Chen et al. 2023). Each round
+    the draft proposes draft_tokens tokens one by one, and the model reads them all in one pass.
+    It keeps draft token i with probability min(1, p_i / q_i), where p and q are the model's and
+    the draft's distributions after the same temperature, top_k, top_p and min_p (probabilities());
+    at the first it rejects it draws from max(0, p - q) renormalized instead, and when it keeps
+    them all it draws one more token from its own next distribution. So every token comes from
+    the model's distribution exactly, whatever the draft. Greedy: the drafts are kept while each
+    is the model's argmax, and the model's argmax follows, which is plain greedy decoding's output.
+
+    Each model's KVCache holds a prefix of the sequence, and its next pass reads the rest with the
+    new drafts. After a round both keep only what was accepted (KVCache.rollback: the position
+    goes back; linear attention's sums go back to the round's start and the accepted tokens are
+    read again in the next pass). Once the sequence fills either model's context the model
+    decodes alone, each step from its window, as decode() does. The stops are decode()'s: tokens
+    accepted after an end-of-text, a stop string or max_new_tokens are dropped.
+    inputs, draft_inputs: the labels of a conditional model, or {}."""
+    o, device = options, idx.device
+    vocab = vocab_limit or model.config.vocab_size
+    greedy, max_new = o["temperature"] == 0, o["max_new_tokens"]
+    block = min(model.config.block_size, draft.config.block_size)
+    seq = idx[0].tolist()
+    cache, draft_cache = (KVCache(m.config, 1, device, m.cache_dtype(device.type)) for m in (model, draft))
+
+    def read(m, cache, extra, more):
+        """m's logits (n, vocab) after each token of seq[cache.pos:] + more."""
+        new = torch.tensor([seq[cache.pos:] + more], device=device)
+        return m.lm_head(m.hidden(new, cache, **extra))[0, :, :vocab].float()
+
+    def dist(logits):  # normalized: min_p leaves probabilities() unnormalized, and p / q needs them whole
+        probs = probabilities(logits, o["temperature"], o["top_k"], o["top_p"], o["min_p"])
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def draw(probs):
+        return int(torch.multinomial(probs[None], 1, generator=generator))
+
+    while row.generated < max_new:
+        n = len(seq)
+        if n > block:  # past the context: the model alone, on its sliding window
+            logits, _ = model.next_logits(torch.tensor([seq], device=device), None, True, **inputs)
+            new = sample_next(logits[:, :vocab].float(), o["temperature"], o["top_k"], o["top_p"], generator,
+                              o["min_p"])[0].tolist()
+        else:
+            k = min(o["draft_tokens"], block - n, max_new - row.generated - 1)
+            saved, draft_saved = cache.snapshot(), draft_cache.snapshot()
+            drafted, q = [], []  # q: the draft's distribution at each of its tokens (sampling)
+            for _ in range(k):
+                logits = read(draft, draft_cache, draft_inputs, drafted[-1:])[-1:]  # (1, V)
+                if greedy:
+                    drafted.append(int(logits.argmax()))
+                else:
+                    q.append(dist(logits)[0])
+                    drafted.append(draw(q[-1]))
+            logits = read(model, cache, inputs, drafted)[-(k + 1):]  # (k + 1, V): after seq, after each draft
+            j = 0  # drafts accepted
+            if greedy:
+                best = logits.argmax(dim=-1).tolist()
+                while j < k and drafted[j] == best[j]:
+                    j += 1
+                new = drafted[:j] + [best[j]]
+            else:
+                p = dist(logits)
+                while j < k and float(torch.rand(1, generator=generator)) * q[j][drafted[j]] < p[j, drafted[j]]:
+                    j += 1
+                residual = (p[j] - q[j]).clamp(min=0) if j < k else p[k]
+                new = drafted[:j] + [draw(residual if residual.sum() > 0 else p[j])]
+            cache.rollback(n + j, saved)
+            draft_cache.rollback(n + j, draft_saved)
+            row.drafted, row.accepted = row.drafted + k, row.accepted + j
+        for t in new:
+            seq.append(t)
+            row.generated += 1
+            piece = row.finish("stop") if t == eot else row.add(t)
+            if row.finish_reason is None and row.generated == max_new:
+                piece += row.finish("length")
+            if piece:
+                yield piece
+            if row.finish_reason is not None:
+                return
+    piece = row.finish("length")  # max_new_tokens was 0
+    if piece:
+        yield piece
 
 
 def run_to_end(steps):
@@ -625,20 +724,38 @@ def spell_after(text, data):
 class Engine:
     """A trained run loaded once, ready to generate, embed and score texts."""
 
-    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=()):
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=(), draft=None):
+        """draft: an Engine of a smaller run with the same tokenizer, for speculative decoding
+        (Engine.load checks the tokenizer; here it is the caller's word)."""
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         self.labels = list(labels)  # conditional: the names of the control labels
+        self.draft = draft
+        if draft is not None:
+            for name, arch in (("the run", model.config.arch), ("the draft run", draft.model.config.arch)):
+                if arch not in ("gpt", "conditional"):
+                    raise ValueError(f"speculative decoding supports gpt and conditional runs; {name} is {arch!r}")
+            if draft.model.config.arch == "conditional" and draft.labels != self.labels:
+                raise ValueError(f"the draft run's labels ({', '.join(draft.labels)}) are not the run's "
+                                 f"({', '.join(self.labels)})")
 
     @classmethod
-    def load(cls, out_dir, device="auto", dtype="auto", quantize=""):
+    def load(cls, out_dir, device="auto", dtype="auto", quantize="", draft_out_dir=""):
         """The run in out_dir (weights, settings, tokenizer), on device ("auto": CUDA, then MPS, then CPU).
         quantize="int8": int8 weights for decoding on the CPU (runtime.quantize), computed in float32
-        (bf16 autocast around the int8 products only slows them)."""
+        (bf16 autocast around the int8 products only slows them). draft_out_dir: a smaller run
+        with the same tokenizer files, loaded alike, that drafts tokens for speculative decoding."""
         import json
         import os
 
         from runtime import load_run, pick_device, pick_dtype
         from runtime import quantize as to_int8
+        from tokenizer import tokenizer_fingerprint
+        draft = None
+        if draft_out_dir:
+            if tokenizer_fingerprint(draft_out_dir) != tokenizer_fingerprint(out_dir):
+                raise ValueError(f"the draft run {draft_out_dir} has another tokenizer than {out_dir}: "
+                                 "a draft must be trained on the same tokenizer files")
+            draft = cls.load(draft_out_dir, device, dtype, quantize)
         device = pick_device(device)
         model, tokenizer, _ = load_run(out_dir, device)
         if quantize:
@@ -649,7 +766,7 @@ class Engine:
         if model.config.arch == "conditional":
             with open(os.path.join(out_dir, "meta.json")) as f:
                 labels = json.load(f)["labels"]
-        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels)
+        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft)
 
     def autocast(self):
         from runtime import autocast
@@ -686,6 +803,13 @@ class Engine:
         eot = None if o["ignore_eos"] else self.tokenizer.eot_id
         if o["choices"] is not None:
             return rows, self.chosen(rows, o["choices"], inputs.get("labels"))
+        if self.draft is not None:
+            refused = [name for name in ("repetition_penalty", "frequency_penalty", "presence_penalty", "regex")
+                       if o[name] != DEFAULTS[name]] + ([] if use_cache else ["use_cache=False"])
+            if refused:
+                raise ValueError(f"speculative decoding (a draft run) does not support {', '.join(refused)}: "
+                                 "leave it out, or the draft")
+            return rows, self.speculate(idx, inputs, rows, generators, o, eot)
         return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
 
     def generate(self, prompt, condition=None, use_cache=True, **options):
@@ -697,7 +821,8 @@ class Engine:
         rows, steps = self.steps(prompts, condition, use_cache, **options)
         with self.autocast():
             run_to_end(steps)
-        done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores) for r in rows]
+        done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores,
+                           r.accepted / r.drafted if r.drafted else None) for r in rows]
         return done[0] if isinstance(prompt, str) else done
 
     def stream(self, prompt, condition=None, use_cache=True, **options):
@@ -715,6 +840,8 @@ class Engine:
         ended with end-of-text, "length" otherwise; its text is cut before the first stop string
         (the stop strings do not steer the search)."""
         o = check_options(options)
+        if self.draft is not None:
+            raise ValueError("speculative decoding (a draft run) does not support beam search (num_beams > 1)")
         eot = None if o["ignore_eos"] else self.tokenizer.eot_id
         done = []
         for text in [prompt] if isinstance(prompt, str) else prompt:
@@ -732,6 +859,18 @@ class Engine:
                 row.finish("stop" if ended else "length")
             done.append(Completion(row.text, row.ids, row.finish_reason, len(row.prompt), row.generated))
         return done[0] if isinstance(prompt, str) else done
+
+    def speculate(self, idx, inputs, rows, generators, o, eot):
+        """What steps() runs with a draft instead of decode(): speculative_decode() over each
+        prompt in turn (one at a time: no batch), yielding (row, piece)."""
+        lengths = [len(row.prompt) for row in rows]
+        for i, row in enumerate(rows):
+            one = idx[i:i + 1, idx.size(1) - lengths[i]:]  # the prompt without the batch's padding
+            labels = {"labels": inputs["labels"][i:i + 1]} if "labels" in inputs else {}
+            draft_labels = labels if self.draft.model.config.arch == "conditional" else {}
+            for piece in speculative_decode(self.model, self.draft.model, one, labels, draft_labels, row,
+                                            generators[i], o, self.tokenizer.vocab_size, eot):
+                yield i, piece
 
     def chosen(self, rows, choices, labels=None):
         """What steps() runs for choices= instead of decode(): each row's output is its likeliest

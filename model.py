@@ -227,6 +227,23 @@ class KVCache:
         self.memory = None if self.memory is None else self.memory[rows]
         self.pad = None if self.pad is None else self.pad[rows]
 
+    def snapshot(self):
+        """What rollback() returns to: the position and linear attention's running sums (each
+        pass replaces a layer's sums with new tensors, so keeping the references is a copy)."""
+        return self.pos, list(self.sums)
+
+    def rollback(self, pos, snapshot):
+        """Forget the tokens from column pos on (speculative decoding's rejected drafts). Keys and
+        values past pos are simply overwritten by the next pass; linear attention's sums cannot
+        be un-added, so they go back to the snapshot (taken at or before pos) and the tokens
+        between the snapshot and pos must be read again. Afterwards self.pos <= pos."""
+        if self.pos <= pos:
+            return
+        if self.k is not None:
+            self.pos = pos
+        else:
+            self.pos, self.sums = snapshot[0], list(snapshot[1])
+
 
 # ----------------------------------------------------------------------------------
 # the blocks

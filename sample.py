@@ -12,6 +12,7 @@ What it does follows the run's architecture:
     python sample.py --out_dir=out-legal-small --start="WHEREAS" --num_beams=4 --no_repeat_ngram_size=3
     python sample.py --out_dir=out-legal-small --start="Who pays? The" --choices='[" Licensor", " Licensee"]'
     python sample.py --out_dir=out-legal-small --start="as set out in " --regex='§ \\d+(\\.\\d+)*' --temperature=0
+    python sample.py --out_dir=out-legal-small --draft_out_dir=out-draft --start="WHEREAS"   # speculative decoding
 
 A sample ends at <|endoftext|> (unless --ignore_eos), at a --stop string (not printed), or
 after max_new_tokens. The prompts of --prompts= are generated in one batch.
@@ -49,6 +50,8 @@ stop = ""                   # a string that ends a sample, or several as a JSON 
 ignore_eos = False          # go on past <|endoftext|>
 choices = ""                # a JSON list of strings: print the one the model finds likeliest, and each one's score
 regex = ""                  # a pattern the output must match, e.g. a section number: '§ \d+(\.\d+)*'
+draft_out_dir = ""          # speculative decoding: a smaller run with the same tokenizer drafts tokens for this one
+draft_tokens = 4            # with draft_out_dir: tokens the draft proposes per round
 stream = False              # print the text as it is made
 seed = 1337                 # sample i uses seed + i
 use_cache = True            # KV cache (or LSTM state): each new token reads the state of the ones before
@@ -69,7 +72,8 @@ from configurator import check_ranges, configure, fail  # noqa: E402
 configure(globals())
 check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
                          "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]", "min_p": "[0, 1]",
-                         "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0"})
+                         "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0",
+                         "draft_tokens": ">= 1"})
 
 from engine import Engine, check_options, embed_documents, rank_by_cosine  # noqa: E402
 from runtime import save_atomically  # noqa: E402
@@ -144,12 +148,12 @@ options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top
                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed,
                num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-               choices=choice_list(choices), regex=regex or None)
+               choices=choice_list(choices), regex=regex or None, draft_tokens=draft_tokens)
 if num_beams > 1:  # beam search does not sample: the sampling settings count only when set away from their defaults
     options = {k: v for k, v in options.items() if not (k in sampling and v == sampling[k])}
 try:
     check_options(options)
-    engine = Engine.load(out_dir, device, dtype, quantize)
+    engine = Engine.load(out_dir, device, dtype, quantize, draft_out_dir)
 except ValueError as e:
     fail(str(e))
 model, tokenizer = engine.model, engine.tokenizer
