@@ -184,6 +184,37 @@ def penalize(logits, seen, counts, o):
     return logits
 
 
+class Penalties:
+    """What the penalties need to know of each row of a batch (the tokens of its prompt and output;
+    how often each was generated) and applying them. With the penalties off it tracks nothing,
+    so the decoding loop pays nothing for them."""
+
+    def __init__(self, prompts, vocab, options, device):
+        self.options, self.seen, self.counts = options, None, None
+        if options["repetition_penalty"] != 1.0:
+            self.seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+            for i, prompt in enumerate(prompts):
+                self.seen[i, [t for t in prompt if t < vocab]] = True
+        if options["frequency_penalty"] or options["presence_penalty"]:
+            self.counts = torch.zeros(len(prompts), vocab, device=device)
+
+    def __call__(self, logits):
+        return penalize(logits, self.seen, self.counts, self.options)
+
+    def add(self, tokens):
+        """One new token per row (b,)."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+    def keep_rows(self, rows):
+        """From now on these rows (indices, repeats allowed), in this order."""
+        self.seen = None if self.seen is None else self.seen[rows]
+        self.counts = None if self.counts is None else self.counts[rows]
+
+
 class Row:
     """One prompt's output as it is made: ids, and text decoded a few tokens at a time (never the
     whole output again per token), held back while it could end in half a character or in the
@@ -281,10 +312,7 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
     max_new = o["max_new_tokens"]
     if model.config.arch == "encdec":
         max_new = min(max_new, model.config.block_size - idx.size(1))  # the decoder's context is not windowed
-    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
-    for i, row in enumerate(rows):
-        seen[i, [t for t in row.prompt if t < vocab]] = True
-    counts = torch.zeros(B, vocab, device=device)  # generated tokens, for the frequency/presence penalties
+    penalties = Penalties([row.prompt for row in rows], vocab, o, device)
     active = list(range(B))  # the rows still in the batch, by their place in idx
     state = first = None
     spelling = RegexMask(o["regex"], rows[0].tokenizer, eot, o["temperature"] == 0) if o["regex"] else None
@@ -297,15 +325,13 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
             logits, first = first, None
         else:
             logits, state = model.next_logits(idx, state, use_cache, **inputs)
-        logits = penalize(logits[:, :vocab].float(), seen, counts, o)
+        logits = penalties(logits[:, :vocab].float())
         if spelling is not None:
             logits = spelling(logits, [rows[i] for i in active])
         token = sample_next(logits, o["temperature"], o["top_k"], o["top_p"], [generators[i] for i in active],
                             o["min_p"])  # (b, 1)
         idx = torch.cat((idx, token), dim=1)
-        here = torch.arange(len(active), device=device)
-        seen[here, token[:, 0]] = True
-        counts[here, token[:, 0]] += 1
+        penalties.add(token[:, 0])
         done = []
         for place, (i, t) in enumerate(zip(active, token[:, 0].tolist())):
             row = rows[i]
@@ -322,7 +348,8 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
             active = [active[p] for p in keep.tolist()]
             if not active:
                 return
-            idx, seen, counts = idx[keep], seen[keep], counts[keep]
+            idx = idx[keep]
+            penalties.keep_rows(keep)
             inputs = {k: v[keep] for k, v in inputs.items()}
             if state is not None:
                 state.keep_rows(keep)
@@ -483,16 +510,14 @@ def beam_search(model, idx, inputs, options, use_cache=True, vocab_limit=None, e
         max_new = min(max_new, model.config.block_size - idx.size(1))  # the decoder's context is not windowed
     T, device = idx.size(1), idx.device
     prompt = (inputs["src"] if model.config.arch == "encdec" else idx)[0].tolist()
-    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
-    seen[0, [t for t in prompt if t < vocab]] = True
-    counts = torch.zeros(1, vocab, device=device)  # generated tokens, for the frequency/presence penalties
+    penalties = Penalties([prompt], vocab, o, device)
     scores = torch.zeros(1, device=device)  # (n,) the open hypotheses' log-probabilities
     best = state = None  # best: the best finished hypothesis so far
     for step in range(max_new):
         n = idx.size(0)
         logits, state = model.next_logits(idx, state, use_cache, **{k: v.expand(n, *v.shape[1:])
                                                                      for k, v in inputs.items()})
-        logp = F.log_softmax(penalize(logits[:, :vocab].float(), seen, counts, o), dim=-1)  # (n, V)
+        logp = F.log_softmax(penalties(logits[:, :vocab].float()), dim=-1)  # (n, V)
         if o["no_repeat_ngram_size"]:
             logp = logp.masked_fill(repeated_ngrams(idx, o["no_repeat_ngram_size"], vocab), -math.inf)
         total = (scores[:, None] + logp).view(-1)  # (n * V,) every hypothesis extended by every token
@@ -510,10 +535,9 @@ def beam_search(model, idx, inputs, options, use_cache=True, vocab_limit=None, e
         kept = torch.tensor(kept, device=device)
         parents, tokens = kept // vocab, kept % vocab
         idx = torch.cat((idx[parents], tokens[:, None]), dim=1)
-        scores, seen, counts = total[kept], seen[parents], counts[parents]
-        here = torch.arange(len(parents), device=device)
-        seen[here, tokens] = True
-        counts[here, tokens] += 1
+        scores = total[kept]
+        penalties.keep_rows(parents)
+        penalties.add(tokens)
         if state is not None:
             state.keep_rows(parents)
         if best is not None:
