@@ -11,6 +11,7 @@ is the command line over it; in a notebook:
         print(piece, end="", flush=True)
     engine.embed(["one text", "another"])      # (2, n_embd) vectors, for retrieval
     engine.score("The Licensee shall pay.")    # log-likelihood and bits per byte
+    engine.chat([{"role": "user", "content": "Who repairs the roof?"}]).text   # a run trained on conversations
     Engine.load("out-legal-small", draft_out_dir="out-draft")   # speculative decoding (see speculative_decode)
 
 A library: importing it runs nothing. The decoding options, the same for every call:
@@ -58,6 +59,7 @@ import torch
 from torch.nn import functional as F
 
 from model import KVCache, LSTMCache
+from tokenizer import ROLE_TOKENS, chat_ids
 
 
 @dataclass
@@ -796,10 +798,18 @@ class Engine:
         from runtime import autocast
         return autocast(self.device, self.dtype)
 
-    def prompt_ids(self, text):
-        """A prompt's ids; special tokens written in it (<|endoftext|>, <|mask|>) are meant as such.
-        The empty prompt begins a new document."""
-        ids = self.tokenizer.encode(text, allow_special=True) if text else [self.tokenizer.eot_id]
+    def prompt_ids(self, prompt):
+        """A prompt's ids. A prompt is a text, whose special tokens (<|endoftext|>, <|mask|>) are
+        meant as such, or a list of token ids (say chat_prompt's). The empty text begins a new document."""
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(t, int) and 0 <= t < self.tokenizer.vocab_size for t in prompt):
+                raise ValueError(f"a prompt of token ids must be a non-empty list of ids from 0 to "
+                                 f"{self.tokenizer.vocab_size - 1}, got {prompt!r:.80}")
+            ids = prompt
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, allow_special=True) if prompt else [self.tokenizer.eot_id]
+        else:
+            raise ValueError(f"a prompt is a text or a list of token ids, got {prompt!r:.80}")
         if self.model.config.arch != "lstm" and len(ids) > self.model.config.block_size:
             raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
                              f"{self.model.config.block_size}: shorten it")
@@ -836,9 +846,26 @@ class Engine:
             return rows, self.speculate(idx, inputs, rows, generators, o, eot)
         return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
 
+    @property
+    def has_chat(self):
+        """Whether the run's tokenizer has the chat template's role tokens (tokenizer.chat_segments)."""
+        return len(self.tokenizer.role_ids) == len(ROLE_TOKENS)
+
+    def chat_prompt(self, messages):
+        """The prompt (token ids) that asks for the assistant's next turn after messages, a list
+        of {"role": "system" | "user" | "assistant", "content": str}, in the chat template
+        (tokenizer.chat_ids): pass it to generate() or stream(). A ValueError says what is wrong
+        with messages, or that the run's tokenizer has no role tokens."""
+        return chat_ids(self.tokenizer, messages)
+
+    def chat(self, messages, **kwargs):
+        """The assistant's next turn after messages, as a Completion (its text ends where the model
+        ends the turn, at an end-of-text); kwargs: generate()'s."""
+        return self.generate([self.chat_prompt(messages)], **kwargs)[0]
+
     def generate(self, prompt, condition=None, use_cache=True, **options):
-        """A Completion of prompt (a text), or a list of them for a list of texts, in one batch
-        (with num_beams > 1: see beam_completions)."""
+        """A Completion of prompt (a text), or a list of them for a list of prompts (texts or
+        token-id lists), in one batch (with num_beams > 1: see beam_completions)."""
         if check_options(options)["num_beams"] > 1:
             return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

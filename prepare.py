@@ -5,11 +5,12 @@ Raw text -> documents -> tokens -> data/<dataset>/{train.bin, val.bin, meta.json
     python prepare.py --input=contracts/,cases.jsonl --dataset=contracts
     python prepare.py --input='court/**/*.parquet' --text_column=opinion --tokenizer=unigram
     python prepare.py --input=qa.jsonl --dataset=qa             # prompt/response pairs -> also *_mask.bin
+    python prepare.py --input=chats.jsonl --dataset=chats --tokenizer_from=out-legal-small   # conversations
     python prepare.py --input=contracts/ --labels=True          # a control label per document -> also *_label.bin
 
 Inputs: files, folders (recursive) and globs of .txt and .md (a file is a document),
-.jsonl (a line is a document: its "text" or "content" field, or a "prompt" and a
-"response"), .csv (a row; the column --text_column=), .parquet, .arrow and .feather
+.jsonl (a line is a document: its "text" or "content" field, a "prompt" and a
+"response", or a conversation: "messages", a list of {"role", "content"}), .csv (a row; the column --text_column=), .parquet, .arrow and .feather
 (a row; these need pyarrow), any of them compressed as .gz or .zst (zstandard), and a
 Hugging Face dataset with --hf_dataset= (needs `datasets` and the network). In a
 folder, binary files and unknown formats are skipped and counted. With no input, the
@@ -26,9 +27,11 @@ whole documents: when the first pass saw the whole corpus, exactly val_fraction 
 chosen with the seed; for larger corpora each document independently with that
 probability. --val_input= gives the val documents instead.
 
-Prompt/response documents also get a loss mask, {split}_mask.bin (uint8, 1 = this
-token is a target the loss counts): their prompt tokens are 0; the response and its
-end-of-text are 1, as is all plain text.
+Prompt/response documents and conversations also get a loss mask, {split}_mask.bin
+(uint8, 1 = this token is a target the loss counts): their prompt tokens are 0; the
+response and its end-of-text are 1, as is all plain text. A conversation is written in
+the chat template (tokenizer.chat_segments: role tokens, each message ending in an
+end-of-text), with 1 only on the assistants' messages and the end-of-text of each.
 
 With --labels=True every document also gets a control label (for arch="conditional"):
 the "label" field of its record in .jsonl, .csv, .parquet and .arrow (a number is taken
@@ -86,7 +89,8 @@ num_workers = 0      # encoding threads (tiktoken releases the GIL; faster than 
 # -----------------------------------------------------------------------------
 
 from configurator import configure, fail
-from tokenizer import load_tokenizer, tokenizer_files, tokenizer_fingerprint, train_tokenizer
+from tokenizer import (SPECIAL_TOKENS, SpecialToken, chat_segments, load_tokenizer, tokenizer_files,
+                       tokenizer_fingerprint, train_tokenizer)
 
 LEGAL_CORPUS = ("/usr/share/common-licenses/*", "/usr/share/doc/*/copyright")
 FORMATS = (".txt", ".md", ".jsonl", ".csv", ".parquet", ".arrow", ".feather")
@@ -266,8 +270,14 @@ def record_document(record, where):
             prompt, response = record.get("prompt"), record.get("response")
             if isinstance(prompt, str) and isinstance(response, str):
                 return label, [(prompt, False), (response, True)]
+            if "messages" in record:
+                try:
+                    return label, chat_segments(record["messages"])
+                except ValueError as e:
+                    fail(f"{where}: {e}")
     fields = f'"{text_column}" or "content"' if text_column != "content" else '"content"'
-    fail(f'{where}: expected a JSON object with a string field {fields}, or string fields "prompt" and "response"')
+    fail(f'{where}: expected a JSON object with a string field {fields}, string fields "prompt" and "response", '
+         'or "messages"')
 
 
 def jsonl_documents(path, progress, stats):
@@ -283,7 +293,7 @@ def jsonl_documents(path, progress, stats):
 
 
 def check_columns(path, columns):
-    if not {text_column, "content"} & set(columns) and not {"prompt", "response"} <= set(columns):
+    if not {text_column, "content", "messages"} & set(columns) and not {"prompt", "response"} <= set(columns):
         fail(f"{path}: no column {text_column!r} (columns: {', '.join(map(str, columns)) or 'none'}); "
              "name the text column with --text_column=")
 
@@ -325,7 +335,7 @@ def arrow_documents(path, progress, stats):
                 table = pa.ipc.open_stream(pa.memory_map(path)).read_all()
             columns = table.column_names
         check_columns(path, columns)
-        keep = [c for c in (text_column, "content", "prompt", "response", "label") if c in columns]
+        keep = [c for c in (text_column, "content", "prompt", "response", "messages", "label") if c in columns]
         batches = (parquet.iter_batches(batch_size=1024, columns=keep) if kind == ".parquet"
                    else table.select(keep).to_batches(max_chunksize=1024))
         n = 0
@@ -424,8 +434,8 @@ def hf_documents():
 
 def deduplicated(docs, seen, stats, drop_repeats):
     """(label, document) pairs with each document as an iterator of non-empty (text, counts_in_loss)
-    segments, without the paragraphs or prompt/response pairs seen before; a document with nothing
-    left is dropped.
+    segments, without the paragraphs, prompt/response pairs or conversations seen before; a
+    document with nothing left is dropped.
 
     `seen` holds hashes of whitespace-normalized paragraphs and of pairs (Python's hash:
     stable within this one process, which is all the two passes need). Deduplication
@@ -434,8 +444,8 @@ def deduplicated(docs, seen, stats, drop_repeats):
     for label, doc in docs:
         if not drop_repeats:
             segments = iter(doc)
-        elif isinstance(doc, list) and len(doc) == 2 and not doc[0][1]:  # a prompt/response pair
-            key = hash((doc[0][0], doc[1][0]))
+        elif isinstance(doc, list) and not all(loss for _, loss in doc):  # a prompt/response pair, a conversation
+            key = hash(tuple(doc))
             if key in seen:
                 stats["repeated_pairs"] += 1
                 continue
@@ -499,7 +509,15 @@ class SplitWriter:
 
     def add(self, segments, label):
         label_id = self.label_id(label) if self.labels is not None else 0
+        text = None
         for text, loss in segments:
+            self.masked |= not loss
+            if isinstance(text, SpecialToken):  # a conversation's role token or end-of-text: an id
+                if text not in self.tok.special:
+                    fail(f"the tokenizer has no {text} token: a conversation needs a tokenizer made with the "
+                         "chat template's role tokens (one prepared without --tokenizer_from, or from such a run)")
+                self.pending.append((self.tok.special[text], loss, label_id))
+                continue
             try:
                 self.bytes += len(text.encode())
             except UnicodeEncodeError:  # lone surrogates, from JSON escapes say: as U+FFFD
@@ -507,10 +525,10 @@ class SplitWriter:
                 self.bytes += len(text.encode())
             self.pending.append((text, loss, label_id))
             self.pending_chars += len(text)
-            self.masked |= not loss
             if self.pending_chars >= self.batch_chars:
                 self.flush()
-        self.pending.append((None, True, label_id))  # end of document: its end-of-text is learnt, under its label
+        if not (isinstance(text, SpecialToken) and text == SPECIAL_TOKENS[0]):  # end of document: its end-of-text is learnt, under its label
+            self.pending.append((self.tok.eot_id, True, label_id))  # (a conversation ends in its own)
         self.documents += 1
 
     def label_id(self, label):
@@ -524,7 +542,7 @@ class SplitWriter:
 
     def flush(self):
         """Start encoding the pending batch; write the one before it, whose encoding had time to finish."""
-        texts = [text for text, _, _ in self.pending if text is not None]
+        texts = [text for text, _, _ in self.pending if isinstance(text, str)]
         step = -(-len(texts) // self.workers) or 1
         jobs = [self.pool.submit(self.tok.encode_arrays, texts[i:i + step]) for i in range(0, len(texts), step)]
         if self.encoding:
@@ -534,8 +552,7 @@ class SplitWriter:
 
     def write(self, segments, jobs):
         encoded = itertools.chain.from_iterable(job.result() for job in jobs)
-        eot = np.array([self.tok.eot_id], dtype=np.uint32)
-        ids = [next(encoded) if text is not None else eot for text, _, _ in segments]
+        ids = [next(encoded) if isinstance(text, str) else np.array([text], dtype=np.uint32) for text, _, _ in segments]
         if not ids:
             return
         lengths = [len(piece) for piece in ids]
@@ -595,6 +612,8 @@ def tokenizer_sample(paths):
     docs = corpus_documents(paths, Progress(0), new_stats())
     for index, (_, segments) in enumerate(docs):
         for text, _ in segments:
+            if isinstance(text, SpecialToken):  # a role token: not text to learn a tokenizer from
+                continue
             texts.append((index, text))
             size += len(text)
             if size >= tokenizer_train_bytes:
@@ -707,7 +726,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
           f"{stats['empty']} documents dropped as empty or wholly repeated")
     if dedup:
         print(f"paragraphs: {stats['paragraphs']} kept, {stats['repeats']} repeats dropped"
-              + (f"; {stats['repeated_pairs']} repeated prompt/response pairs dropped"
+              + (f"; {stats['repeated_pairs']} repeated prompt/response pairs or conversations dropped"
                  if stats["repeated_pairs"] else ""))
     if stats["replaced_bytes"]:
         print(f"warning: {stats['replaced_bytes']} bytes that are not UTF-8 in {stats['replaced_files']} "
@@ -715,7 +734,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     for name, split in splits.items():
         print(f"{name}: {split['documents']} documents, {split['bytes'] / 1e6:.2f} MB -> {split['tokens']:,} tokens")
     print(f"encoded {mb:.2f} MB at {speed:.1f} MB/s with {workers} threads"
-          + (", with a loss mask (prompt/response documents)" if masked else "")
+          + (", with a loss mask (prompt/response documents, conversations)" if masked else "")
           + (f", {len(label_ids)} labels" if labels else ""))
 
     meta = {

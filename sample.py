@@ -13,9 +13,14 @@ What it does follows the run's architecture:
     python sample.py --out_dir=out-legal-small --start="Who pays? The" --choices='[" Licensor", " Licensee"]'
     python sample.py --out_dir=out-legal-small --start="as set out in " --regex='§ \\d+(\\.\\d+)*' --temperature=0
     python sample.py --out_dir=out-legal-small --draft_out_dir=out-draft --start="WHEREAS"   # speculative decoding
+    python sample.py --out_dir=out-chat --chat=True --temperature=0     # a conversation: a turn a line of stdin
 
 A sample ends at <|endoftext|> (unless --ignore_eos), at a --stop string (not printed), or
 after max_new_tokens. The prompts of --prompts= are generated in one batch.
+
+--chat=True holds a conversation with a run trained on conversations (prepare.py's
+"messages"): each line of stdin is the user's next turn, and the reply is printed as it
+is made; the turns that no longer fit the context are dropped, oldest first.
 
 --embed= embeds documents (a .jsonl file, one per line in its "text" field, or files,
 folders and globs, a file each) as the mean of the model's final hidden states, and
@@ -25,6 +30,7 @@ with --query= prints the nearest by cosine similarity; --embed_out= saves the ve
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -53,6 +59,8 @@ regex = ""                  # a pattern the output must match, e.g. a section nu
 draft_out_dir = ""          # speculative decoding: a smaller run with the same tokenizer drafts tokens for this one
 draft_tokens = 4            # with draft_out_dir: tokens the draft proposes per round
 stream = False              # print the text as it is made
+chat = False                # hold a conversation: a user turn a line of stdin, each reply printed (see above)
+system = ""                 # with chat: the system message that begins the conversation
 seed = 1337                 # sample i uses seed + i
 use_cache = True            # KV cache (or LSTM state): each new token reads the state of the ones before
 condition = ""              # conditional: the control label to generate under (one of the run's labels)
@@ -262,8 +270,49 @@ def retrieve():
             print(f"{rank}. {s:.4f} {docs[i][0]}")
 
 
+def fitting(messages):
+    """The chat prompt of messages, without their oldest turns (after the system message) while it
+    leaves less than a quarter of the context for the reply."""
+    try:
+        while True:
+            ids = engine.chat_prompt(messages)
+            first = 1 if messages[0]["role"] == "system" else 0
+            if arch == "lstm" or len(ids) <= block_size * 3 // 4 or len(messages) - first <= 1:
+                return engine.prompt_ids(ids)  # a clear error if even the last turn does not fit
+            del messages[first]
+    except ValueError as e:
+        fail(str(e))
+
+
+def converse():
+    """--chat: the user's turns from stdin, a line each; the model's replies, as they are made."""
+    messages = [{"role": "system", "content": system}] if system else []
+    if not engine.has_chat:
+        fail(f"{out_dir} has no chat template: its tokenizer was made before the role tokens; train a run on "
+             "conversations prepared with a new tokenizer")
+    for turn, line in enumerate(sys.stdin):
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt, reply = fitting(messages), ""
+        try:
+            if num_beams > 1:
+                reply = engine.generate([prompt], condition, use_cache, **options)[0].text
+                print(reply, end="")
+            else:
+                for piece in engine.stream(prompt, condition, use_cache, **{**options, "seed": seed + turn}):
+                    reply += piece
+                    print(piece, end="", flush=True)
+        except ValueError as e:
+            fail(str(e))
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
 if embed:
     retrieve()
+elif chat:
+    converse()
 elif arch == "encoder":
     fill_masks()
 else:

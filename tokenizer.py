@@ -34,7 +34,8 @@ The kinds (KINDS):
   experiments.
 
 What every kind shares:
-- Special tokens <|endoftext|> <|pad|> <|mask|> <|bos|>, plus <|unk|> in the kinds
+- Special tokens <|endoftext|> <|pad|> <|mask|> <|bos|>, the chat template's role tokens
+  <|system|> <|user|> <|assistant|> (see chat_segments), plus <|unk|> in the kinds
   whose algorithm needs one (wordpiece, char, unigram, sentencepiece). Their ids follow
   the ordinary ones (sentencepiece kinds keep SentencePiece's own unk id) and are written
   in tokenizer.json. vocab_size counts them.
@@ -63,7 +64,10 @@ import re
 import tempfile
 from typing import Iterable
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>")
+# The chat template's role markers (see chat_segments). Tokenizers made before them have only
+# the first four special tokens, and load so (saved_specials); they cannot hold a conversation.
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>", *ROLE_TOKENS.values())
 UNK = "<|unk|>"
 
 # GPT-4's split pattern without its lookahead and possessive quantifiers, and with
@@ -152,7 +156,8 @@ class Tokenizer:
     def __init__(self, vocab_size, special):
         self.vocab_size = vocab_size
         self.special = dict(special)  # token string -> id
-        self.eot_id, self.pad_id, self.mask_id, self.bos_id = (self.special[s] for s in SPECIAL_TOKENS)
+        self.eot_id, self.pad_id, self.mask_id, self.bos_id = (self.special[s] for s in SPECIAL_TOKENS[:4])
+        self.role_ids = {role: self.special[s] for role, s in ROLE_TOKENS.items() if s in self.special}
         self.unk_id = self.special.get(UNK)
         self._special_text = {i: s for s, i in self.special.items()}
         self._special_pattern = re.compile("|".join(map(re.escape, self.special)))
@@ -204,10 +209,16 @@ class Tokenizer:
         return self
 
 
-def _specials_after(n, unk=False):
+def _specials_after(n, unk=False, specials=SPECIAL_TOKENS):
     """The special tokens' ids when n ordinary ids come first."""
-    names = SPECIAL_TOKENS + ((UNK,) if unk else ())
+    names = specials + ((UNK,) if unk else ())
     return {s: n + i for i, s in enumerate(names)}
+
+
+def saved_specials(header):
+    """The special tokens a saved tokenizer has: all of them, or the four of one made before the role tokens."""
+    saved = header.get("special_tokens")
+    return SPECIAL_TOKENS if isinstance(saved, dict) and ROLE_TOKENS["user"] in saved else SPECIAL_TOKENS[:4]
 
 
 class BPETokenizer(Tokenizer):
@@ -217,8 +228,8 @@ class BPETokenizer(Tokenizer):
     data_file = "tokenizer.bpe"
     min_vocab_size = 256 + len(SPECIAL_TOKENS)
 
-    def __init__(self, ranks, pattern):
-        special = _specials_after(len(ranks))
+    def __init__(self, ranks, pattern, specials=SPECIAL_TOKENS):
+        special = _specials_after(len(ranks), specials=specials)
         super().__init__(len(ranks) + len(special), special)
         self.ranks, self.pattern = ranks, pattern  # ranks: token bytes -> id
         import tiktoken
@@ -247,7 +258,7 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"{path}: the ranks must be 0..n-1 and include all 256 single bytes")
         if not isinstance(header.get("pattern"), str):
             raise ValueError(f"{directory}: tokenizer.json has no split pattern")
-        return cls(ranks, header["pattern"])._check_header(directory, header)
+        return cls(ranks, header["pattern"], saved_specials(header))._check_header(directory, header)
 
     def save(self, directory):
         lines = (f"{base64.b64encode(t).decode('ascii')} {r}\n"
@@ -349,8 +360,8 @@ class PieceListTokenizer(Tokenizer):
 
     min_vocab_size = len(SPECIAL_TOKENS) + 2
 
-    def __init__(self, pieces):
-        super().__init__(len(pieces) + len(SPECIAL_TOKENS) + 1, _specials_after(len(pieces), unk=True))
+    def __init__(self, pieces, specials=SPECIAL_TOKENS):
+        super().__init__(len(pieces) + len(specials) + 1, _specials_after(len(pieces), True, specials))
         self.pieces = pieces
         self.ids = {p: i for i, p in enumerate(pieces)}
 
@@ -364,7 +375,7 @@ class PieceListTokenizer(Tokenizer):
         if not pieces or not all(isinstance(p, str) and cls.valid_piece(p) for p in pieces) \
                 or len(set(pieces)) != len(pieces):
             raise ValueError(f"{path}: the pieces must be distinct strings, {cls.valid_piece.__doc__}")
-        return cls(pieces)._check_header(directory, header)
+        return cls(pieces, saved_specials(header))._check_header(directory, header)
 
     def save(self, directory):
         _write_file(os.path.join(directory, self.data_file), "".join(json.dumps(p) + "\n" for p in self.pieces))
@@ -467,8 +478,8 @@ class WordPieceTokenizer(PieceListTokenizer):
     kind = "wordpiece"
     data_file = "tokenizer.vocab"
 
-    def __init__(self, pieces):
-        super().__init__(pieces)
+    def __init__(self, pieces, specials=SPECIAL_TOKENS):
+        super().__init__(pieces, specials)
         self.longest = max((len(p.removeprefix("##")) for p in pieces), default=1)
         self.cache = {}  # word -> ids
 
@@ -537,14 +548,14 @@ class SentencePieceTokenizer(Tokenizer):
     data_file = "tokenizer.model"
     min_vocab_size = 300  # the 256 byte pieces, the specials, and a few characters
 
-    def __init__(self, model):
+    def __init__(self, model, specials=SPECIAL_TOKENS):
         import sentencepiece
         self.model = model  # the serialized ModelProto
         self.sp = sentencepiece.SentencePieceProcessor(model_proto=model)
         n = self.sp.get_piece_size()
-        special = _specials_after(n)
+        special = _specials_after(n, specials=specials)
         special[UNK] = self.sp.unk_id()
-        super().__init__(n + len(SPECIAL_TOKENS), special)
+        super().__init__(n + len(specials), special)
         self.newline_id = self.sp.piece_to_id("<0x0A>")  # a byte-fallback piece
 
     @classmethod
@@ -581,7 +592,7 @@ class SentencePieceTokenizer(Tokenizer):
         path = os.path.join(directory, cls.data_file)
         model = _read_file(path, binary=True)
         try:
-            tok = cls(model)
+            tok = cls(model, saved_specials(header))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{path} is not a SentencePiece model ({e})") from None
         return tok._check_header(directory, header)
@@ -628,8 +639,8 @@ class ByteTokenizer(Tokenizer):
     min_vocab_size = 1  # vocab_size is 256 + the specials, whatever is asked
     fixed_vocab = True
 
-    def __init__(self):
-        super().__init__(256 + len(SPECIAL_TOKENS), _specials_after(256))
+    def __init__(self, specials=SPECIAL_TOKENS):
+        super().__init__(256 + len(specials), _specials_after(256, specials=specials))
 
     @classmethod
     def train(cls, texts, vocab_size):
@@ -637,7 +648,7 @@ class ByteTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, directory, header):
-        return cls()._check_header(directory, header)
+        return cls(saved_specials(header))._check_header(directory, header)
 
     def save(self, directory):
         return self._save_header(directory, {}, [])
@@ -730,3 +741,55 @@ def tokenizer_fingerprint(directory) -> str:
         except OSError as e:
             raise ValueError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
     return digest.hexdigest()[:16]
+
+
+# -- the chat template -------------------------------------------------------------------------------------------
+
+class SpecialToken(str):
+    """A special token's name among text segments: it stands for its id, not for its text."""
+
+
+def chat_segments(messages):
+    """A conversation in the chat template, as (segment, learned) pairs: a segment is a
+    SpecialToken or a message's content (ordinary text: a role token written in it stays text).
+
+    messages: a list of {"role": "system" | "user" | "assistant", "content": str}. Each
+    message is its role token, its content and <|endoftext|>:
+
+        <|system|>You answer questions on leases.<|endoftext|><|user|>Who pays the rent?<|endoftext|>
+        <|assistant|>The Tenant.<|endoftext|>
+
+    learned: what training counts in the loss, an assistant's content and the <|endoftext|>
+    that ends it (prepare.py). To ask for the next turn, generation reads the conversation
+    and then <|assistant|> (chat_ids), and the reply ends at the <|endoftext|> the model
+    writes. A ValueError names what is wrong with messages.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}}, got {messages!r:.80}")
+    segments = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLE_TOKENS)}, got {role!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}]: content must be a string, got {message.get('content')!r:.80}")
+        learned = role == "assistant"
+        segments += [(SpecialToken(ROLE_TOKENS[role]), False), (message["content"], learned),
+                     (SpecialToken(SPECIAL_TOKENS[0]), learned)]
+    return segments
+
+
+def check_chat(tok):
+    if len(tok.role_ids) < len(ROLE_TOKENS):
+        raise ValueError("this tokenizer has no role tokens (it was made before the chat template): prepare "
+                         "the data again with a new tokenizer to train a run that holds conversations")
+
+
+def chat_ids(tok, messages):
+    """The ids generation reads to write the assistant's next turn: messages in the chat
+    template (chat_segments), then <|assistant|>."""
+    check_chat(tok)
+    ids = []
+    for segment, _ in chat_segments(messages):
+        ids += [tok.special[segment]] if isinstance(segment, SpecialToken) else tok.encode(segment)
+    return ids + [tok.role_ids["assistant"]]

@@ -12,7 +12,7 @@ from conftest import assert_clear_error, run_script, train_args
 import prepare as prepare_module
 from prepare import (Progress, dedup_paragraphs, held_out, legal_corpus_files, new_stats, paragraph_cut,
                      text_document)
-from tokenizer import load_tokenizer
+from tokenizer import SPECIAL_TOKENS, SpecialToken, chat_segments, load_tokenizer
 
 WORDS = ("licensee licensor agreement party warranty liability damages notice termination breach "
          "indemnify govern jurisdiction court clause section software copyright license consent").split()
@@ -485,7 +485,7 @@ def test_prompt_response_pairs_get_a_loss_mask_on_the_response_and_its_end(tmp_p
     write_jsonl(tmp_path / "qa.jsonl", pairs + [pairs[0], {"text": document(99)}])
     result = prepare(tmp_path, "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.25")
     assert result.returncode == 0, result.stderr
-    assert "1 repeated prompt/response pairs dropped" in result.stdout
+    assert "1 repeated prompt/response pairs or conversations dropped" in result.stdout
     out = tmp_path / "data" / "legal"
     assert json.loads((out / "meta.json").read_text())["loss_mask"] is True
     tok = load_tokenizer(out)
@@ -496,6 +496,51 @@ def test_prompt_response_pairs_get_a_loss_mask_on_the_response_and_its_end(tmp_p
         seen.append((tok.decode(doc[counts == 0]), tok.decode(doc[counts == 1])))
         assert (np.diff(counts.astype(int)) >= 0).all()  # prompt first, then response
     assert sorted(seen) == sorted([(p["prompt"], p["response"]) for p in pairs] + [("", document(99))])
+
+
+def conversation(i):
+    return [{"role": "system", "content": "You answer questions on leases."},
+            {"role": "user", "content": f"Who repairs item {i}?"}, {"role": "assistant", "content": f" The Tenant, {i}."},
+            {"role": "user", "content": f"And {WORDS[i]}?"}, {"role": "assistant", "content": f" The Landlord, {i}."}]
+
+
+def test_conversations_are_written_in_the_chat_template_and_only_the_assistants_turns_are_learnt(tmp_path):
+    chats = [{"messages": conversation(i)} for i in range(10)]
+    write_jsonl(tmp_path / "chats.jsonl", chats + [chats[3]])
+    result = prepare(tmp_path, "--input=chats.jsonl", "--vocab_size=300", "--val_fraction=0.2")
+    assert result.returncode == 0, result.stderr
+    assert "1 repeated prompt/response pairs or conversations dropped" in result.stdout and "with a loss mask" in result.stdout
+    out = tmp_path / "data" / "legal"
+    tok = load_tokenizer(out)
+    expected = []
+    for chat in chats:
+        ids, learned = [], []
+        for segment, counted in chat_segments(chat["messages"]):
+            new = [tok.special[segment]] if isinstance(segment, SpecialToken) else tok.encode(segment)
+            ids, learned = ids + new, learned + [int(counted)] * len(new)
+        expected.append((ids, learned))
+    written = []
+    for split in ("train", "val"):
+        tokens = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        mask = np.fromfile(out / f"{split}_mask.bin", dtype=np.uint8).tolist()
+        starts = [i for i, t in enumerate(tokens) if t == tok.role_ids["system"]] + [len(tokens)]
+        written += [(tokens[a:b], mask[a:b]) for a, b in zip(starts, starts[1:])]
+    assert sorted(written) == sorted(expected)  # one end-of-text after the last turn, not two
+
+
+def test_a_conversation_with_a_wrong_message_or_a_tokenizer_without_role_tokens_is_an_error(prepared, tmp_path):
+    bad = conversation(0)
+    bad[2] = {"role": "lawyer", "content": "x"}
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": conversation(1)}, {"messages": bad}])
+    assert fails_cleanly(prepared, f"--input={tmp_path / 'chats.jsonl'}").endswith(
+        "chats.jsonl:2: messages[2]: role must be one of system, user, assistant, got 'lawyer'")
+    old = tmp_path / "old"
+    old.mkdir()
+    tok = load_tokenizer(prepared[1])
+    type(tok)(tok.ranks, tok.pattern, SPECIAL_TOKENS[:4]).save(old)  # as tokenizers were before the chat template
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": conversation(i)} for i in range(4)])
+    assert "the tokenizer has no <|system|> token" in fails_cleanly(prepared, f"--input={tmp_path / 'chats.jsonl'}",
+                                                                    f"--tokenizer_from={old}")
 
 
 def test_a_corpus_larger_than_the_tokenizer_sample_holds_out_each_document_by_chance(tmp_path, monkeypatch):

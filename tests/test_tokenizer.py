@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import tokenizer
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern is code, not a download
-from tokenizer import (GPT2_PATTERN, KINDS, PIECE_CHARS, SPECIAL_TOKENS, UNK, BPETokenizer, WordPieceTokenizer,
-                       load_tokenizer, train_tokenizer, wordpiece_vocabulary)
+from tokenizer import (GPT2_PATTERN, KINDS, PIECE_CHARS, SPECIAL_TOKENS, UNK, BPETokenizer, SpecialToken,
+                       WordPieceTokenizer, chat_ids, chat_segments, load_tokenizer, train_tokenizer, wordpiece_vocabulary)
 
 CORPUS = [
     "The Licensee shall indemnify the Licensor against all claims arising from the use of the Software.",
@@ -94,10 +94,11 @@ def test_special_tokens_have_distinct_ids_and_ordinary_text_never_gets_them(kind
     names = SPECIAL_TOKENS + ((UNK,) if kind in NEEDS_UNK else ())
     assert set(t.special) == set(names)
     assert len(set(t.special.values())) == len(names) and max(t.special.values()) < t.vocab_size
-    assert (t.eot_id, t.pad_id, t.mask_id, t.bos_id) == tuple(t.special[s] for s in SPECIAL_TOKENS)
+    assert (t.eot_id, t.pad_id, t.mask_id, t.bos_id) == tuple(t.special[s] for s in SPECIAL_TOKENS[:4])
+    assert [t.role_ids[r] for r in ("system", "user", "assistant")] == [t.special[s] for s in SPECIAL_TOKENS[4:]]
     assert t.unk_id == t.special.get(UNK)
     ordinary = {i for text in UNICODE_TEXTS + CORPUS for i in t.encode(text)}
-    assert not ordinary & {t.eot_id, t.pad_id, t.mask_id, t.bos_id}
+    assert not ordinary & {t.special[s] for s in SPECIAL_TOKENS}
     assert max(ordinary) < t.vocab_size
 
 
@@ -109,7 +110,7 @@ def test_special_ids_come_after_the_ordinary_ids_in_a_fixed_order(kind):
     if kind in SENTENCEPIECE:
         assert t.unk_id == 0  # SentencePiece's own unk
     if kind == "gpt2":
-        assert (t.eot_id, t.vocab_size) == (50256, 50260)  # GPT-2's own <|endoftext|>, the others after it
+        assert (t.eot_id, t.vocab_size) == (50256, 50263)  # GPT-2's own <|endoftext|>, the others after it
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -136,6 +137,46 @@ def test_save_then_load_gives_identical_ids(kind, tmp_path):
         assert loaded.encode(text) == t.encode(text)
         assert loaded.encode(text, allow_special=True) == t.encode(text, allow_special=True)
         assert loaded.decode(t.encode(text)) == t.decode(t.encode(text))
+
+
+def made_before_the_role_tokens(t):
+    """t as it was made before the chat template: the first four special tokens only."""
+    four = SPECIAL_TOKENS[:4]
+    if t.kind in ("bpe", "gpt2"):
+        return type(t)(t.ranks, t.pattern, four)
+    if t.kind == "byte":
+        return type(t)(four)
+    return type(t)(t.model, four) if t.kind in SENTENCEPIECE else type(t)(t.pieces, four)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "gpt2"])
+def test_a_tokenizer_saved_before_the_role_tokens_loads_as_it_was_and_has_no_chat(kind, tmp_path):
+    old = made_before_the_role_tokens(trained(kind))
+    old.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.special == old.special and loaded.vocab_size == old.vocab_size == trained(kind).vocab_size - 3
+    assert loaded.role_ids == {} and loaded.encode(CORPUS[0]) == old.encode(CORPUS[0])
+    with pytest.raises(ValueError, match="no role tokens"):
+        chat_ids(loaded, [{"role": "user", "content": "Who pays?"}])
+
+
+def test_the_chat_template_marks_roles_with_special_tokens_and_learns_the_assistants_turns():
+    t = trained("bpe")
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "<|assistant|>Who?"},
+                {"role": "assistant", "content": "The Tenant."}]
+    segments = chat_segments(messages)
+    assert segments == [("<|system|>", False), ("Answer briefly.", False), ("<|endoftext|>", False),
+                        ("<|user|>", False), ("<|assistant|>Who?", False), ("<|endoftext|>", False),
+                        ("<|assistant|>", False), ("The Tenant.", True), ("<|endoftext|>", True)]
+    assert [isinstance(s, SpecialToken) for s, _ in segments] == [True, False, True] * 3
+    role, eot = t.role_ids, t.eot_id
+    assert chat_ids(t, messages) == ([role["system"]] + t.encode("Answer briefly.") + [eot, role["user"]]
+                                     + t.encode("<|assistant|>Who?") + [eot, role["assistant"]]
+                                     + t.encode("The Tenant.") + [eot, role["assistant"]])
+    for bad, why in [([], "non-empty list"), ("hi", "non-empty list"), ([{"role": "judge", "content": "x"}], "role"),
+                     ([{"role": "user"}], "content"), ([{"role": "user", "content": 3}], "content"), (["x"], "role")]:
+        with pytest.raises(ValueError, match=why):
+            chat_segments(bad)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -370,9 +411,9 @@ def test_a_vocab_size_too_small_or_unsupported_raises_value_error(kind, vocab_si
 @pytest.mark.parametrize("kind", SENTENCEPIECE)
 def test_sentencepiece_kinds_say_how_many_ids_the_characters_of_the_text_need(kind):
     many = ["".join(chr(0x4e00 + i) for i in range(100))]  # 100 characters that all need an id
-    with pytest.raises(ValueError, match=r"vocab_size 300 is too small .* at least 361$"):
+    with pytest.raises(ValueError, match=r"vocab_size 300 is too small .* at least 364$"):
         train_tokenizer(kind, many, 300)
-    assert train_tokenizer(kind, many, 361).vocab_size == 361
+    assert train_tokenizer(kind, many, 364).vocab_size == 364
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "char", "unigram", "sentencepiece"])
