@@ -95,6 +95,8 @@ readme = ""                 # study: a file to write the table into, between its
 out_dir = ""                # decode: the run
 decode_prompt_tokens = 32
 decode_batch_sizes = "1,16"  # the cache's speed at each; without the cache, batch 1 only
+decode_compile = True       # decode: also time the compiled decoding step (gpt, conditional; softmax attention)
+draft_out_dir = ""          # decode: also time speculative decoding with this draft run, at batch 1
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
@@ -630,11 +632,12 @@ def bench_study():
 
 def bench_decode():
     """Greedy decoding from a decode_prompt_tokens prompt (random ids) until the context is full,
-    per precision (fp32; bf16 where the device has the units; int8 weights on a CPU), batch size
-    and cache: time to the first token and new tokens/s (medians)."""
+    per precision (fp32; bf16 where the device has the units; int8 weights on a CPU; fp32 with
+    the compiled decoding step), batch size and cache: time to the first token and new tokens/s
+    (medians); with draft_out_dir, speculative decoding at batch 1 and its acceptance rate."""
     import copy
 
-    from engine import generate
+    from engine import Engine, generate
     from runtime import autocast, load_run, pick_dtype, quantize
     if not out_dir:
         fail("--what=decode needs --out_dir=RUN, a trained run")
@@ -655,17 +658,26 @@ def bench_decode():
         precisions[str(pick_dtype(where, "auto")).removeprefix("torch.")] = (model, pick_dtype(where, "auto"))
     if where == "cpu":
         precisions["int8"] = (quantize(copy.deepcopy(model)), torch.float32)
-    rows = []
+    compiled = decode_compile and arch != "lstm" and model.config.attention == "sdpa"
+    if compiled:
+        precisions["compiled"] = (model, torch.float32)
+    rows, compile_seconds = [], {}
     for name, (timed, ptdtype) in precisions.items():
-        for batch, cache in [(b, True) for b in batches] + [(1, False)]:
+        step = torch.compile(model.decode_step) if name == "compiled" else None
+        for batch, cache in [(b, True) for b in batches] + ([] if step else [(1, False)]):
             generator = torch.Generator().manual_seed(seed)
             prompt = torch.randint(0, tok.vocab_size, (batch, decode_prompt_tokens), generator=generator).to(where)
             inputs = {"labels": torch.zeros(batch, dtype=torch.long, device=where)} if arch == "conditional" else {}
 
             def write(n):
                 with autocast(where, ptdtype):
-                    generate(timed, prompt, n, temperature=0, use_cache=cache, vocab_limit=tok.vocab_size, **inputs)
+                    generate(timed, prompt, n, temperature=0, use_cache=cache, vocab_limit=tok.vocab_size, step=step,
+                             **inputs)
                 sync(where)
+            if step is not None:  # the first steps compile (again for a new batch size: its dimension turns dynamic)
+                t0 = time.perf_counter()
+                write(3)
+                compile_seconds[batch] = round(time.perf_counter() - t0, 1)
             first = median_seconds(lambda: write(1), repeats)
             whole = median_seconds(lambda: write(new), repeats)
             rows.append({"dtype": name, "batch": batch, "cache": cache, "first_token_ms": round(1000 * first, 1),
@@ -680,10 +692,44 @@ def bench_decode():
                                                                      / speed("float32", batches[0], True), 2)}
     for name in list(precisions)[1:]:
         ratios[f"{name}_over_float32"] = round(speed(name, 1, True) / speed("float32", 1, True), 2)
+    if compile_seconds:
+        print("compiling the decoding step took " + ", ".join(f"{s} s (batch {b})" for b, s in compile_seconds.items()))
+    if draft_out_dir:
+        rows.append(speculative_row(Engine(model, tok, where, torch.float32), new))
+        ratios["speculative_over_float32"] = round(rows[-1]["tok_per_s"] / speed("float32", 1, True), 2)
     print(f"{decode_prompt_tokens}-token prompt, {new} new tokens, greedy, medians of {repeats}; "
           f"{machine(where)}, torch {torch.__version__}: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
     print(json.dumps({"run": out_dir, "prompt_tokens": decode_prompt_tokens, "new_tokens": new, "rows": rows,
-                      "ratios": ratios, "device": where}))
+                      "ratios": ratios, "compile_seconds": compile_seconds, "device": where}))
+
+
+def speculative_row(engine, new):
+    """bench_decode's row for speculative decoding with the draft run draft_out_dir, fp32, batch 1;
+    the prompt: the same random ids."""
+    from engine import Engine
+    from tokenizer import tokenizer_fingerprint
+    if tokenizer_fingerprint(draft_out_dir) != tokenizer_fingerprint(out_dir):
+        fail(f"the draft run {draft_out_dir} has another tokenizer than {out_dir}")
+    try:
+        engine.draft = Engine.load(draft_out_dir, engine.device, "float32")
+    except ValueError as e:
+        fail(str(e))
+    prompt = torch.randint(0, engine.tokenizer.vocab_size, (decode_prompt_tokens,),
+                           generator=torch.Generator().manual_seed(seed)).tolist()
+    labels = {"condition": engine.labels[0]} if engine.labels else {}
+    done = []
+
+    def write(n):
+        done.append(engine.generate([prompt], temperature=0, max_new_tokens=n, ignore_eos=True, **labels)[0])
+        sync(engine.device)
+    first = median_seconds(lambda: write(1), repeats)
+    whole = median_seconds(lambda: write(new), repeats)
+    row = {"dtype": "float32", "batch": 1, "cache": True, "speculative": True, "draft": draft_out_dir,
+           "acceptance": round(done[-1].draft_acceptance, 3), "first_token_ms": round(1000 * first, 1),
+           "tok_per_s": round(new / whole, 1)}
+    print(f"speculative batch   1    cache: first token {1000 * first:7.1f} ms, {new / whole:8.1f} new tokens/s, "
+          f"{row['acceptance']:.0%} of the draft's tokens accepted", flush=True)
+    return row
 
 
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,

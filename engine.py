@@ -304,10 +304,10 @@ def read_prompts_alone(model, prompts, device):
 
 
 @torch.no_grad()
-def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_limit=None, eot=None):
+def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_limit=None, eot=None, step=None):
     """The decoding loop, a generator: yields (row, text piece) as text is made, and finishes the
     rows (Row objects, one per row of idx). idx, inputs: from batch_of(); generators: one per row
-    (or None); eot: the token that ends a row, or None."""
+    (or None); eot: the token that ends a row, or None; step: a compiled GPT.decode_step."""
     o = options
     B, device = idx.size(0), idx.device
     vocab = vocab_limit or model.config.vocab_size
@@ -322,11 +322,11 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
         if not use_cache:
             raise ValueError("an LSTM batches prompts of different lengths only with use_cache=True")
         state, first = read_prompts_alone(model, [row.prompt for row in rows], device)
-    for step in range(max_new):
+    for n in range(max_new):
         if first is not None:
             logits, first = first, None
         else:
-            logits, state = model.next_logits(idx, state, use_cache, **inputs)
+            logits, state = model.next_logits(idx, state, use_cache, **inputs, **({"step": step} if step else {}))
         logits = penalties(logits[:, :vocab].float())
         if spelling is not None:
             logits = spelling(logits, [rows[i] for i in active])
@@ -339,7 +339,7 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
             row = rows[i]
             row.generated += 1
             piece = row.finish("stop") if t == eot else row.add(t)
-            if row.finish_reason is None and step == max_new - 1:
+            if row.finish_reason is None and n == max_new - 1:
                 piece += row.finish("length")
             if piece:
                 yield i, piece
@@ -453,17 +453,18 @@ def run_to_end(steps):
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None,
-             vocab_limit=None, **inputs):
+             vocab_limit=None, step=None, **inputs):
     """Continue the rows of idx (B, T), all of one length, by max_new_tokens each, with no stop:
     idx with the new tokens after it (B, T + max_new_tokens). temperature 0 = greedy; ids from
     vocab_limit up (the rows padding the vocabulary past the tokenizer's) are never picked.
     inputs: what the architecture reads besides idx (labels=, src=, src_mask=). With use_cache
     each step reads only the new token and the state of the steps before; without, the whole
-    sequence again. The output is the same."""
+    sequence again. The output is the same. step: a compiled GPT.decode_step (see Engine)."""
     rows = [Row(None, prompt, ()) for prompt in idx.tolist()]
     options = check_options({"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
                              "top_p": top_p})
-    run_to_end(decode(model, idx, inputs, rows, [generator] * idx.size(0), options, use_cache, vocab_limit))
+    run_to_end(decode(model, idx, inputs, rows, [generator] * idx.size(0), options, use_cache, vocab_limit, None,
+                      step))
     new = torch.tensor([row.ids for row in rows], dtype=idx.dtype, device=idx.device).view(idx.size(0), -1)
     return torch.cat((idx, new), dim=1)
 
@@ -750,12 +751,22 @@ def spell_after(text, data):
 class Engine:
     """A trained run loaded once, ready to generate, embed and score texts."""
 
-    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=(), draft=None):
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=(), draft=None, compile=False):
         """draft: an Engine of a smaller run with the same tokenizer, for speculative decoding
-        (Engine.load checks the tokenizer; here it is the caller's word)."""
+        (Engine.load checks the tokenizer; here it is the caller's word). compile: decode each
+        new token with GPT.decode_step compiled by torch.compile (gpt and conditional runs with
+        softmax attention): compiled on the first call (seconds to a minute), then once more
+        if the batch shrinks (rows that finish leave it), never per token. On CUDA its mode is
+        "reduce-overhead": CUDA graphs replay the whole step."""
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         self.labels = list(labels)  # conditional: the names of the control labels
         self.draft = draft
+        self.step = None
+        if compile:
+            if model.config.arch not in ("gpt", "conditional") or model.config.attention != "sdpa":
+                raise ValueError(f"compile supports gpt and conditional runs with softmax attention; this run is "
+                                 f"{model.config.arch!r} with {model.config.attention!r} attention")
+            self.step = torch.compile(model.decode_step, mode="reduce-overhead" if device == "cuda" else None)
         if draft is not None:
             for name, arch in (("the run", model.config.arch), ("the draft run", draft.model.config.arch)):
                 if arch not in ("gpt", "conditional"):
@@ -765,7 +776,7 @@ class Engine:
                                  f"({', '.join(self.labels)})")
 
     @classmethod
-    def load(cls, out_dir, device="auto", dtype="auto", quantize="", draft_out_dir=""):
+    def load(cls, out_dir, device="auto", dtype="auto", quantize="", draft_out_dir="", compile=False):
         """The run in out_dir (weights, settings, tokenizer), on device ("auto": CUDA, then MPS, then CPU).
         quantize="int8": int8 weights for decoding on the CPU (runtime.quantize), computed in float32
         (bf16 autocast around the int8 products only slows them). draft_out_dir: a smaller run
@@ -792,7 +803,7 @@ class Engine:
         if model.config.arch == "conditional":
             with open(os.path.join(out_dir, "meta.json")) as f:
                 labels = json.load(f)["labels"]
-        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft)
+        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile)
 
     def autocast(self):
         from runtime import autocast
@@ -844,7 +855,8 @@ class Engine:
                 raise ValueError(f"speculative decoding (a draft run) does not support {', '.join(refused)}: "
                                  "leave it out, or the draft")
             return rows, self.speculate(idx, inputs, rows, generators, o, eot)
-        return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot)
+        return rows, decode(self.model, idx, inputs, rows, generators, o, use_cache, self.tokenizer.vocab_size, eot,
+                            self.step)
 
     @property
     def has_chat(self):

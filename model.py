@@ -196,7 +196,7 @@ class KVCache:
     """A transformer's generation state, kept outside the model: keys and values of every
     layer (or, for linear attention, its running sums), and for encdec the encoder's output
     and the cross-attention keys/values computed from it once. `pos` says how many
-    positions are filled.
+    positions are filled. `index`: GPT.decode_step's column, a (1,) tensor, or None.
     """
 
     def __init__(self, config, batch_size, device, dtype):
@@ -210,9 +210,15 @@ class KVCache:
         self.memory = None                    # encdec: the encoder's output
         self.pad = None                       # (B,): padding tokens on the left of each row, or None
         self.pos = 0
+        self.index = None
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, nkv, T, hs) and return all of them so far."""
+        """Store this step's k, v (B, nkv, T, hs) and return all of them so far (with index set:
+        written in place at that column, and the whole buffers returned, all block_size columns)."""
+        if self.index is not None:
+            self.k[layer].index_copy_(2, self.index, k)
+            self.v[layer].index_copy_(2, self.index, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -397,6 +403,23 @@ class Stack(nn.Module):
             cache.pos += T
         return self.ln_f(x)
 
+    def step(self, x, pos, cache):
+        """forward() of one new token per row, x (B, 1, C), at column cache.index with every shape
+        fixed, whatever the column: attention reads all block_size columns of the cache, masked
+        to those filled (and not padding). So a compiled step is compiled once. pos: (1,) or (B, 1)."""
+        cols = torch.arange(cache.k.size(3), device=x.device)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.rope_cos is not None else None
+        visible = cols <= cache.index  # (S,)
+        if cache.pad is not None:
+            visible = visible & (cols >= cache.pad[:, None])  # (B, S)
+        mask = visible.view(-1 if cache.pad is not None else 1, 1, 1, cols.size(0))
+        if self.slopes is not None:
+            bias = -self.slopes.to(x.device)[:, None, None] * (cache.index - cols).abs()  # (nh, 1, S)
+            mask = bias.masked_fill(~mask, float("-inf")).to(compute_dtype(x.device.type, x.dtype))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, mask, False, cache, layer)
+        return self.ln_f(x)
+
 
 # ----------------------------------------------------------------------------------
 # the models
@@ -508,11 +531,12 @@ class GPT(Model):
         keep = None if pad is None else torch.arange(start + idx.size(1), device=idx.device) >= pad[:, None]
         return self.body(x, pos, start, cache, keep)
 
-    def next_logits(self, idx, cache, use_cache, labels=None, pad=None):
+    def next_logits(self, idx, cache, use_cache, labels=None, pad=None, step=None):
         """The logits after idx (B, vocab); labels (conditional): one per row (B,); pad (B,): each
         row's padding on the left. The cache holds the whole context; once the sequence outgrows
         block_size the window slides and the cache is rebuilt from the window, so the output is
-        the same token for token as without a cache."""
+        the same token for token as without a cache. step: decode_step, compiled, for the
+        steps that read one token into the cache (the prompt is read by forward())."""
         window = idx[:, -self.config.block_size:]
         if pad is not None:  # the padding that slid out of the window
             pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
@@ -521,9 +545,24 @@ class GPT(Model):
         elif cache is None or cache.pos + 1 > self.config.block_size:
             cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
             logits, _ = self(window, cache=cache, labels=labels, pad=pad)
+        elif step is not None:
+            if cache.index is None:
+                cache.index = torch.zeros(1, dtype=torch.long, device=idx.device)
+            cache.index.fill_(cache.pos)  # in place: the step's inputs keep their addresses (CUDA graphs)
+            token = idx[:, -1:].clone(memory_format=torch.contiguous_format)  # the same strides every step
+            logits = step(token, cache, labels)
+            cache.pos += 1
         else:
             logits, _ = self(idx[:, -1:], cache=cache, labels=labels)
         return logits[:, -1], cache
+
+    def decode_step(self, idx, cache, labels=None):
+        """The logits (B, 1, vocab) after one new token per row, idx (B, 1), read into the cache at
+        column cache.index, with fixed shapes (Stack.step): what torch.compile compiles once
+        for generation (engine.Engine(compile=True)). next_logits moves cache.pos."""
+        pos = cache.index if cache.pad is None else (cache.index - cache.pad).clamp(min=0)[:, None]
+        x = self.embed(idx, pos, labels)
+        return self.lm_head(self.body.step(x, pos, cache))
 
 
 # ----------------------------------------------------------------------------------

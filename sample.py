@@ -74,6 +74,7 @@ embed_out = ""              # with embed: write the vectors and document names h
 device = "auto"
 dtype = "auto"
 quantize = ""               # int8: int8 weights for decoding on the CPU (computed in float32)
+compile = False             # torch.compile the one-token decoding step (gpt, conditional; softmax attention)
 # -----------------------------------------------------------------------------
 sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)  # the defaults, for beam search
 from configurator import check_ranges, configure, fail  # noqa: E402
@@ -161,7 +162,7 @@ if num_beams > 1:  # beam search does not sample: the sampling settings count on
     options = {k: v for k, v in options.items() if not (k in sampling and v == sampling[k])}
 try:
     check_options(options)
-    engine = Engine.load(out_dir, device, dtype, quantize, draft_out_dir)
+    engine = Engine.load(out_dir, device, dtype, quantize, draft_out_dir, compile)
 except ValueError as e:
     fail(str(e))
 model, tokenizer = engine.model, engine.tokenizer

@@ -153,3 +153,37 @@ def test_score_is_the_log_likelihood_of_each_token_after_the_ones_before():
     assert got["bits_per_byte"] == pytest.approx(-expected / math.log(2) / len(text), rel=1e-5)
     longer = engine.score(text * 4)  # windows that overlap: every token still scored once
     assert longer["tokens"] == 4 * len(text) and math.isfinite(longer["log_likelihood"])
+
+
+# ---- the compiled decoding step ---------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,switches", [("gpt", {}), ("gpt", dict(pos="rope", n_kv_head=2)),
+                                           ("gpt", dict(pos="alibi")), ("conditional", dict(pos="sinusoidal"))],
+                         ids=["learned", "rope-gqa", "alibi", "conditional-sinusoidal"])
+def test_the_compiled_decoding_step_compiles_once_and_writes_what_eager_writes(arch, switches):
+    # torch.compile with a backend that counts what dynamo hands it: a recompilation is a new
+    # frame, whatever the backend; inductor itself is timed by bench.py --what=decode
+    from torch._dynamo.testing import CompileCounter
+    engine = engine_of(arch, **switches)
+    options = dict(max_new_tokens=30, temperature=0, ignore_eos=True, condition="license")  # past the context of 24
+    eager = engine.generate(PROMPTS, **options)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    engine.step = torch.compile(engine.model.decode_step, backend=counter)
+    assert [c.ids for c in engine.generate(PROMPTS, **options)] == [c.ids for c in eager]
+    assert counter.frame_count == 1  # ~20 steps, one compilation
+    alone = engine.generate(PROMPTS[1], **options)  # batch 1: a new batch size compiles once more
+    assert alone.ids == eager[1].ids and counter.frame_count == 2
+    stop = eager[1].text[2:4]  # rows that finish leave the batch: its size turns dynamic, once
+    stopped = engine.generate(PROMPTS, **options, stop=[stop])
+    assert stopped[1].finish_reason == "stop" and counter.frame_count <= 3
+    torch._dynamo.reset()
+
+
+def test_compile_is_refused_where_the_decoding_step_does_not_apply():
+    engine = engine_of("lstm")
+    with pytest.raises(ValueError, match="compile supports gpt and conditional runs with softmax attention; "
+                                         "this run is 'lstm'"):
+        Engine(engine.model, BYTES, compile=True)
+    with pytest.raises(ValueError, match="'linear' attention"):
+        Engine(engine_of(attention="linear").model, BYTES, compile=True)

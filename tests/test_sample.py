@@ -126,6 +126,11 @@ def test_a_conditional_run_needs_one_of_its_labels(arch_run):
     assert_clear_error(done, "--condition='statute' is not one of this run's labels: lease, license")
 
 
+def test_compile_on_a_run_whose_decoding_step_it_cannot_compile_is_refused(arch_run):
+    done = run_in_process("sample.py", f"--out_dir={arch_run('lstm')}", "--compile=True")
+    assert_clear_error(done, "compile supports gpt and conditional runs with softmax attention; this run is 'lstm'")
+
+
 def test_the_label_steers_what_a_conditional_model_writes(tmp_path, labelled_dataset):
     # leases and licenses share no words but "The", "shall", "the": count each kind's words in
     # what the model writes under each label, from the same start and the same seed
