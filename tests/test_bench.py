@@ -183,14 +183,17 @@ def test_bad_attention_and_study_settings_give_one_clear_line(dataset, tmp_path)
 
 def test_decode_bench_times_the_cache_batches_and_precisions_of_a_run(trained_run):
     done = run_script("bench.py", "--what=decode", f"--out_dir={trained_run}", "--decode_prompt_tokens=48",
-                      "--decode_batch_sizes=1,3", "--repeats=1", "--device=cpu")
+                      "--decode_batch_sizes=1,3", "--repeats=1", "--device=cpu", f"--draft_out_dir={trained_run}",
+                      "--decode_compile=False")  # inductor's compile takes ~30 s per batch size on 2 cores
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     assert result["new_tokens"] == 64 - 48  # until the tiny run's context of 64 is full
     cells = {(r["dtype"], r["batch"], r["cache"]) for r in result["rows"]}
     assert {("float32", 1, True), ("float32", 3, True), ("float32", 1, False)} <= cells
     assert all(r["tok_per_s"] > 0 and r["first_token_ms"] > 0 for r in result["rows"])
-    assert {"cache_over_no_cache", "batch_3_over_batch_1", "int8_over_float32"} <= result["ratios"].keys()
+    assert {"cache_over_no_cache", "batch_3_over_batch_1", "int8_over_float32",
+            "speculative_over_float32"} <= result["ratios"].keys()
+    assert result["rows"][-1]["acceptance"] == 1.0  # a draft that is the model itself: every greedy draft is kept
 
 
 def test_decode_bench_needs_a_run_that_writes(trained_run):
