@@ -117,8 +117,8 @@ def make_norm(config):
 
 def rope_tables(head_size, length, theta):
     """cos and sin of each position times each rotation frequency: two (length, head_size/2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)
-    angles = torch.outer(torch.arange(length).float(), inv_freq)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device="cpu").float() / head_size)
+    angles = torch.outer(torch.arange(length, device="cpu").float(), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -134,7 +134,7 @@ def sinusoid_table(length, dim):
     """The fixed positions of 'Attention Is All You Need': sin and cos of position x frequency,
     interleaved, frequencies from 1 down to 1/10000 (rope's, with theta 10000). (length, dim)."""
     cos, sin = rope_tables(dim, length, 10000.0)  # (length, ceil(dim/2)) each
-    table = torch.zeros(length, dim)
+    table = torch.zeros(length, dim, device="cpu")
     table[:, 0::2], table[:, 1::2] = sin, cos[:, :dim // 2]
     return table
 
@@ -142,7 +142,7 @@ def sinusoid_table(length, dim):
 def alibi_slopes(n_head):
     """ALiBi's per-head slopes, a geometric sequence from 2^(-8/n_head) down to 2^-8:
     some heads look far back, some only nearby."""
-    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)], device="cpu")
 
 
 def positions(start, T, block_size, pad=None, device=None):
@@ -795,10 +795,17 @@ class LSTM(Model):
         return logits[:, -1], cache
 
 
-def build_model(config):
-    """The architecture config.arch names, freshly initialized."""
-    if config.arch == "lstm":
-        return LSTM(config)
-    if config.arch == "encdec":
-        return EncoderDecoder(config)
-    return GPT(config)
+def build_model(config, state=None):
+    """The architecture config.arch names, freshly initialized; or, given state (a state_dict),
+    with its weights. Then it is built on the meta device, which allocates nothing and skips the
+    random init the weights would replace (a start-up cost that grows with the model); the
+    tables of positions, which are not in state, are made on the CPU even so."""
+    kind = LSTM if config.arch == "lstm" else EncoderDecoder if config.arch == "encdec" else GPT
+    if state is None:
+        return kind(config)
+    with torch.device("meta"):
+        model = kind(config)
+    model.load_state_dict(state, assign=True)  # the parameters become state's tensors
+    if config.tie_embeddings:  # and the head and the embedding got one each: one matrix again
+        (model.wte if config.arch == "lstm" else model.embed.wte).weight = model.lm_head.weight
+    return model.float()  # as a model built on the CPU, whatever dtype state was saved in

@@ -190,9 +190,8 @@ def load_run(out_dir, device="cpu"):
     check_vocab(config.vocab_size, tokenizer, f"{out_dir}/ckpt.pt")
     if ckpt.get("tokenizer_fingerprint", tokenizer_fingerprint(out_dir)) != tokenizer_fingerprint(out_dir):
         raise ValueError(f"{out_dir}: the tokenizer files are not the ones ckpt.pt was trained with")
-    model = build_model(config)
     try:
-        model.load_state_dict(ckpt["model"])
+        model = build_model(config, ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"{out_dir}/ckpt.pt weights do not fit its model_args: {str(e).splitlines()[0]}")
     return model.to(device).eval(), tokenizer, ckpt

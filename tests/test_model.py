@@ -326,3 +326,26 @@ def test_checkpoints_of_the_earlier_model_py_load_and_give_the_same_logits():
             else:
                 logits, _ = model(case["idx"], case["idx"], **case["inputs"])
         assert torch.allclose(logits, case["logits"], atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch,switches", [("gpt", dict(pos="rope", n_kv_head=2)), ("gpt", dict(pos="alibi")),
+                                           ("gpt", dict(pos="sinusoidal", tie_embeddings=False)),
+                                           ("gpt", dict(attention="linear", n_expert=3, expert_top_k=2)),
+                                           ("conditional", {}), ("encoder", {}), ("lstm", {}),
+                                           ("encdec", dict(attention="linear"))])
+def test_a_model_built_from_a_state_dict_is_the_model_that_was_saved(arch, switches):
+    # built on the meta device, then given the weights: no tensor may stay on meta, the
+    # position tables must be computed, and tied matrices must be one again
+    config = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, arch=arch,
+                         n_labels=2 if arch == "conditional" else 0, **switches)
+    torch.manual_seed(0)
+    saved = build_model(config).eval()
+    loaded = build_model(config, {k: v.clone() for k, v in saved.state_dict().items()}).eval()
+    assert not [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    wte = loaded.wte if arch == "lstm" else loaded.embed.wte
+    assert (wte.weight is loaded.lm_head.weight) == config.tie_embeddings
+    idx = torch.randint(0, 64, (2, 12))
+    inputs = (idx, idx, idx) if arch == "encdec" else (idx, idx)
+    labels = {"labels": torch.tensor([0, 1])} if arch == "conditional" else {}
+    with torch.no_grad():
+        assert torch.equal(saved(*inputs, **labels)[0], loaded(*inputs, **labels)[0])
