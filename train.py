@@ -34,6 +34,7 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -88,6 +89,7 @@ check_ranges(globals(), {
     "ddp_timeout": "> 0"})
 
 from batches import Batches  # noqa: E402
+from engine import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
                      load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
@@ -332,16 +334,21 @@ if master:
 ctx = autocast(device, ptdtype)
 predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
 flops_peak = peak_flops(device_type, ptdtype) * world_size
+target_bytes = None  # bits per byte: the UTF-8 bytes of each id, 0 for special tokens (they are not counted)
+if predicts_next_token and batches.tokenizer.kind != "wordpiece":  # a wordpiece's text depends on its neighbours
+    target_bytes = torch.tensor([len(piece or b"") for piece in token_bytes(batches.tokenizer)[0]], device=device)
 
 
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over eval_iters batches per split, the same batches at every eval and for any
-    number of processes (they share them out), and the share of val targets the model's top
-    guess gets right (for the encoder: masked tokens)."""
+    number of processes (they share them out), the share of val targets the model's top
+    guess gets right (for the encoder: masked tokens), and (next-token models) val bits per
+    byte: the nats of the val targets that are text over their own UTF-8 bytes."""
     model.eval()
     sums = torch.zeros(2, device=device)
     hits = torch.zeros(2, device=device)  # right guesses, targets
+    nats_bytes = torch.zeros(2, device=device)  # nats of the val targets that carry bytes, their bytes
     for s, split in enumerate(("train", "val")):
         for k in range(rank, eval_iters, world_size):
             batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k))
@@ -351,12 +358,20 @@ def estimate_loss():
             if split == "val":
                 counted = batch["targets"] != -1
                 hits += torch.stack([((logits.argmax(dim=-1) == batch["targets"]) & counted).sum(), counted.sum()])
+                if target_bytes is not None:
+                    nbytes = torch.where(counted, target_bytes[batch["targets"].clamp(min=0)], 0).flatten().float()
+                    nats = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-1,
+                                           reduction="none")
+                    nats_bytes += torch.stack([(nats * (nbytes > 0)).sum(), nbytes.sum()])
     if ddp:
         dist.all_reduce(sums)
         dist.all_reduce(hits)
+        dist.all_reduce(nats_bytes)
     model.train()
     train_loss, val_loss = (sums / eval_iters).tolist()
-    return {"train": train_loss, "val": val_loss, "accuracy": (hits[0] / hits[1]).item()}
+    nats, nbytes = nats_bytes.tolist()
+    return {"train": train_loss, "val": val_loss, "accuracy": (hits[0] / hits[1]).item(),
+            "bpb": nats / nbytes / math.log(2) if nbytes else None}
 
 
 def get_lr(it):
@@ -407,8 +422,8 @@ def evaluate(iter_num, elapsed):
     record = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
               "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
     line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-    if predicts_next_token:  # bits per byte: the loss of every val token, so only for next-token models
-        record["val_bpb"] = losses["val"] * batches.val_tokens_per_byte / math.log(2)
+    if losses["bpb"] is not None:  # next-token models, whose tokens each spell their own bytes
+        record["val_bpb"] = losses["bpb"]
         line += f", val bpb {record['val_bpb']:.4f}"
     if master:
         log(f"{line}, val accuracy {losses['accuracy']:.3f}")
