@@ -212,12 +212,9 @@ class Worker:
                                                       completion.completion_tokens))
                         self.counts["generated_tokens"] += completion.completion_tokens
                     job.send("end")
-        except ValueError as e:  # what the request asked for does not fit this run
-            job.send("error", 400, str(e))
-        except Exception:
-            traceback.print_exc()
-            job.send("error", 500, SERVER_FAILED)
-        self.release(job)
+            self.release(job)
+        except Exception as e:
+            self.fail([job], e)
 
     def start_batches(self):
         """The pending jobs, grouped by batch_key, start as batches of up to max_batch_size rows."""
@@ -237,8 +234,8 @@ class Worker:
                 taken, jobs = jobs[:n], jobs[n:]
                 try:
                     self.batches.append(Batch(self.engine, taken))
-                except ValueError as e:
-                    self.fail(taken, 400, str(e))
+                except Exception as e:
+                    self.fail(taken, e)
                     continue
                 self.counts["batches"] += 1
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], size)
@@ -260,10 +257,7 @@ class Worker:
         except StopIteration:  # every row has ended
             self.batches.remove(batch)
         except Exception as e:
-            if not isinstance(e, ValueError):
-                traceback.print_exc()
-            self.fail([job for job in batch.jobs if job.open], 400 if isinstance(e, ValueError) else 500,
-                      str(e) if isinstance(e, ValueError) else SERVER_FAILED)
+            self.fail([job for job in batch.jobs if job.open], e)
             self.batches.remove(batch)
             return
         for r, row in enumerate(batch.rows):
@@ -291,9 +285,14 @@ class Worker:
                 if job.open == 0:
                     self.release(job)
 
-    def fail(self, jobs, status, message):
+    def fail(self, jobs, error, status=400):
+        """jobs end with error: a ValueError says what the request asked that this run cannot do (400);
+        another exception is a bug (500; its traceback goes to the log); a string, a message of status."""
+        if isinstance(error, Exception) and not isinstance(error, ValueError):
+            traceback.print_exc()
+            error, status = SERVER_FAILED, 500
         for job in jobs:
-            job.send("error", status, message)
+            job.send("error", status, str(error))
             job.open = 0
             self.release(job)
 
@@ -304,8 +303,8 @@ class Worker:
 
     def close(self):
         """Stopping: whatever is still queued or running ends with an error."""
-        self.fail([job for batch in self.batches for job in batch.jobs if job.open] + self.pending, 503,
-                  "the server is shutting down")
+        self.fail([job for batch in self.batches for job in batch.jobs if job.open] + self.pending,
+                  "the server is shutting down", 503)
         self.batches, self.pending = [], []
 
 
@@ -900,7 +899,8 @@ textarea { width: 100%; box-sizing: border-box; font: inherit; padding: 0.5rem; 
 .controls { display: flex; flex-wrap: wrap; gap: 1rem; align-items: center; margin: 0.6rem 0; }
 input { width: 6rem; font: inherit; } #api_key { width: 12rem; }
 button { font: inherit; padding: 0.3rem 1.2rem; }
-#output { white-space: pre-wrap; background: #f6f6f2; border: 1px solid #ddd; padding: 0.8rem; min-height: 8rem; }
+#output { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f2; border: 1px solid #ddd;
+          padding: 0.8rem; min-height: 8rem; }
 #prompt_echo { color: #777; } #status { color: #666; }
 """
 
