@@ -103,11 +103,13 @@ class Job:
         self.prompts, self.options, self.condition, self.use_cache = list(prompts), options, condition, use_cache
         self.checked = None if options is None else check_options(options)
         self.call = call
-        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.loop, self.events, self.outbox = asyncio.get_running_loop(), asyncio.Queue(), []
         self.arrived, self.cancelled, self.open = time.monotonic(), False, len(self.prompts)
 
-    def send(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def deliver(self):
+        """Hand the events in the outbox to the request's event loop, all in one call."""
+        events, self.outbox = self.outbox, []
+        self.loop.call_soon_threadsafe(lambda: [self.events.put_nowait(event) for event in events])
 
     def batch_key(self, arch):
         """Jobs with equal keys can share a batch. A seeded sampling job goes alone, since row i of a
@@ -144,7 +146,7 @@ class Worker:
         self.engine, self.max_batch_size, self.max_queue = engine, max_batch_size, max_queue
         self.max_wait = max_wait_ms / 1000
         self.inbox, self.lock, self.jobs = queue.SimpleQueue(), threading.Lock(), 0
-        self.pending, self.batches = [], []
+        self.pending, self.batches, self.sent = [], [], set()  # sent: jobs with events to deliver
         self.counts = dict(batches=0, largest_batch=0, generated_tokens=0, cancelled_rows=0)
         self.thread = threading.Thread(target=self.run, name="model-worker", daemon=True)
         self.thread.start()
@@ -177,6 +179,18 @@ class Worker:
                 self.start_batches()
             for batch in list(self.batches):
                 self.advance(batch)
+            self.deliver()
+
+    def send(self, job, *event):
+        job.outbox.append(event)
+        self.sent.add(job)
+
+    def deliver(self):
+        """Events go to the requests once a round, not a piece at a time: each handing over wakes
+        the event loop's thread, which then competes with this one for the GIL."""
+        for job in self.sent:
+            job.deliver()
+        self.sent.clear()
 
     def arrivals(self):
         """The jobs queued since the last look. With nothing running it waits: for the first job, or
@@ -203,15 +217,15 @@ class Worker:
         try:
             with torch.no_grad(), self.engine.autocast():
                 if job.call is not None:
-                    job.send("result", job.call(self.engine))
+                    self.send(job, "result", job.call(self.engine))
                 else:  # beam search knows its text only at the end
                     done = self.engine.generate(job.prompts, job.condition, job.use_cache, **job.options)
                     for k, completion in enumerate(done):
-                        job.send("piece", k, completion.text)
-                        job.send("finish", k, details(completion.finish_reason, completion.prompt_tokens,
-                                                      completion.completion_tokens))
+                        self.send(job, "piece", k, completion.text)
+                        self.send(job, "finish", k, details(completion.finish_reason, completion.prompt_tokens,
+                                                            completion.completion_tokens))
                         self.counts["generated_tokens"] += completion.completion_tokens
-                    job.send("end")
+                    self.send(job, "end")
             self.release(job)
         except Exception as e:
             self.fail([job], e)
@@ -241,8 +255,8 @@ class Worker:
                 self.counts["largest_batch"] = max(self.counts["largest_batch"], size)
 
     def advance(self, batch):
-        """Run batch to its next piece of text (a step of the model, or none when its last step made
-        pieces not yet handed out), and tell each job the end of its rows that ended."""
+        """Run batch for a step's worth of text (a piece per row still going: a step of the model
+        makes at most one each), and tell each job the end of its rows that ended."""
         self.drop_cancelled(batch)
         if all(batch.reported):
             batch.steps.close()
@@ -250,10 +264,11 @@ class Worker:
             return
         try:
             with self.engine.autocast():
-                r, piece = next(batch.steps)
-            job, k = batch.owner[r]
-            if piece and not job.cancelled:
-                job.send("piece", k, piece)
+                for _ in range(batch.reported.count(False)):
+                    r, piece = next(batch.steps)
+                    job, k = batch.owner[r]
+                    if piece and not job.cancelled:
+                        self.send(job, "piece", k, piece)
         except StopIteration:  # every row has ended
             self.batches.remove(batch)
         except Exception as e:
@@ -265,11 +280,11 @@ class Worker:
                 batch.reported[r] = True
                 job, k = batch.owner[r]
                 self.counts["generated_tokens"] += row.generated
-                job.send("finish", k, details(row.finish_reason, len(row.prompt), row.generated, row.scores,
-                                              row.accepted / row.drafted if row.drafted else None))
+                self.send(job, "finish", k, details(row.finish_reason, len(row.prompt), row.generated, row.scores,
+                                                    row.accepted / row.drafted if row.drafted else None))
                 job.open -= 1
                 if job.open == 0:
-                    job.send("end")
+                    self.send(job, "end")
                     self.release(job)
 
     def drop_cancelled(self, batch):
@@ -292,7 +307,7 @@ class Worker:
             traceback.print_exc()
             error, status = SERVER_FAILED, 500
         for job in jobs:
-            job.send("error", status, str(error))
+            self.send(job, "error", status, str(error))
             job.open = 0
             self.release(job)
 
@@ -306,6 +321,7 @@ class Worker:
         self.fail([job for batch in self.batches for job in batch.jobs if job.open] + self.pending,
                   "the server is shutting down", 503)
         self.batches, self.pending = [], []
+        self.deliver()
 
 
 def details(finish_reason, prompt_tokens, completion_tokens, choice_scores=None, draft_acceptance=None):
