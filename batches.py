@@ -87,8 +87,6 @@ class Batches:
             # conditional: the control label of every token, and the labels' names
             labelled = arch == "conditional" and meta.get("labels")
             self.labels = read("_label", np.uint16, len(meta["labels"])) if labelled else None
-            # bits per byte: nats per token * tokens per byte / ln 2, with the val split's own ratio
-            self.val_tokens_per_byte = meta["splits"]["val"]["tokens"] / meta["splits"]["val"]["bytes"]
         except DatasetError:
             raise
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
