@@ -898,7 +898,8 @@ def describe(engine, name):
     model, config, tok = engine.model, engine.model.config, engine.tokenizer
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     tied_head = config.tie_embeddings and isinstance(getattr(model, "lm_head", None), Int8Linear)  # its own int8 copy
-    parameters = model.num_params() + sum(m.qweight.numel() for m in int8 if not (tied_head and m is model.lm_head))
+    parameters = model.num_params() + sum(m.qweight.numel() + (0 if m.bias is None else m.bias.numel())
+                                          for m in int8 if not (tied_head and m is model.lm_head))
     return {"model": name, "architecture": config.arch, "parameters": parameters, "vocab_size": tok.vocab_size,
             "context": config.block_size, "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
             "tokenizer": tok.kind, "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),

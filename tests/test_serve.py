@@ -181,9 +181,17 @@ def test_generate_streams_each_prompts_pieces_and_then_its_details(connect, engi
 
 def test_a_draft_run_decodes_speculatively_to_the_same_greedy_text(connect, engine, trained_run):
     drafted = Engine.load(trained_run, device="cpu", dtype="float32", draft_out_dir=trained_run)
-    body = connect(drafted).post("/generate", {"prompt": LICENSEE, "draft_tokens": 3, **GREEDY}).json()
+    client = connect(drafted)
+    body = client.post("/generate", {"prompt": LICENSEE, "draft_tokens": 3, **GREEDY}).json()
     assert body["completions"][0]["text"] == engine.generate(LICENSEE, **GREEDY).text
     assert body["completions"][0]["draft_acceptance"] == 1.0  # the run drafting for itself: every token kept
+    assert client.get("/model-info").json()["draft"]["parameters"] == engine.model.num_params()
+
+
+def test_model_info_tells_int8_weights_and_counts_the_same_parameters(connect, engine, trained_run):
+    quantized = Engine.load(trained_run, device="cpu", quantize="int8")
+    info = connect(quantized).get("/model-info").json()
+    assert (info["quantization"], info["dtype"], info["parameters"]) == ("int8", "float32", engine.model.num_params())
 
 
 def test_embed_score_model_info_models_and_health_describe_the_run(connect, engine):
