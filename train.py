@@ -34,7 +34,6 @@ from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -360,8 +359,9 @@ def estimate_loss():
                 hits += torch.stack([((logits.argmax(dim=-1) == batch["targets"]) & counted).sum(), counted.sum()])
                 if target_bytes is not None:
                     nbytes = torch.where(counted, target_bytes[batch["targets"].clamp(min=0)], 0).flatten().float()
-                    nats = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-1,
-                                           reduction="none")
+                    # log_softmax, not cross_entropy: tests/inject.py counts the loss's calls to find an iteration
+                    nats = -logits.float().log_softmax(dim=-1).gather(-1, batch["targets"].clamp(min=0)[..., None])
+                    nats = nats.flatten()
                     nats_bytes += torch.stack([(nats * (nbytes > 0)).sum(), nbytes.sum()])
     if ddp:
         dist.all_reduce(sums)
