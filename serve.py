@@ -66,7 +66,7 @@ api_key = ""                # the bearer token clients must send; "" = $NANOLEX_
 cors_origins = ""           # other sites whose pages may call the API, comma-separated ("*": any); "" = none
 # batching
 max_batch_size = 16         # rows (prompts x n) in one batch at most
-max_wait_ms = 10.0          # how long a request waits for others to share its batch
+max_wait_ms = 50.0          # how long a request waits for others to share its batch
 max_queue = 64              # requests waiting or running at once; more are answered 503 at once
 # limits on what one request may ask
 max_body_bytes = 1_000_000  # the request body
