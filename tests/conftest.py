@@ -1,3 +1,4 @@
+import fcntl
 import hashlib
 import importlib.util
 import io
@@ -141,10 +142,31 @@ def prepare_dataset(corpus, data_dir, name, vocab_size):
     return data_dir, name
 
 
+def made_once(tmp_path_factory, name, make):
+    """The folder that make(folder) fills, made once in a test session: under pytest -n, the first
+    worker to ask makes it while any other that asks waits, and all of them get the same folder, so a
+    run that several workers need is trained once. Tests copy it before changing anything in it. When
+    make fails, the next worker to ask starts it again from an empty folder (and fails the same way)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # the session's, shared by its workers (theirs are below it)
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the worker dies
+        if not (root / f"{name}.made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed make left
+            folder.mkdir()
+            make(folder)
+            (root / f"{name}.made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory, corpus):
     """A prepared dataset: (data_dir, name)."""
-    return prepare_dataset(corpus, tmp_path_factory.mktemp("data"), "tiny", 320)
+    return made_once(tmp_path_factory, "data", lambda folder: prepare_dataset(corpus, folder, "tiny", 320)), "tiny"
 
 
 def train_args(dataset, out_dir, *more):
@@ -156,10 +178,10 @@ def train_args(dataset, out_dir, *more):
 def trained_run(tmp_path_factory, dataset):
     """A run trained for 30 iterations, keeping its checkpoints of 20 and 30 (and the best);
     tests copy it before changing anything in it."""
-    out_dir = tmp_path_factory.mktemp("run") / "out"
-    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30", "--keep_last=2"))
-    assert done.returncode == 0, done.stderr
-    return out_dir
+    def train(folder):
+        done = run_script("train.py", *train_args(dataset, folder / "out", "--max_iters=30", "--keep_last=2"))
+        assert done.returncode == 0, done.stderr
+    return made_once(tmp_path_factory, "run", train) / "out"
 
 
 # ---- every architecture: a tiny run of each, with some of the switches each can take -------
@@ -187,16 +209,15 @@ def labelled_documents(n, seed=0):
 @pytest.fixture(scope="session")
 def labelled_dataset(tmp_path_factory):
     """A dataset whose documents are labelled by their folder: lease/ or license/."""
-    folder = tmp_path_factory.mktemp("labelled")
-    for kind, docs in labelled_documents(30).items():
-        (folder / kind).mkdir()
-        for i, doc in enumerate(docs):
-            (folder / kind / f"{i:02d}.txt").write_text(doc)
-    data_dir = tmp_path_factory.mktemp("data")
-    done = run_script("prepare.py", f"--input={folder}", "--dataset=labelled", f"--data_dir={data_dir}",
-                      "--vocab_size=320", "--val_fraction=0.1", "--labels=True")
-    assert done.returncode == 0, done.stderr
-    return data_dir, "labelled"
+    def prepare(folder):
+        for kind, docs in labelled_documents(30).items():
+            (folder / "docs" / kind).mkdir(parents=True)
+            for i, doc in enumerate(docs):
+                (folder / "docs" / kind / f"{i:02d}.txt").write_text(doc)
+        done = run_script("prepare.py", f"--input={folder / 'docs'}", "--dataset=labelled",
+                          f"--data_dir={folder / 'data'}", "--vocab_size=320", "--val_fraction=0.1", "--labels=True")
+        assert done.returncode == 0, done.stderr
+    return made_once(tmp_path_factory, "labelled", prepare) / "data", "labelled"
 
 
 @pytest.fixture(scope="session")
@@ -206,11 +227,12 @@ def arch_run(tmp_path_factory, dataset, labelled_dataset):
     runs = {}
 
     def run(arch):
-        if arch not in runs:
-            out_dir = tmp_path_factory.mktemp(arch) / "out"
+        def train(folder):
             data = labelled_dataset if arch == "conditional" else dataset
-            done = run_script("train.py", *train_args(data, out_dir, *ARCHS[arch], "--max_iters=30", "--keep_last=2"))
+            done = run_script("train.py", *train_args(data, folder / "out", *ARCHS[arch], "--max_iters=30",
+                                                      "--keep_last=2"))
             assert done.returncode == 0, done.stderr
-            runs[arch] = out_dir
+        if arch not in runs:
+            runs[arch] = made_once(tmp_path_factory, arch, train) / "out"
         return runs[arch]
     return run

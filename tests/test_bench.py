@@ -38,7 +38,7 @@ def test_compare_runs_the_fp32_eager_baseline_beside_the_default_path():
 
 
 def test_every_model_config_field_is_a_bench_setting_listed_by_help():
-    done = run_script("bench.py", "--help")
+    done = run_in_process("bench.py", "--help")
     assert done.returncode == 0, done.stderr
     flags = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("  --")}
     for field in fields(ModelConfig):
@@ -114,11 +114,15 @@ TINY_BUDGET = ("--n_layer=1 --n_head=2 --n_embd=32 --mlp_hidden=48 --block_size=
                "--eval_interval=3 --eval_iters=2 --log_interval=1")
 
 
-def study(dataset, tmp_path, *more, cwd=None):
+def study_args(dataset, tmp_path, *more):
     data_dir, name = dataset
-    return run_script("bench.py", "--what=study", f"--data_dir={data_dir}", f"--dataset={name}",
-                      f"--work_dir={tmp_path / 'runs'}", f"--train_overrides={TINY_BUDGET}", "--gen_prompt_tokens=8",
-                      "--gen_new_tokens=4", "--gen_batch_sizes=1,3", "--repeats=1", *more, cwd=cwd)
+    return ["--what=study", f"--data_dir={data_dir}", f"--dataset={name}", f"--work_dir={tmp_path / 'runs'}",
+            f"--train_overrides={TINY_BUDGET}", "--gen_prompt_tokens=8", "--gen_new_tokens=4", "--gen_batch_sizes=1,3",
+            "--repeats=1", *more]
+
+
+def study(dataset, tmp_path, *more, cwd=None):
+    return run_script("bench.py", *study_args(dataset, tmp_path, *more), cwd=cwd)
 
 
 def test_study_trains_each_recipe_and_writes_the_table_between_the_markers(dataset, tmp_path):
@@ -176,7 +180,8 @@ def test_bad_attention_and_study_settings_give_one_clear_line(dataset, tmp_path)
                        "lengths='64,abc' must be positive whole numbers")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- study:end -->\n<!-- study:begin -->\n")
-    assert_clear_error(study(dataset, tmp_path, f"--readme={readme}"), "once each and in that order")
+    assert_clear_error(run_in_process("bench.py", *study_args(dataset, tmp_path, f"--readme={readme}")),
+                       "once each and in that order")
     assert readme.read_text() == "<!-- study:end -->\n<!-- study:begin -->\n"
     assert not (tmp_path / "runs").exists()  # nothing was trained
 

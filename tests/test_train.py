@@ -119,16 +119,15 @@ def broken_dataset(tmp_path, dataset, breakage):
     return copy, name
 
 
-def test_the_compiled_path_trains_like_eager(tmp_path, dataset):
-    # torch.compile is the default; it must give the same training within bf16 rounding
-    losses = {}
-    for compiled in (False, True):
-        out_dir = tmp_path / f"out-{compiled}"
-        done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=5", f"--compile={compiled}"))
-        assert done.returncode == 0, done.stderr[-2000:]
-        losses[compiled] = train_losses(read_log(out_dir))
-    assert sorted(losses[True]) == [1, 2, 3, 4, 5]
-    assert all(abs(losses[True][i] - losses[False][i]) < 0.05 for i in range(1, 6))
+def test_the_compiled_path_trains_like_eager(tmp_path, dataset, trained_run):
+    # torch.compile is the default; it must give the same training within bf16 rounding. trained_run is
+    # the same training in eager mode: a step's batch, dropout and learning rate do not depend on max_iters
+    out_dir = tmp_path / "out"
+    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=5", "--compile=True"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    compiled, eager = train_losses(read_log(out_dir)), train_losses(read_log(trained_run))
+    assert sorted(compiled) == [1, 2, 3, 4, 5]
+    assert all(abs(compiled[i] - eager[i]) < 0.05 for i in range(1, 6))
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +229,14 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
     assert "fine-tuning" in done.stdout
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_accuracy"] > 0.9
-    for party in ("Tenant", "Licensor"):
-        done = run_script("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1",
-                          f"--start=Clause 7: the {party} shall keep records. Who shall keep records?")
-        assert done.stdout.startswith(f" The {party}.\n"), done.stdout
+    asked = ("Tenant", "Licensor")
+    with open(tmp_path / "ask.jsonl", "w") as f:
+        for party in asked:
+            f.write(json.dumps(f"Clause 7: the {party} shall keep records. Who shall keep records?") + "\n")
+    done = run_script("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1",
+                      f"--prompts={tmp_path / 'ask.jsonl'}")
+    answers = done.stdout.split("-" * 40 + "\n")[:-1]  # each answer is followed by a line of dashes
+    assert len(answers) == 2 and all(a.startswith(f" The {p}.\n") for a, p in zip(answers, asked)), done.stdout
 
 
 def test_fine_tuning_needs_a_dataset_in_the_runs_own_tokenizer(tmp_path, trained_run, other_dataset):
