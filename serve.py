@@ -20,8 +20,9 @@ Endpoints (docs/serving.md has them all, with examples):
 One model worker, a thread, owns the model. Requests queue for it; those that arrive within
 max_wait_ms of each other with the same options share a batch (up to max_batch_size rows),
 and every batch in flight advances in turn, each request getting its own text back as it is
-made. A row's output is the same in a batch as alone (engine.py). A request whose client
-goes away leaves its batch at the next step; a full queue answers 503 at once.
+made. Under greedy decoding a row's output is the same in a batch as alone (engine.py). A
+request whose client goes away leaves its batch at the next step; a full queue answers 503
+at once.
 
 Safe by default: it listens on 127.0.0.1 unless --host says otherwise; --api_key (or the
 NANOLEX_API_KEY environment variable) makes every model endpoint ask for it as a bearer token;
