@@ -201,10 +201,12 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, hs)
+        shape = (batch_size, config.n_kv_head, config.block_size, hs)
         linear = config.attention == "linear"
-        self.k = None if linear else torch.zeros(shape, device=device, dtype=dtype)
-        self.v = None if linear else torch.zeros(shape, device=device, dtype=dtype)
+        # one tensor per layer, not one for all: a compiled step then writes its column in place
+        # instead of copying the whole cache (in-place writes into views of one input are copied)
+        self.k = None if linear else [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = None if linear else [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.sums = [None] * config.n_layer   # linear attention: (kv, z) per layer
         self.cross = [None] * config.n_layer  # encdec: cross-attention (k, v) per layer
         self.memory = None                    # encdec: the encoder's output
@@ -220,14 +222,14 @@ class KVCache:
             self.v[layer].index_copy_(2, self.index, v)
             return self.k[layer], self.v[layer]
         end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def keep_rows(self, rows):
         """Only these rows (a tensor of indices) from now on: the others have finished."""
         if self.k is not None:
-            self.k, self.v = self.k[:, rows], self.v[:, rows]
+            self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.sums = [None if s is None else (s[0][rows], s[1][rows]) for s in self.sums]
         self.cross = [None if c is None else (c[0][rows], c[1][rows]) for c in self.cross]
         self.memory = None if self.memory is None else self.memory[rows]
@@ -407,7 +409,7 @@ class Stack(nn.Module):
         """forward() of one new token per row, x (B, 1, C), at column cache.index with every shape
         fixed, whatever the column: attention reads all block_size columns of the cache, masked
         to those filled (and not padding). So a compiled step is compiled once. pos: (1,) or (B, 1)."""
-        cols = torch.arange(cache.k.size(3), device=x.device)
+        cols = torch.arange(cache.k[0].size(2), device=x.device)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.rope_cos is not None else None
         visible = cols <= cache.index  # (S,)
         if cache.pad is not None:
