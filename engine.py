@@ -257,6 +257,12 @@ class Row:
         self.sent += len(piece)
         return piece
 
+    def cancel(self):
+        """Stop the row from outside the decoding loop (a client that left): decode() drops it
+        from the batch at its next step, and nothing more is made for it."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
     def finish(self, reason):
         """End the row; the text it held back for a stop string that never came is released."""
         if self.finish_reason is None:
@@ -948,6 +954,28 @@ class Engine:
             best = max(range(len(choices)), key=row.scores.__getitem__)
             row.ids, row.text, row.generated = ids[best], choices[best], len(ids[best])
             yield i, row.finish("stop")
+
+    @torch.no_grad()
+    def fill(self, prompt, top_k=5):
+        """An encoder's fill-mask: for each <|mask|> in prompt (a text or token ids), the top_k
+        likeliest fillers, never a special token, with their probabilities; and the text with each
+        mask filled by its likeliest filler. {"masks": [[{"text", "probability"}, ...], ...], "text"}."""
+        if self.model.config.arch != "encoder":
+            raise ValueError(f"fill-mask needs an encoder run; this run is a {self.model.config.arch!r} run")
+        ids = self.prompt_ids(prompt)
+        tok = self.tokenizer
+        where = [i for i, t in enumerate(ids) if t == tok.mask_id]
+        if not where:
+            raise ValueError("put <|mask|> where a word is missing")
+        with self.autocast():
+            logits, _ = self.model(torch.tensor([ids], device=self.device))
+        logits = logits[0, where, :tok.vocab_size].float()  # (masks, vocab): an encoder predicts every position
+        logits[:, list(tok.special.values())] = -math.inf  # a filler is a piece of text, never a marker
+        best = logits.softmax(dim=-1).topk(min(top_k, logits.size(-1)))
+        masks = [[{"text": tok.decode([t]), "probability": p} for p, t in zip(values, indices)]
+                 for values, indices in zip(best.values.tolist(), best.indices.tolist())]
+        likeliest = dict(zip(where, best.indices[:, 0].tolist()))
+        return {"masks": masks, "text": tok.decode([likeliest.get(i, t) for i, t in enumerate(ids)])}
 
     @torch.no_grad()
     def embed(self, texts):

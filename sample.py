@@ -207,22 +207,13 @@ def write():
 
 def fill_masks():
     """encoder: for each <|mask|> in the prompt, the likeliest fillers and their probabilities."""
-    ids = prompt_ids(start)
-    where = [i for i, t in enumerate(ids) if t == tokenizer.mask_id]
-    if not where:
-        fail("an encoder fills in masks: put <|mask|> in --start where a word is missing")
-    with torch.no_grad(), ctx:
-        logits, _ = model(torch.tensor([ids], device=model.lm_head.weight.device))
-    logits = logits[0, :, :tokenizer.vocab_size].float()
-    logits[:, list(tokenizer.special.values())] = -float("inf")  # a filler is a piece of text, never a marker
-    for n, i in enumerate(where, 1):
-        probs = logits[i].softmax(dim=-1)
-        best = torch.topk(probs, fill_top_k)
-        fillers = ", ".join(f"{tokenizer.decode([t])!r} {p:.3f}" for p, t in zip(best.values.tolist(),
-                                                                                 best.indices.tolist()))
-        print(f"mask {n}: {fillers}")
-    best = logits.argmax(dim=-1).tolist()
-    print(tokenizer.decode([best[i] if i in where else t for i, t in enumerate(ids)]))
+    try:
+        filled = engine.fill(prompt_ids(start), fill_top_k)
+    except ValueError as e:
+        fail(f"an encoder fills in masks: {e} (in --start)")
+    for n, fillers in enumerate(filled["masks"], 1):
+        print(f"mask {n}: " + ", ".join(f"{f['text']!r} {f['probability']:.3f}" for f in fillers))
+    print(filled["text"])
 
 
 def documents(spec):

@@ -291,11 +291,10 @@ class Worker:
                     self.release(job)
 
     def drop_cancelled(self, batch):
-        """The rows of jobs whose clients left end now: the engine drops a row once it has a
-        finish_reason, at its next step."""
+        """The rows of jobs whose clients left end now (Row.cancel: the engine drops them at its next step)."""
         for r, (job, _) in enumerate(batch.owner):
             if job.cancelled and not batch.reported[r]:
-                batch.rows[r].finish_reason = batch.rows[r].finish_reason or "cancelled"
+                batch.rows[r].cancel()
                 batch.reported[r] = True
                 self.counts["cancelled_rows"] += 1
                 self.counts["generated_tokens"] += batch.rows[r].generated
@@ -858,7 +857,7 @@ def create_app(engine, name, **overrides):
         ids = prompt_ids(req.text, "text")
         if engine.tokenizer.mask_id not in ids:
             raise APIError(400, "text: put <|mask|> where a word is missing", "text")
-        return await collect(request, Job(call=lambda e: fill_masks(e, ids, req.top_k)))
+        return await collect(request, Job(call=lambda e: e.fill(ids, req.top_k)))
 
     @app.get("/health")
     async def health():
@@ -874,23 +873,6 @@ def create_app(engine, name, **overrides):
         return HTMLResponse(render_page(engine, name, s), headers={"Content-Security-Policy": PAGE_POLICY})
 
     return app
-
-
-def fill_masks(engine, ids, top_k):
-    """For each <|mask|> in ids, the top_k likeliest fillers (never a special token) with their
-    probabilities, and the text with each mask filled by its likeliest filler."""
-    tok = engine.tokenizer
-    logits, _ = engine.model(torch.tensor([ids], device=engine.device))
-    logits = logits[0, :, :tok.vocab_size].float()  # (T, vocab): an encoder predicts every position
-    logits[:, list(tok.special.values())] = -math.inf
-    probs = logits.softmax(dim=-1)
-    where = [i for i, t in enumerate(ids) if t == tok.mask_id]
-    best = probs[where].topk(min(top_k, probs.size(-1)))
-    masks = [[{"text": tok.decode([t]), "probability": p} for p, t in zip(values, indices)]
-             for values, indices in zip(best.values.tolist(), best.indices.tolist())]
-    likeliest = dict(zip(where, best.indices[:, 0].tolist()))
-    filled = [likeliest.get(i, t) for i, t in enumerate(ids)]
-    return {"masks": masks, "text": tok.decode(filled)}
 
 
 def describe(engine, name):

@@ -187,3 +187,30 @@ def test_compile_is_refused_where_the_decoding_step_does_not_apply():
         Engine(engine.model, BYTES, compile=True)
     with pytest.raises(ValueError, match="'linear' attention"):
         Engine(engine_of(attention="linear").model, BYTES, compile=True)
+
+
+def test_fill_names_the_likeliest_fillers_of_each_mask_and_refuses_what_it_cannot_fill():
+    engine = engine_of("encoder")
+    filled = engine.fill("The <|mask|> shall <|mask|>", top_k=4)
+    assert [len(fillers) for fillers in filled["masks"]] == [4, 4]
+    for fillers in filled["masks"]:
+        probs = [f["probability"] for f in fillers]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    best = [fillers[0]["text"] for fillers in filled["masks"]]
+    assert filled["text"] == f"The {best[0]} shall {best[1]}"
+    with pytest.raises(ValueError, match="put <\\|mask\\|> where a word is missing"):
+        engine.fill("No mask here")
+    with pytest.raises(ValueError, match="needs an encoder run"):
+        engine_of("gpt").fill("The <|mask|> shall")
+
+
+def test_a_cancelled_row_stops_at_the_next_step_and_the_others_go_on_as_alone():
+    engine = engine_of()
+    options = dict(max_new_tokens=10, temperature=0, ignore_eos=True)
+    rows, steps = engine.steps(["a", "The Licensee"], **options)
+    r, _ = next(steps)
+    rows[0].cancel()
+    for _ in steps:
+        pass
+    assert rows[0].finish_reason == "cancelled" and rows[0].generated == 1
+    assert rows[1].finish_reason == "length" and rows[1].ids == engine.generate("The Licensee", **options).ids

@@ -118,7 +118,7 @@ def test_an_encoder_prints_the_likeliest_fillers_of_each_mask(arch_run):
     many = run_script("sample.py", f"--out_dir={arch_run('encoder')}", "--start=The <|mask|> shall", "--fill_top_k=60")
     assert many.returncode == 0 and "<|" not in many.stdout.splitlines()[0]  # no special token among 60 fillers
     assert_clear_error(run_in_process("sample.py", f"--out_dir={arch_run('encoder')}", "--start=No mask here"),
-                       "put <|mask|> in --start")
+                       "put <|mask|> where a word is missing (in --start)")
 
 
 def test_a_conditional_run_needs_one_of_its_labels(arch_run):
