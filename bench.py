@@ -31,6 +31,13 @@ How fast a trained run writes: time to the first token and new tokens/s, with an
 without the cache, at each batch size, in fp32 and (where the device has the units) bf16:
 
     python bench.py --what=decode --out_dir=out-legal-small
+
+How many clients a server keeps up with: serve.py on the run (a process of its own, on a free
+loopback port), each client sending /generate requests back to back for serve_seconds; total
+new tokens/s and p50/p95 latency at each number of clients, and the same against one-at-a-time
+serving (the server with --max_batch_size=1):
+
+    python bench.py --what=serve --out_dir=out-legal-small
 """
 
 import glob
@@ -70,7 +77,7 @@ compare = False             # run the configured path and the fp32 eager baselin
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare | attention | study | decode
+what = "train"              # train | tokenizers | prepare | attention | study | decode | serve
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
@@ -97,6 +104,10 @@ decode_prompt_tokens = 32
 decode_batch_sizes = "1,16"  # the cache's speed at each; without the cache, batch 1 only
 decode_compile = True       # decode: also time the compiled decoding step (gpt, conditional; softmax attention)
 draft_out_dir = ""          # decode: also time speculative decoding with this draft run, at batch 1
+# serve: serve.py on the run out_dir under closed-loop clients
+serve_clients = "1,4,16"    # clients at once, each sending its next request when its last one is answered
+serve_seconds = 15.0        # how long each number of clients sends
+serve_new_tokens = 64       # each request: max_new_tokens, sampled (temperature 0.8, top_k 200), ignore_eos
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 config = configure(globals())
@@ -732,8 +743,96 @@ def speculative_row(engine, new):
     return row
 
 
+# ---- serve: serve.py under concurrent clients ---------------------------------------------------
+
+def start_server(extra):
+    """serve.py on out_dir at a free loopback port, as its own process: (process, url, load seconds)."""
+    import re
+    server = subprocess.Popen([sys.executable, script("serve.py"), f"--out_dir={out_dir}", "--port=0",
+                               f"--device={device}", f"--dtype={dtype}", "--rate_limit=0", *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in server.stdout:
+        ready = re.search(r"at (http://\S+/) \(loaded in ([\d.]+) s\)", line)
+        if ready:
+            return server, ready.group(1), float(ready.group(2))
+    fail(f"serve.py --out_dir={out_dir} did not start (exit code {server.wait()})")
+
+
+def closed_loop(url, clients):
+    """clients threads, each sending /generate requests back to back for serve_seconds: new tokens/s,
+    requests/s, p50/p95 latency (s) and the largest batch the server ran so far."""
+    import threading
+
+    import httpx
+    latencies, tokens, errors, stop_at = [], [0], [], time.perf_counter() + serve_seconds
+
+    def client(c):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            n = 0
+            while time.perf_counter() < stop_at:
+                body = {"prompt": f"SECTION {c}.{n} The Licensee shall", "max_new_tokens": serve_new_tokens,
+                        "ignore_eos": True, "temperature": 0.8, "top_k": 200}  # no seed: a seed is one of the options a batch shares
+                t0 = time.perf_counter()
+                answer = http.post("/generate", json=body)
+                if answer.status_code != 200:
+                    errors.append(answer.text)
+                    return
+                latencies.append(time.perf_counter() - t0)
+                tokens[0] += answer.json()["usage"]["completion_tokens"]
+                n += 1
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        fail(f"the server answered an error under {clients} clients: {errors[0][:200]}")
+    cut = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    health = httpx.get(url + "health").json()
+    return {"clients": clients, "tok_per_s": round(tokens[0] / wall, 1), "requests_per_s": round(len(latencies) / wall, 2),
+            "p50_s": round(statistics.median(latencies), 3), "p95_s": round(cut[18], 3),
+            "largest_batch": health.get("largest_batch")}
+
+
+def bench_serve():
+    """serve.py as configured, then one request at a time (--max_batch_size=1), under each number of
+    clients in serve_clients; the ratio of the most clients' tokens/s batched to one at a time."""
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        fail("--what=serve sends requests with httpx: pip install httpx==0.28.1")
+    if not out_dir:
+        fail("--what=serve needs --out_dir=RUN, a trained run")
+    counts = positive_ints("serve_clients", serve_clients)
+    if serve_seconds <= 0 or serve_new_tokens < 1:
+        fail("serve_seconds must be above 0 and serve_new_tokens at least 1")
+    rows, loads = [], []
+    for server_kind, extra in [("batched", []), ("one at a time", ["--max_batch_size=1"])]:
+        for clients in counts:  # a fresh server for each: its largest batch is this load's
+            server, url, load = start_server(extra)
+            loads.append(load)
+            try:
+                rows.append({"server": server_kind, **closed_loop(url, clients)})
+            finally:
+                server.terminate()
+                server.wait()
+            r = rows[-1]
+            print(f"{server_kind:>13}, {clients:>3} clients: {r['tok_per_s']:7.1f} new tokens/s, "
+                  f"{r['requests_per_s']:6.2f} requests/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
+                  f"largest batch {r['largest_batch']}", flush=True)
+    most = max(counts)
+    speed = {r["server"]: r["tok_per_s"] for r in rows if r["clients"] == most}
+    ratio = round(speed["batched"] / speed["one at a time"], 2)
+    print(f"{most} clients: batched serving {ratio}x the new tokens/s of one at a time; the run loaded in "
+          f"{min(loads):.1f} to {max(loads):.1f} s; {machine(device_and_dtype()[0])}, torch {torch.__version__}")
+    print(json.dumps({"run": out_dir, "rows": rows, f"batched_over_one_at_a_time_{most}_clients": ratio,
+                      "load_seconds": [min(loads), max(loads)], "new_tokens": serve_new_tokens, "seconds": serve_seconds}))
+
+
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
-         "study": bench_study, "decode": bench_decode}
+         "study": bench_study, "decode": bench_decode, "serve": bench_serve}
 if what != "train" and what not in MODES:
     fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
 if what in MODES:

@@ -205,3 +205,24 @@ def test_decode_bench_needs_a_run_that_writes(trained_run):
     assert_clear_error(run_in_process("bench.py", "--what=decode"), "--what=decode needs --out_dir=RUN")
     assert_clear_error(run_in_process("bench.py", "--what=decode", f"--out_dir={trained_run}",
                                       "--decode_prompt_tokens=64"), "decode_prompt_tokens must be from 1 to 63")
+
+
+def test_serve_bench_times_batched_and_one_at_a_time_serving_under_clients(trained_run):
+    done = run_script("bench.py", "--what=serve", f"--out_dir={trained_run}", "--serve_clients=3",
+                      "--serve_seconds=1", "--serve_new_tokens=4", "--device=cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert [(r["server"], r["clients"]) for r in rows] == [("batched", 3), ("one at a time", 3)]
+    assert all(r["tok_per_s"] > 0 and 0 < r["p50_s"] <= r["p95_s"] for r in rows)
+    assert rows[1]["largest_batch"] == 1 and 1 <= rows[0]["largest_batch"] <= 3
+    by = {(r["server"], r["clients"]): r["tok_per_s"] for r in rows}
+    assert result["batched_over_one_at_a_time_3_clients"] == round(by["batched", 3] / by["one at a time", 3], 2)
+
+
+def test_serve_bench_needs_a_run_and_sane_settings(trained_run):
+    assert_clear_error(run_in_process("bench.py", "--what=serve"), "--what=serve needs --out_dir=RUN")
+    assert_clear_error(run_in_process("bench.py", "--what=serve", f"--out_dir={trained_run}", "--serve_seconds=0"),
+                       "serve_seconds must be above 0")
+    assert_clear_error(run_in_process("bench.py", "--what=serve", f"--out_dir={trained_run}",
+                                      "--serve_clients=0"), "serve_clients")
