@@ -59,7 +59,7 @@ import torch
 from torch.nn import functional as F
 
 from model import KVCache, LSTMCache
-from tokenizer import ROLE_TOKENS, chat_ids
+from tokenizer import ROLE_TOKENS, chat_ids, token_bytes
 
 
 @dataclass
@@ -629,36 +629,6 @@ def choice_log_likelihoods(model, prompt, choices, vocab, label=None, bos_id=0):
 
 
 @functools.lru_cache(maxsize=4)  # reading the vocabulary costs more than decoding a short constrained answer
-def token_bytes(tokenizer):
-    """(the UTF-8 bytes each id adds to a text, None for the special tokens and <|unk|>;
-    {first byte: the ids whose bytes begin with it}). A ValueError for wordpiece, whose
-    tokens' text depends on their neighbours (the spaces it puts between words)."""
-    kind = tokenizer.kind
-    if kind in ("bpe", "gpt2"):
-        spell = tokenizer.enc.decode_single_token_bytes
-    elif kind == "byte":
-        def spell(t):
-            return bytes([t])
-    elif kind == "char":
-        def spell(t):
-            return tokenizer.pieces[t].encode()
-    elif kind in ("sentencepiece", "unigram"):
-        sp = tokenizer.sp
-
-        def spell(t):  # a byte-fallback piece is "<0xNN>"; "▁" is SentencePiece's space
-            piece = sp.id_to_piece(t)
-            return bytes([int(piece[3:5], 16)]) if sp.is_byte(t) else piece.replace("\u2581", " ").encode()
-    else:
-        raise ValueError(f"regex needs tokens that each spell a fixed text; a {kind} tokenizer's do not")
-    special = set(tokenizer.special.values())
-    pieces = [None if t in special else spell(t) for t in range(tokenizer.vocab_size)]
-    by_first = {}
-    for t, piece in enumerate(pieces):
-        if piece:
-            by_first.setdefault(piece[0], []).append(t)
-    return pieces, by_first
-
-
 class RegexMask:
     """regex=: the tokens that keep each row's new text a possible start of a full match of the
     pattern (the regex module's partial matching) stay; the others get -inf before sampling,

@@ -181,7 +181,7 @@ def token_lengths(tokenizer):
     so that the ids of a text add up to its bytes and its characters exactly. 0 for the special
     tokens and <|unk|>. None for wordpiece, whose tokens' text depends on their neighbours (the
     spaces it puts between words)."""
-    from engine import token_bytes
+    from tokenizer import token_bytes
     if tokenizer.kind == "wordpiece":
         return None
     pieces, _ = token_bytes(tokenizer)

@@ -745,6 +745,38 @@ def tokenizer_fingerprint(directory) -> str:
 
 # -- the chat template -------------------------------------------------------------------------------------------
 
+def token_bytes(tokenizer):
+    """What each token spells, for exact bits per byte (train.py, eval.py) and regex constraints
+    (engine.py): (the UTF-8 bytes each id adds to a text, None for the special tokens and
+    <|unk|>; {first byte: the ids whose bytes begin with it}). A ValueError for wordpiece, whose
+    tokens' text depends on their neighbours (the spaces it puts between words)."""
+    kind = tokenizer.kind
+    if kind in ("bpe", "gpt2"):
+        spell = tokenizer.enc.decode_single_token_bytes
+    elif kind == "byte":
+        def spell(t):
+            return bytes([t])
+    elif kind == "char":
+        def spell(t):
+            return tokenizer.pieces[t].encode()
+    elif kind in ("sentencepiece", "unigram"):
+        sp = tokenizer.sp
+
+        def spell(t):  # a byte-fallback piece is "<0xNN>"; "▁" is SentencePiece's space
+            piece = sp.id_to_piece(t)
+            return bytes([int(piece[3:5], 16)]) if sp.is_byte(t) else piece.replace("\u2581", " ").encode()
+    else:
+        raise ValueError(f"regex constraints and exact byte counts need tokens that each spell a fixed text; "
+                         f"a {kind} tokenizer's do not")
+    special = set(tokenizer.special.values())
+    pieces = [None if t in special else spell(t) for t in range(tokenizer.vocab_size)]
+    by_first = {}
+    for t, piece in enumerate(pieces):
+        if piece:
+            by_first.setdefault(piece[0], []).append(t)
+    return pieces, by_first
+
+
 class SpecialToken(str):
     """A special token's name among text segments: it stands for its id, not for its text."""
 

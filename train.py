@@ -88,7 +88,7 @@ check_ranges(globals(), {
     "ddp_timeout": "> 0"})
 
 from batches import Batches  # noqa: E402
-from engine import token_bytes  # noqa: E402
+from tokenizer import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
                      load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
