@@ -95,6 +95,16 @@ check_ranges(globals(), {
     "max_iters": ">= 0", "max_seconds": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
     "ddp_timeout": "> 0"})
+if tensorboard:  # the optional sinks' packages, imported only when asked for, before anything is written
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("tensorboard=True needs the tensorboard package: pip install tensorboard==2.21.0")
+if wandb:
+    try:
+        import wandb as wandb_lib
+    except ImportError:
+        fail("wandb=True needs the wandb package: pip install wandb==0.31.0")
 
 from batches import Batches  # noqa: E402
 from engine import token_bytes  # noqa: E402
@@ -231,19 +241,22 @@ def newest_readable_checkpoint():
 
 def keep_log_until(last_iter):
     """log.jsonl without the records of iterations after last_iter (a resumed run does them again)
-    and without a line cut short by a kill."""
+    and without a line cut short by a kill. Returns the last iteration the log had (0 if none)."""
     if not os.path.exists(log_path):
-        return
-    kept = []
+        return 0
+    kept, logged = [], 0
     with open(log_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= last_iter:
-                kept.append(json.dumps(record) + "\n")
+            if isinstance(record, dict) and isinstance(record.get("iter"), int):
+                logged = max(logged, record["iter"])
+                if record["iter"] <= last_iter:
+                    kept.append(json.dumps(record) + "\n")
     save_atomically(log_path, lambda f: f.write("".join(kept).encode()))
+    return logged
 
 
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
@@ -334,8 +347,7 @@ if master:
     except OSError as e:
         fail(f"cannot write in out_dir={out_dir} ({e.strerror or e}); a checkpoint needs about "
              f"{12 * raw_model.num_params() / 1e6:,.0f} MB there")
-    if init_from == "resume":
-        keep_log_until(iter_num)
+    logged_until = keep_log_until(iter_num) if init_from == "resume" else 0
     for name in batches.meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
         with open(os.path.join(data_path, name), "rb") as src:
             content = src.read()
@@ -343,7 +355,6 @@ if master:
 
 # ---- seeing the run: run.json (what report.md needs beyond the log) and the optional sinks ----
 tb_writer = wandb_run = None
-wandb_from = 0  # W&B's steps only grow: iterations it has already (logged before a kill) are not sent again
 if master:
     previous = {}
     if init_from == "resume" and os.path.exists(run_path):
@@ -356,32 +367,26 @@ if master:
         "started": previous.get("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
         "changed": {k: v for k, v in config.items() if v != defaults[k]},
         "parameters": raw_model.num_params(), "parameters_with_embeddings": raw_model.num_params(non_embedding=False),
-        "tokens_per_iter": tokens_per_iter, "world_size": world_size, "device": device,
+        "model_args": model_args, "tokens_per_iter": tokens_per_iter, "world_size": world_size, "device": device,
         "dtype": str(ptdtype).removeprefix("torch."), "compile": compile, "machine": machine(device),
         "torch": torch.__version__, "python": platform.python_version(),
         "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:8],
     }
     save_atomically(run_path, lambda f: f.write(json.dumps(run_info, indent=2).encode()))
     if tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            fail("tensorboard=True needs the tensorboard package: pip install tensorboard==2.21.0")
         # purge_step: TensorBoard drops what a killed run logged after the checkpoint this one resumes
         # from, so the resumed curve continues the old one instead of doubling back over it
         tb_writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=iter_num + 1 if iter_num else 0)
     if wandb:
-        try:
-            import wandb as wandb_lib
-        except ImportError:
-            fail("wandb=True needs the wandb package: pip install wandb==0.31.0")
         try:  # the same W&B run after a resume: its id is kept in run.json
             wandb_run = wandb_lib.init(project=wandb_project, id=run_info["wandb_id"], resume="allow", dir=out_dir,
                                        name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
         except Exception as e:  # no login, no network, a bad project name: W&B's own words
             fail(f"wandb.init failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
                  "(WANDB_MODE=offline logs without an account)")
-        wandb_from = wandb_run.step
+        # W&B's steps only grow: what the run logged before it was killed, W&B has (the resumed run
+        # computes the same numbers again), so records go there from the first iteration past it
+        wandb_from = max(logged_until + 1, wandb_run.step)
 
 
 def record(entry):
