@@ -525,8 +525,9 @@ signal.signal(signal.SIGINT, on_stop_signal)
 
 def train_step(iter_num, deadline):
     """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss and
-    gradient norm before clipping (device tensors) and what every process has to agree on: were the loss and gradient norm
-    finite, and does anyone stop (a signal, max_seconds' deadline) -- one look at the device per step."""
+    gradient norm before clipping (device tensors) and what every process has to agree on: were the
+    loss and gradient norm finite, and does anyone stop (a signal, max_seconds' deadline) -- one look
+    at the device per step."""
     step_loss = torch.zeros((), device=device)
     step_balance = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
