@@ -248,13 +248,13 @@ def keep_log_until(last_iter):
     with open(log_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                record = json.loads(line)
+                entry = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("iter"), int):
-                logged = max(logged, record["iter"])
-                if record["iter"] <= last_iter:
-                    kept.append(json.dumps(record) + "\n")
+            if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
+                logged = max(logged, entry["iter"])
+                if entry["iter"] <= last_iter:
+                    kept.append(json.dumps(entry) + "\n")
     save_atomically(log_path, lambda f: f.write("".join(kept).encode()))
     return logged
 
