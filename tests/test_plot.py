@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -193,12 +194,13 @@ def test_missing_packages_are_named_with_their_install_command(trained_run, data
 
 # ---- TensorBoard and W&B ---------------------------------------------------------------
 
-def wandb_history(run_dir):
-    """[(run id, [(step, {name: value})])] of each offline W&B run under run_dir, oldest first, read
-    from its .wandb file (W&B's log format: 32 KiB blocks of records of protobufs)."""
+def wandb_records(path, timeout=60):
+    """The records of an offline W&B run's .wandb file (W&B's log format: 32 KiB blocks of
+    protobuf records), once it is whole: W&B's own process may still be writing it after
+    wandb.finish() returns, so this waits for its exit record."""
     from wandb.proto import wandb_internal_pb2
-    runs = []
-    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))):
+    deadline = time.time() + timeout
+    while True:
         with open(path, "rb") as f:
             data = f.read()
         chunks, pos, block, buffer = [], 7, 32768, b""  # after the 7-byte file header
@@ -207,6 +209,8 @@ def wandb_history(run_dir):
                 pos += block - pos % block
                 continue
             _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if pos + 7 + length > len(data):  # a record still being written
+                break
             if length == 0 and kind == 0:
                 pos += block - pos % block
                 continue
@@ -215,10 +219,21 @@ def wandb_history(run_dir):
             if kind in (1, 4):  # a whole record, or the last piece of one
                 chunks.append(buffer)
                 buffer = b""
-        run_id, steps = None, []
+        records = []
         for chunk in chunks:
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
+            records.append(wandb_internal_pb2.Record())
+            records[-1].ParseFromString(chunk)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def wandb_history(run_dir):
+    """[(run id, [(step, {name: value})])] of each offline W&B run under run_dir, oldest first."""
+    runs = []
+    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))):
+        run_id, steps = None, []
+        for record in wandb_records(path):
             if record.WhichOneof("record_type") == "run":
                 run_id = record.run.run_id
             elif record.WhichOneof("record_type") == "history":
