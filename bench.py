@@ -110,6 +110,7 @@ serve_seconds = 15.0        # how long each number of clients sends
 serve_new_tokens = 64       # each request: max_new_tokens, sampled (temperature 0.8, top_k 200), ignore_eos
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
+from runtime import machine  # noqa: E402
 config = configure(globals())
 
 
@@ -561,17 +562,6 @@ def study_table(runs, batches):
     return "\n".join(lines) + "\n"
 
 
-def machine(where):
-    """The CPU's model name and core count (and the GPU's name on CUDA)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    except OSError:
-        cpu = "unknown CPU"
-    gpu = f", {torch.cuda.get_device_name()}" if where.startswith("cuda") else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}"
-
-
 def bench_study():
     paths = configs.split(",")
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -839,7 +829,7 @@ if what in MODES:
     MODES[what]()
     sys.exit(0)
 
-from runtime import autocast, keep_freed_memory, peak_flops  # noqa: E402
+from runtime import autocast, keep_freed_memory, peak_flops, peak_memory_mb  # noqa: E402
 
 
 def random_batch(config, where):
@@ -908,10 +898,7 @@ def train_step():
 sync(device)  # the model and the batch are on the device before the first call
 dt = median_seconds(train_step, iters, warmup=warmup_iters)
 tok_per_s = batch_size * block_size / dt
-if device_type == "cuda":
-    peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
-else:  # the whole process's peak resident memory (Linux reports KiB)
-    peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+peak_mem_mb = peak_memory_mb(device)
 print(f"{model.num_params() / 1e6:.2f}M parameters, median of {iters} iterations: {1000 * dt:.1f} ms")
 print(json.dumps({
     "tok_per_s": round(tok_per_s, 1),

@@ -52,7 +52,10 @@ compute. Each row's output is the same as its prompt's alone.
 """
 
 import functools
+import glob
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -582,6 +585,37 @@ def embed_documents(model, documents, batch_size=32):
         total = sum(model.hidden(w).float().sum(dim=(0, 1)) for w in windows)
         vectors.append(total / len(ids))
     return torch.stack(vectors)
+
+
+def read_documents(spec):
+    """(name, text, label) of each document spec names: a .jsonl file, one a line in its "text"
+    field (label: its "label", if any), or files, folders and globs, comma-separated, a document
+    each (label: the folder it is in). Read as UTF-8, bad bytes replaced; ValueError if unreadable."""
+    if spec.endswith(".jsonl"):
+        try:
+            with open(spec, encoding="utf-8", errors="replace") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read {spec}: {e.strerror}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec} is not JSON Lines ({e})")
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+            raise ValueError(f"{spec}: every line must be an object with a \"text\" string")
+        return [(f"{spec}:{i + 1}", r["text"], str(r.get("label", ""))) for i, r in enumerate(rows)]
+    paths, seen = [], set()
+    for part in spec.split(","):
+        found = glob.glob(os.path.join(part, "**", "*"), recursive=True) if os.path.isdir(part) else glob.glob(part)
+        for path in sorted(found):
+            if os.path.isfile(path) and os.path.realpath(path) not in seen:  # a link to a file already read
+                seen.add(os.path.realpath(path))
+                paths.append(path)
+    if not paths:
+        raise ValueError("names no files")
+    out = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            out.append((path, f.read(), os.path.basename(os.path.dirname(os.path.abspath(path)))))
+    return out
 
 
 def rank_by_cosine(query, vectors):

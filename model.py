@@ -294,6 +294,18 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
+    def weights(self, x, rope=None, mask=None, is_causal=False):
+        """The attention weights forward() would use on x (B, T, C), without dropout: (B, nh, T, T).
+        For looking at (plot.py); scaled_dot_product_attention computes them inside and keeps them."""
+        q, k, _ = self.project(x, rope)
+        scores = q @ repeat_kv(k, self.n_head).transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, T)
+        if mask is not None:  # keys to see (bool), or alibi's biases (float, -inf where unseen)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        elif is_causal:
+            T = x.size(1)
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return scores.float().softmax(dim=-1)
+
 
 class MLP(nn.Module):
 

@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import os
+import resource
 import shutil
 import time
 import warnings
@@ -237,6 +238,25 @@ def peak_flops(device_type, dtype):
             best = min(best, time.perf_counter() - t0)
         _measured_peaks[key] = 2 * n ** 3 / best
     return _measured_peaks[key]
+
+
+def peak_memory_mb(device):
+    """Peak memory so far: on CUDA what torch allocated on the device, elsewhere the whole
+    process's peak resident memory (RSS; Linux reports it in KiB)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def machine(device):
+    """The CPU's model name and core count (and the GPU's name on CUDA), in words."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        cpu = "unknown CPU"
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
 # ----------------------------------------------------------------------------------

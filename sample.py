@@ -27,9 +27,7 @@ folders and globs, a file each) as the mean of the model's final hidden states, 
 with --query= prints the nearest by cosine similarity; --embed_out= saves the vectors.
 """
 
-import glob
 import json
-import os
 import sys
 
 import numpy as np
@@ -84,7 +82,7 @@ check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "tempe
                          "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0",
                          "draft_tokens": ">= 1"})
 
-from engine import Engine, check_options, embed_documents, rank_by_cosine  # noqa: E402
+from engine import Engine, check_options, embed_documents, rank_by_cosine, read_documents  # noqa: E402
 from runtime import save_atomically  # noqa: E402
 
 if embed and not (query or embed_out):
@@ -216,43 +214,17 @@ def fill_masks():
     print(filled["text"])
 
 
-def documents(spec):
-    """(name, text) of each document --embed names, read as UTF-8 (bad bytes replaced)."""
-    if spec.endswith(".jsonl"):
-        try:
-            with open(spec, encoding="utf-8", errors="replace") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        except OSError as e:
-            fail(f"cannot read {spec}: {e.strerror}")
-        except json.JSONDecodeError as e:
-            fail(f"{spec} is not JSON Lines ({e})")
-        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-            fail(f"{spec}: every line must be an object with a \"text\" string")
-        return [(f"{spec}:{i + 1}", r["text"]) for i, r in enumerate(rows)]
-    paths, seen = [], set()
-    for part in spec.split(","):
-        found = glob.glob(os.path.join(part, "**", "*"), recursive=True) if os.path.isdir(part) else glob.glob(part)
-        for path in sorted(found):
-            if os.path.isfile(path) and os.path.realpath(path) not in seen:  # a link to a file already read
-                seen.add(os.path.realpath(path))
-                paths.append(path)
-    if not paths:
-        fail(f"--embed={spec} names no files")
-    out = []
-    for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            out.append((path, f.read()))
-    return out
-
-
 def retrieve():
     """Embed the documents; print the nearest to the query, and/or save the vectors."""
-    docs = documents(embed)
+    try:
+        docs = read_documents(embed)
+    except ValueError as e:
+        fail(f"--embed={embed}: {e}")
     with ctx:
-        vectors = embed_documents(model, [tokenizer.encode(text) for _, text in docs])
+        vectors = embed_documents(model, [tokenizer.encode(text) for _, text, _ in docs])
     if embed_out:
         save_atomically(embed_out, lambda f: np.savez(f, vectors=vectors.cpu().numpy(),
-                                                     names=np.array([name for name, _ in docs])))
+                                                     names=np.array([name for name, _, _ in docs])))
         print(f"wrote {len(docs)} embeddings of size {vectors.size(1)} to {embed_out}")
     if query:
         with ctx:

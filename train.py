@@ -24,11 +24,13 @@ import glob
 import json
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -45,6 +47,12 @@ eval_iters = 200            # batches per val estimate
 eval_only = False           # evaluate once and exit
 init_from = "scratch"       # scratch | resume (out_dir's newest readable checkpoint) | a run's directory: fine-tune it
 keep_last = 1               # checkpoints kept: ckpt.pt is always the newest; > 1 also keeps the last N as ckpt-ITER.pt
+# seeing the run: log.jsonl always; these show the same numbers elsewhere too
+tensorboard = False         # also write TensorBoard event files to out_dir/tensorboard (needs the tensorboard package)
+wandb = False               # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works without an account)
+wandb_project = "nanolex"
+wandb_run_name = ""         # "" = the name of out_dir
+report = True               # at the end, report.md and the plots in out_dir (plot.py --report)
 # data
 data_dir = "data"
 dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal": the built-in ~1.2M tokens, prepared on demand
@@ -78,6 +86,7 @@ max_bad_steps = 20          # a step with a non-finite loss or gradient norm is 
 ddp_timeout = 600           # seconds a process waits for the others (a dead or hung rank) before it gives up
 # -----------------------------------------------------------------------------
 from configurator import check_ranges, configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
+defaults = dict(globals())  # report.md lists the settings that differ from these
 config = configure(globals())
 check_ranges(globals(), {
     "eval_interval": ">= 1", "log_interval": ">= 1", "eval_iters": ">= 1", "keep_last": ">= 1",
@@ -86,13 +95,23 @@ check_ranges(globals(), {
     "max_iters": ">= 0", "max_seconds": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
     "ddp_timeout": "> 0"})
+if tensorboard:  # the optional sinks' packages, imported only when asked for, before anything is written
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("tensorboard=True needs the tensorboard package: pip install tensorboard==2.21.0")
+if wandb:
+    try:
+        import wandb as wandb_lib
+    except ImportError:
+        fail("wandb=True needs the wandb package: pip install wandb==0.31.0")
 
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
-                     load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
-                     save_checkpoint)
+                     load_checkpoint, machine, peak_flops, peak_memory_mb, pick_device, pick_dtype, probe_disk,
+                     save_atomically, save_checkpoint)
 
 # ---- processes and device ---------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -188,6 +207,7 @@ except OSError as e:
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 best_path = os.path.join(out_dir, "ckpt-best.pt")
 log_path = os.path.join(out_dir, "log.jsonl")
+run_path = os.path.join(out_dir, "run.json")
 
 
 def kept_checkpoints():
@@ -221,19 +241,22 @@ def newest_readable_checkpoint():
 
 def keep_log_until(last_iter):
     """log.jsonl without the records of iterations after last_iter (a resumed run does them again)
-    and without a line cut short by a kill."""
+    and without a line cut short by a kill. Returns the last iteration the log had (0 if none)."""
     if not os.path.exists(log_path):
-        return
-    kept = []
+        return 0
+    kept, logged = [], 0
     with open(log_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                record = json.loads(line)
+                entry = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= last_iter:
-                kept.append(json.dumps(record) + "\n")
+            if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
+                logged = max(logged, entry["iter"])
+                if entry["iter"] <= last_iter:
+                    kept.append(json.dumps(entry) + "\n")
     save_atomically(log_path, lambda f: f.write("".join(kept).encode()))
+    return logged
 
 
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
@@ -312,7 +335,7 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 if master:
-    ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", *batches.meta["tokenizer"]["files"]}
+    ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", "run.json", *batches.meta["tokenizer"]["files"]}
     for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp")):  # left by a run killed while writing
         name = os.path.basename(tmp).removesuffix(".tmp")
         if name in ours or re.fullmatch(r"ckpt-\d+\.pt", name):
@@ -324,12 +347,61 @@ if master:
     except OSError as e:
         fail(f"cannot write in out_dir={out_dir} ({e.strerror or e}); a checkpoint needs about "
              f"{12 * raw_model.num_params() / 1e6:,.0f} MB there")
-    if init_from == "resume":
-        keep_log_until(iter_num)
+    logged_until = keep_log_until(iter_num) if init_from == "resume" else 0
     for name in batches.meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
         with open(os.path.join(data_path, name), "rb") as src:
             content = src.read()
         save_atomically(os.path.join(out_dir, name), lambda f: f.write(content))
+
+# ---- seeing the run: run.json (what report.md needs beyond the log) and the optional sinks ----
+tb_writer = wandb_run = None
+if master:
+    previous = {}
+    if init_from == "resume" and os.path.exists(run_path):
+        try:
+            with open(run_path) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            previous = {}
+    run_info = {
+        "started": previous.get("started", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        "changed": {k: v for k, v in config.items() if v != defaults[k]},
+        "parameters": raw_model.num_params(), "parameters_with_embeddings": raw_model.num_params(non_embedding=False),
+        "model_args": model_args, "tokens_per_iter": tokens_per_iter, "world_size": world_size, "device": device,
+        "dtype": str(ptdtype).removeprefix("torch."), "compile": compile, "machine": machine(device),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:8],
+    }
+    save_atomically(run_path, lambda f: f.write(json.dumps(run_info, indent=2).encode()))
+    if tensorboard:
+        # purge_step: TensorBoard drops what a killed run logged after the checkpoint this one resumes
+        # from, so the resumed curve continues the old one instead of doubling back over it
+        tb_writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=iter_num + 1 if iter_num else 0)
+    if wandb:
+        try:  # the same W&B run after a resume: its id is kept in run.json
+            wandb_run = wandb_lib.init(project=wandb_project, id=run_info["wandb_id"], resume="allow", dir=out_dir,
+                                       name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
+        except Exception as e:  # no login, no network, a bad project name: W&B's own words
+            fail(f"wandb.init failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+                 "(WANDB_MODE=offline logs without an account)")
+        # W&B's steps only grow: what the run logged before it was killed, W&B has (the resumed run
+        # computes the same numbers again), so records go there from the first iteration past it
+        wandb_from = max(logged_until + 1, wandb_run.step)
+
+
+def record(entry):
+    """One line of log.jsonl, the source of truth, and its numbers to TensorBoard and W&B when they are on."""
+    append_jsonl(log_path, entry)
+    group = "eval" if "val_loss" in entry else "train"
+    numbers = {f"{group}/{k}": v for k, v in entry.items()
+               if k != "iter" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if tb_writer:
+        for name, value in numbers.items():
+            tb_writer.add_scalar(name, value, entry["iter"])
+    if wandb_run and entry["iter"] >= wandb_from:
+        wandb_run.log(numbers, step=entry["iter"])
+
+
 ctx = autocast(device, ptdtype)
 predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
 flops_peak = peak_flops(device_type, ptdtype) * world_size
@@ -419,15 +491,15 @@ def evaluate(iter_num, elapsed):
     global best_val_loss
     losses = estimate_loss()
     best_val_loss = min(best_val_loss, losses["val"])
-    record = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
-              "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
+    entry = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
+             "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
     line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
     if losses["bpb"] is not None:  # next-token models, whose tokens each spell their own bytes
-        record["val_bpb"] = losses["bpb"]
-        line += f", val bpb {record['val_bpb']:.4f}"
+        entry["val_bpb"] = losses["bpb"]
+        line += f", val bpb {entry['val_bpb']:.4f}"
     if master:
         log(f"{line}, val accuracy {losses['accuracy']:.3f}")
-        append_jsonl(log_path, record)
+        record(entry)
         if not eval_only:
             save(iter_num, losses["val"])
 
@@ -452,9 +524,10 @@ signal.signal(signal.SIGINT, on_stop_signal)
 
 
 def train_step(iter_num, deadline):
-    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss and balance loss
-    (device tensors) and what every process has to agree on: were the loss and gradient norm
-    finite, and does anyone stop (a signal, max_seconds' deadline) -- one look at the device per step."""
+    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss and
+    gradient norm before clipping (device tensors) and what every process has to agree on: were the
+    loss and gradient norm finite, and does anyone stop (a signal, max_seconds' deadline) -- one look
+    at the device per step."""
     step_loss = torch.zeros((), device=device)
     step_balance = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -489,7 +562,7 @@ def train_step(iter_num, deadline):
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
     fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
-    return step_loss, step_balance, fault, stopping, out_of_time
+    return step_loss, step_balance, grad_norm.detach(), fault, stopping, out_of_time
 
 
 # ---- the training loop ------------------------------------------------------
@@ -499,6 +572,7 @@ deadline = t_start + max_seconds if max_seconds > 0 else math.inf
 tokens_since_log = steps_since_log = 0
 loss_sum = torch.zeros((), device=device)
 balance_sum = torch.zeros((), device=device)
+norm_sum = torch.zeros((), device=device)
 stopping = out_of_time = False
 try:
     while True:
@@ -517,15 +591,15 @@ try:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num, deadline)
+        step_loss, step_balance, grad_norm, fault, stopping, out_of_time = train_step(iter_num, deadline)
         iter_num += 1
         tokens_since_log += tokens_per_iter
         if fault:  # skipped: no update, and the schedule moves on
             bad_steps += 1
             log(f"iter {iter_num}: skipped, the {fault} is not finite ({bad_steps} in a row)")
             if master:
-                append_jsonl(log_path, {"iter": iter_num, "skipped": f"non-finite {fault}", "lr": lr,
-                                        "elapsed_s": round(time.time() - t_start, 3)})
+                record({"iter": iter_num, "skipped": f"non-finite {fault}", "lr": lr,
+                        "elapsed_s": round(time.time() - t_start, 3)})
             if bad_steps >= max_bad_steps:
                 fail(f"{bad_steps} steps in a row had a non-finite {fault} (iterations {iter_num - bad_steps + 1}-"
                      f"{iter_num}): stopped with the last good checkpoint in {out_dir} as it was; lower the "
@@ -534,6 +608,7 @@ try:
             bad_steps = 0
             loss_sum += step_loss
             balance_sum += step_balance
+            norm_sum += grad_norm
             steps_since_log += 1
 
         if iter_num % log_interval == 0 and steps_since_log:
@@ -541,23 +616,26 @@ try:
             if ddp:
                 dist.all_reduce(sums)
                 sums /= world_size
-            loss_value, balance = (sums / steps_since_log).tolist()  # .tolist() waits for the device: only here
+            sums = torch.cat([sums, norm_sum[None]])  # the gradients, and so their norm, are the same in every process
+            loss_value, balance, norm = (sums / steps_since_log).tolist()  # .tolist() waits for the device: only here
             dt = time.time() - t_log
             tok_per_s = tokens_since_log / dt
             mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
-            record = {"iter": iter_num, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_per_s, 1),
-                      "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
-            line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, "
-                    f"mfu {100 * mfu:.1f}%")
+            entry = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": round(norm, 4),
+                     "tok_per_s": round(tok_per_s, 1), "mfu": round(mfu, 4),
+                     "peak_mem_mb": round(peak_memory_mb(device), 1), "elapsed_s": round(time.time() - t_start, 3)}
+            line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
+                    f"{tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
             if n_expert:  # 1.0 = tokens spread evenly over the experts
-                record["balance_loss"] = balance
+                entry["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
             if master:
                 log(line)
-                append_jsonl(log_path, record)
+                record(entry)
             t_log, tokens_since_log, steps_since_log = time.time(), 0, 0
             loss_sum.zero_()
             balance_sum.zero_()
+            norm_sum.zero_()
 except RuntimeError as e:  # with DDP: a collective failed, as another process died or hung past ddp_timeout
     if not (ddp and (isinstance(e, dist.DistError) or re.search(r"gloo|NCCL|[Cc]onnection|[Tt]imed? ?out", str(e)))):
         raise
@@ -568,6 +646,15 @@ except RuntimeError as e:  # with DDP: a collective failed, as another process d
 if master:
     log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "
         f"checkpoint {ckpt_path}")
+    if tb_writer:
+        tb_writer.close()
+    if wandb_run:
+        wandb_run.finish()
+    if report and not eval_only:  # plot.py is a script of its own: run it, as prepare.py is run above
+        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py"),
+                               "--report", out_dir])
+        if done.returncode:
+            log(f"warning: the report of {out_dir} failed (see above); the run itself is complete")
 if ddp:
     dist.barrier()  # wait for rank 0's last checkpoint: a process group torn down early aborts its peers
     # and no destroy_process_group(): with gloo (torch 2.13) it aborted a rank ("terminate called without

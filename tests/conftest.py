@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=8",
               "--gradient_accumulation_steps=2", "--compile=False", "--dropout=0.1",
               "--learning_rate=3e-3", "--warmup_iters=5", "--lr_decay_iters=30", "--min_lr=3e-4",
-              "--eval_interval=10", "--eval_iters=4", "--log_interval=1"]
+              "--eval_interval=10", "--eval_iters=4", "--log_interval=1", "--report=False"]
 
 
 def run_script(script, *args, cwd=None, timeout=240, env=None):
@@ -176,10 +176,11 @@ def train_args(dataset, out_dir, *more):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, dataset):
-    """A run trained for 30 iterations, keeping its checkpoints of 20 and 30 (and the best);
-    tests copy it before changing anything in it."""
+    """A run trained for 30 iterations, keeping its checkpoints of 20 and 30 (and the best), with the
+    report (and curves) train.py writes at the end; tests copy it before changing anything in it."""
     def train(folder):
-        done = run_script("train.py", *train_args(dataset, folder / "out", "--max_iters=30", "--keep_last=2"))
+        done = run_script("train.py", *train_args(dataset, folder / "out", "--max_iters=30", "--keep_last=2",
+                                                  "--report=True"))
         assert done.returncode == 0, done.stderr
     return made_once(tmp_path_factory, "run", train) / "out"
 
