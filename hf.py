@@ -73,7 +73,6 @@ def layout(config):
 def weight_names(config, kind):
     """[(our name, [its Hugging Face names], transposed)]: several names split our tensor along
     its first dimension into theirs (the sizes are theirs); transposed: GPT-2's Conv1D."""
-    C, kv = config.n_embd, config.n_kv_head * (config.n_embd // config.n_head)
     names = []
     if kind == "gpt2":
         names.append(("embed.wte.weight", ["transformer.wte.weight"], False))
@@ -231,8 +230,7 @@ def _read_json(path, what):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}: it is not a "
-                         f"Hugging Face model folder ({what})") from None
+        raise ValueError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}: {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
 
@@ -284,7 +282,7 @@ def read_weights(directory):
     """{name: tensor} from model.safetensors, or from the shards model.safetensors.index.json lists."""
     st = safetensors_torch()
     index = os.path.join(directory, "model.safetensors.index.json")
-    files = sorted(set(_read_json(index, "weights")["weight_map"].values())) if os.path.exists(index) \
+    files = sorted(set(_read_json(index, "the weights are missing")["weight_map"].values())) if os.path.exists(index) \
         else ["model.safetensors"]
     weights = {}
     for name in files:
@@ -328,7 +326,7 @@ def tokenizer_from_json(directory):
     """Our tokenizer for a Hugging Face byte-level BPE tokenizer.json: its vocabulary as tiktoken
     ranks (ids unchanged), its split pattern; GPT-2's own vocabulary and split -> the gpt2 kind."""
     path = os.path.join(directory, "tokenizer.json")
-    spec = _read_json(path, "no tokenizer")
+    spec = _read_json(path, "there is no tokenizer to import")
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     why = "not a BPE model" if model.get("type") != "BPE" else "it normalizes text" if spec.get("normalizer") \
         else "byte fallback" if model.get("byte_fallback") \
@@ -363,6 +361,16 @@ def tokenizer_from_json(directory):
     return tok
 
 
+def hf_tokenizer(directory):
+    """Our tokenizer of a Hugging Face folder: the very one, in a folder export.py wrote; else
+    converted from its tokenizer.json."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"hf:{directory} is not a directory")
+    if os.path.exists(os.path.join(directory, OUR_TOKENIZER)):
+        return load_tokenizer(directory, OUR_TOKENIZER)
+    return tokenizer_from_json(directory)
+
+
 def from_hf(directory):
     """(checkpoint dict, tokenizer) for a local Hugging Face folder of a GPT-2 or Llama causal LM.
 
@@ -375,12 +383,9 @@ def from_hf(directory):
     if not os.path.isdir(directory):
         raise ValueError(f"hf:{directory} is not a directory")
     config_path = os.path.join(directory, "config.json")
-    hf = _read_json(config_path, "no config.json")
+    hf = _read_json(config_path, "it is not a Hugging Face model folder")
     args = model_args_from(hf, config_path)
-    if os.path.exists(os.path.join(directory, OUR_TOKENIZER)):
-        tok = load_tokenizer(directory, OUR_TOKENIZER)
-    else:
-        tok = tokenizer_from_json(directory)
+    tok = hf_tokenizer(directory)
     try:
         config = ModelConfig(**args)
     except ValueError as e:

@@ -401,7 +401,9 @@ class Stack(nn.Module):
             mask, is_causal = (keep[:, -T:] if keep is not None else None), False
         else:
             mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
-            is_causal = mask is None and self.causal and T > 1
+            # a fresh pass (start 0) is causal; one new token after a cache sees every key. (Not T > 1:
+            # a test on the length would be a symbolic bool to torch.export, which SDPA does not take)
+            is_causal = mask is None and self.causal and start == 0
             if mask is not None and mask.is_floating_point():  # alibi's biases: cast once, not in every layer
                 mask = mask.to(compute_dtype(x.device.type, x.dtype))
         memory_mask = memory_keep[:, None, None, :] if memory_keep is not None else None  # (B, 1, 1, S)
