@@ -20,9 +20,11 @@ The target is written whole or not at all (a temporary file or folder, renamed i
 an existing, non-empty target is replaced only with --force.
 """
 
+import logging
 import os
 import shutil
 import sys
+import warnings
 
 # -----------------------------------------------------------------------------
 out_dir = "out"             # the run to export (a directory with ckpt.pt), or hf:DIR (a Hugging Face folder)
@@ -46,7 +48,7 @@ if format == "onnx" and os.path.isdir(to):
 
 import torch  # noqa: E402
 
-from hf import to_hf  # noqa: E402
+from hf import layout, to_hf  # noqa: E402
 from runtime import load_run  # noqa: E402
 
 try:
@@ -97,9 +99,10 @@ class Logits(torch.nn.Module):
 
 
 def export_onnx(target):
-    if model.config.arch not in ("gpt",) or model.config.attention != "sdpa" or model.config.n_expert:
-        fail("format=onnx exports the gpt decoder with softmax attention and no experts; this run is "
-             f"arch={model.config.arch}, attention={model.config.attention}, n_expert={model.config.n_expert}")
+    try:
+        layout(model.config)  # the runs the Hugging Face layout takes, GPT-2's or Llama's switches
+    except ValueError as e:
+        fail(str(e))
     try:
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter translates through it)
     except ImportError:
@@ -107,10 +110,13 @@ def export_onnx(target):
     batch, length = torch.export.Dim("batch", max=4096), torch.export.Dim("length", max=model.config.block_size)
     example = torch.randint(0, tokenizer.vocab_size, (2, min(8, model.config.block_size)))
     tmp = f"{target}.tmp-{os.getpid()}"
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not its notes on operators this model has none of
     try:
-        program = torch.onnx.export(Logits(model), (example,), dynamo=True, input_names=["input_ids"],
-                                    output_names=["logits"], dynamic_shapes={"idx": {0: batch, 1: length}},
-                                    verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(Logits(model).eval(), (example,), dynamo=True, input_names=["input_ids"],
+                                        output_names=["logits"], dynamic_shapes={"idx": {0: batch, 1: length}},
+                                        verbose=False)
         program.save(tmp)
         replace_with(tmp, target)
     except OSError as e:

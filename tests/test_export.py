@@ -214,6 +214,20 @@ def test_an_out_dir_that_is_no_run_is_refused(tmp_path):
     assert_clear_error(run_in_process("export.py", f"--out_dir={tmp_path}", f"--to={tmp_path / 'x'}"), "no checkpoint")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--format=gguf", "--to=x"], "format='gguf' is not one of hf, onnx"),
+    (["--format=hf"], "--to=DIR"),
+    (["--format=hf", "--to={file}", "--force=True"], "is a file; format=hf writes a folder"),
+    (["--format=onnx", "--to={folder}", "--force=True"], "is a directory; format=onnx writes one file"),
+    (["--format=onnx", "--to={tmp}/x.onnx", "--out_dir={lstm}"], "arch=lstm cannot be exported")])
+def test_bad_settings_are_refused_in_one_line(args, message, dataset, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    lstm = untrained_run(tmp_path / "lstm", dataset, "lstm")
+    args = [a.format(file=tmp_path / "file", folder=tmp_path / "folder", tmp=tmp_path, lstm=lstm) for a in args]
+    assert_clear_error(run_in_process("export.py", f"--out_dir={lstm}", *args), message)
+
+
 def test_a_target_that_exists_and_is_not_empty_needs_force_and_is_replaced_whole(runs, tmp_path):
     target = tmp_path / "target"
     target.mkdir()
