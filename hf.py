@@ -72,7 +72,7 @@ def layout(config):
 
 def weight_names(config, kind):
     """[(our name, [its Hugging Face names], transposed)]: several names split our tensor along
-    its first dimension into theirs (the sizes are theirs); transposed: GPT-2's Conv1D."""
+    its first dimension into theirs (split_sizes says where); transposed: GPT-2's Conv1D."""
     names = []
     if kind == "gpt2":
         names.append(("embed.wte.weight", ["transformer.wte.weight"], False))
