@@ -134,6 +134,14 @@ def test_a_transformers_gpt2_with_gpt2s_own_tokenizer_becomes_a_gpt2_kind_run(tm
     text = legal_texts()[0]
     assert tok.encode(text) == hf_tok(text)["input_ids"]
 
+    again = tmp_path / "again"  # and out again: the gpt2 kind's tokenizer.json, GPT-2's own split
+    done = run_in_process("export.py", f"--out_dir=hf:{folder}", f"--to={again}")
+    assert done.returncode == 0, done.stderr
+    assert transformers.AutoTokenizer.from_pretrained(again)(text)["input_ids"] == tok.encode(text)
+    with torch.no_grad():
+        logits = transformers.AutoModelForCausalLM.from_pretrained(again)(x).logits[..., :50257]
+    assert (logits - theirs).abs().max().item() < 1e-4
+
 
 @pytest.fixture(scope="module")
 def hf_llama(tmp_path_factory):
