@@ -132,7 +132,8 @@ def hf_config(model, kind, tok):
             "intermediate_size": hidden, "num_hidden_layers": config.n_layer,
             "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": head_dim,
             "hidden_act": "silu", "rms_norm_eps": config.norm_eps or torch.finfo(torch.float32).eps,
-            "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "rope_theta": config.rope_theta,  # transformers 4's key, and 5's:
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
             "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": config.dropout,
             "tie_word_embeddings": config.tie_embeddings, "dtype": "float32", **ids}
 

@@ -69,7 +69,8 @@ class ModelConfig:
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         choices = {"arch": ARCHS, "pos": ("learned", "sinusoidal", "rope", "alibi"),
-                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"), "attention": ("sdpa", "linear")}
+                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
+                   "attention": ("sdpa", "linear")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")

@@ -18,6 +18,7 @@ import torch
 from conftest import assert_clear_error, legal_documents, run_in_process, train_args, untrained_run
 from engine import Engine
 from runtime import load_run
+from tokenizer import tokenizer_fingerprint, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -265,13 +266,11 @@ def test_a_run_neither_gpt2_nor_llama_can_express_is_refused_naming_the_switch(a
 
 
 def test_a_tokenizer_kind_hugging_face_cannot_read_is_refused(tmp_path, dataset):
-    from tokenizer import train_tokenizer
     run = untrained_run(tmp_path / "run", dataset, "gpt", **LLAMA)
     for name in json.loads((run / "tokenizer.json").read_text())["files"]:
         os.remove(run / name)
     train_tokenizer("char", legal_documents(5), 100).save(run)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    from tokenizer import tokenizer_fingerprint
     torch.save({**ckpt, "tokenizer_fingerprint": tokenizer_fingerprint(run)}, run / "ckpt.pt")
     assert_clear_error(run_in_process("export.py", f"--out_dir={run}", f"--to={tmp_path / 'hf'}"),
                        "char tokenizer cannot be exported")
