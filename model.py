@@ -12,7 +12,9 @@ Its switches, each read in one place:
 - pos                  learned | sinusoidal (fixed table) | rope (rotates q and k) | alibi
                        (a per-head penalty on distance added to the scores)
 - norm, norm_first     layernorm | rmsnorm; pre-norm (GPT-2) or post-norm (the 2017 paper)
-- mlp, mlp_hidden      gelu (4x) | swiglu (gated, ~8/3 x)
+- norm_eps             the norms' epsilon; 0 = 1e-5 (layernorm), the dtype's eps (rmsnorm)
+- mlp, mlp_hidden      gelu (4x; exact erf) | gelu_tanh (its tanh approximation, OpenAI's GPT-2) |
+                       swiglu (gated, ~8/3 x)
 
 The variants come after the core, each built from the same blocks:
 - attention="linear"   kernelized linear attention, cost linear in the length
@@ -51,7 +53,8 @@ class ModelConfig:
     pos: str = "learned"       # learned | sinusoidal | rope | alibi
     norm: str = "layernorm"    # layernorm | rmsnorm
     norm_first: bool = True    # pre-norm blocks; False = post-norm (normalize after each residual add)
-    mlp: str = "gelu"          # gelu | swiglu
+    norm_eps: float = 0.0      # the norms' epsilon; 0 = PyTorch's default (layernorm 1e-5, rmsnorm the dtype's eps)
+    mlp: str = "gelu"          # gelu | gelu_tanh | swiglu
     mlp_hidden: int = 0        # the MLP's inner width; 0 = 4 x n_embd (gelu), ~8/3 x n_embd (swiglu)
     attention: str = "sdpa"    # sdpa (softmax) | linear (kernelized; self-attention only)
     n_expert: int = 0          # > 0: a mixture of this many experts replaces every MLP
@@ -66,7 +69,8 @@ class ModelConfig:
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         choices = {"arch": ARCHS, "pos": ("learned", "sinusoidal", "rope", "alibi"),
-                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "attention": ("sdpa", "linear")}
+                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
+                   "attention": ("sdpa", "linear")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -79,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.norm_eps < 0:
+            raise ValueError(f"norm_eps must be 0 (the default) or positive, got {self.norm_eps}")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
                              "dataset prepared with --labels=True)")
@@ -111,8 +117,8 @@ class ModelConfig:
 
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps or None)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps or 1e-5, bias=config.bias)
 
 
 def rope_tables(head_size, length, theta):
@@ -312,6 +318,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         # swiglu has three matrices instead of two: 8/3 x keeps the parameter count of 4x
         hidden = config.mlp_hidden or (64 * math.ceil(8 * config.n_embd / 3 / 64) if self.gated else 4 * config.n_embd)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
@@ -324,7 +331,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))
 
 
@@ -407,7 +414,9 @@ class Stack(nn.Module):
             mask, is_causal = (keep[:, -T:] if keep is not None else None), False
         else:
             mask = attention_mask(self.causal, T, start, keep, self.slopes, x.device)
-            is_causal = mask is None and self.causal and T > 1
+            # a fresh pass (start 0) is causal; one new token after a cache sees every key. (Not T > 1:
+            # a test on the length would be a symbolic bool to torch.export, which SDPA does not take)
+            is_causal = mask is None and self.causal and start == 0
             if mask is not None and mask.is_floating_point():  # alibi's biases: cast once, not in every layer
                 mask = mask.to(compute_dtype(x.device.type, x.dtype))
         memory_mask = memory_keep[:, None, None, :] if memory_keep is not None else None  # (B, 1, 1, S)

@@ -80,7 +80,7 @@ labels = False       # True: a label per document for arch="conditional": its re
 tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
 vocab_size = 8192    # special tokens included
 tokenizer_train_bytes = 20_000_000  # learn the tokenizer from about this much train text
-tokenizer_from = ""  # a dataset or run directory whose tokenizer to use instead (fine-tuning data for that run)
+tokenizer_from = ""  # a dataset or run directory (or hf:DIR) whose tokenizer to use instead (data to fine-tune it)
 # split
 val_fraction = 0.05  # fraction of documents (whole documents) held out for val
 seed = 1337
@@ -669,7 +669,11 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     t0 = time.time()
     sample, val_ids = tokenizer_sample(paths)
     try:
-        tok = load_tokenizer(tokenizer_from) if tokenizer_from else train_tokenizer(tokenizer, sample, vocab_size)
+        if tokenizer_from.startswith("hf:"):  # a Hugging Face model's, as train.py --init_from=hf:DIR maps it
+            from hf import hf_tokenizer
+            tok = hf_tokenizer(tokenizer_from[3:])
+        else:
+            tok = load_tokenizer(tokenizer_from) if tokenizer_from else train_tokenizer(tokenizer, sample, vocab_size)
     except ValueError as e:
         fail(str(e))
     sample_mb = sum(map(len, sample)) / 1e6
@@ -683,7 +687,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
               f"{tok.vocab_size}" + (f" (asked for {vocab_size}: the text supports no more)"
                                      if tok.vocab_size < vocab_size else ""))
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    if tokenizer_from:  # the very files, so the fingerprint is the one the pretrained run checks
+    if tokenizer_from and not tokenizer_from.startswith("hf:"):  # the very files: the fingerprint the run checks
         files = tokenizer_files(tokenizer_from)
         for name in files:
             shutil.copyfile(os.path.join(tokenizer_from, name), os.path.join(tmp, name))

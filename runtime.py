@@ -181,7 +181,12 @@ def check_vocab(model_vocab_size, tokenizer, where):
 
 
 def load_run(out_dir, device="cpu"):
-    """A trained run from its directory alone: (model in eval mode, tokenizer, checkpoint dict)."""
+    """A trained run from its directory alone: (model in eval mode, tokenizer, checkpoint dict).
+    out_dir "hf:DIR": a Hugging Face GPT-2 or Llama folder instead (see hf.py)."""
+    if str(out_dir).startswith("hf:"):
+        from hf import from_hf
+        ckpt, tokenizer = from_hf(str(out_dir)[3:])
+        return build_model(ModelConfig(**ckpt["model_args"]), ckpt["model"]).to(device).eval(), tokenizer, ckpt
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     tokenizer = load_tokenizer(out_dir)
     try:

@@ -711,9 +711,10 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
     return KINDS[kind].train(texts, vocab_size)
 
 
-def load_tokenizer(directory) -> Tokenizer:
-    """The tokenizer saved in `directory` (its tokenizer.json and the files that names)."""
-    path = os.path.join(directory, "tokenizer.json")
+def load_tokenizer(directory, name="tokenizer.json") -> Tokenizer:
+    """The tokenizer saved in `directory` (its tokenizer.json and the files that names; name: that
+    header under another name, as in a Hugging Face folder, where tokenizer.json is theirs)."""
+    path = os.path.join(directory, name)
     try:
         header = json.loads(_read_file(path))
     except json.JSONDecodeError as e:

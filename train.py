@@ -268,12 +268,19 @@ if init_from == "scratch":
     model_args = {**config, "vocab_size": 64 * math.ceil(batches.tokenizer.vocab_size / 64),
                   "n_labels": batches.n_labels}
 else:  # resume this run, or fine-tune another: its weights, shape and architecture
-    if init_from != "resume" and not os.path.isdir(init_from):
-        fail(f"init_from={init_from!r} is not scratch, resume, or the directory of a run to fine-tune")
+    if init_from != "resume" and not init_from.startswith("hf:") and not os.path.isdir(init_from):
+        fail(f"init_from={init_from!r} is not scratch, resume, the directory of a run to fine-tune, or hf:DIR")
     if init_from != "resume" and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
     if init_from == "resume":
         init_path, checkpoint = newest_readable_checkpoint()
+    elif init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder, mapped by hf.py
+        from hf import from_hf
+        init_path = init_from
+        try:
+            checkpoint, _ = from_hf(init_from[3:])
+        except ValueError as e:
+            fail(str(e))
     else:
         init_path = os.path.join(init_from, "ckpt.pt")
         try:
@@ -282,7 +289,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
             fail(str(e))
     if checkpoint.get("tokenizer_fingerprint", batches.fingerprint) != batches.fingerprint:
         fail(f"{init_path} was trained with another tokenizer than the dataset {data_path} has; use a dataset "
-             f"prepared with it (prepare.py --tokenizer_from={os.path.dirname(init_path) or '.'})")
+             f"prepared with it (prepare.py --tokenizer_from={init_from if init_from != 'resume' else out_dir})")
     model_args = checkpoint["model_args"]  # the run's shape wins over settings
     if model_args.get("arch", "gpt") != arch:  # but not its objective: the batches above are arch's
         fail(f"{init_path} is a {model_args.get('arch', 'gpt')!r} model, not arch={arch!r}: use "

@@ -237,3 +237,33 @@ def arch_run(tmp_path_factory, dataset, labelled_dataset):
             runs[arch] = made_once(tmp_path_factory, arch, train) / "out"
         return runs[arch]
     return run
+
+
+def untrained_run(path, dataset, arch, labels=None, **settings):
+    """A run directory of a freshly initialized model (nothing trained: what eval.py says of it is
+    checked against the model itself) in the dataset's tokenizer, as train.py lays one out."""
+    import math  # here, not above: torch comes after OMP_NUM_THREADS is set
+    from dataclasses import asdict
+
+    import torch
+
+    from model import ModelConfig, build_model
+    from runtime import save_checkpoint
+    from tokenizer import load_tokenizer, tokenizer_files, tokenizer_fingerprint
+    source = os.path.join(*map(str, dataset))
+    os.makedirs(path)
+    for name in tokenizer_files(source) + ["meta.json"]:
+        shutil.copy(os.path.join(source, name), path)
+    if labels:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump({**meta, "labels": labels}, f)
+    vocab = load_tokenizer(path).vocab_size
+    config = ModelConfig(**{"arch": arch, "vocab_size": 64 * math.ceil(vocab / 64), "block_size": 32, "n_layer": 1,
+                            "n_head": 2, "n_embd": 32, "n_labels": len(labels or []), **settings})
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(config).state_dict(), "model_args": asdict(config), "iter_num": 0,
+                     "config": {"data_dir": str(dataset[0]), "dataset": dataset[1]},
+                     "tokenizer_fingerprint": tokenizer_fingerprint(path)}, os.path.join(path, "ckpt.pt"))
+    return path

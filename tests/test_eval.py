@@ -2,7 +2,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -10,13 +9,12 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from conftest import assert_clear_error, legal_documents, run_in_process
+from conftest import assert_clear_error, legal_documents, run_in_process, untrained_run
 from engine import Engine
 from eval import (LegalWords, corpus_bleu, distinct_n, encode_documents, exact_match, language_model_numbers,
                   ordinary_ids, rouge, token_lengths, windows)
-from model import ModelConfig, build_model
-from runtime import load_run, save_checkpoint
-from tokenizer import load_tokenizer, tokenizer_files, tokenizer_fingerprint, train_tokenizer
+from runtime import load_run
+from tokenizer import load_tokenizer, train_tokenizer
 
 LN2 = math.log(2)
 
@@ -31,28 +29,6 @@ def run(tmp_path, trained_run):
     """The trained gpt run, copied: eval.py writes its eval.json into it."""
     shutil.copytree(trained_run, tmp_path / "run")
     return tmp_path / "run"
-
-
-def untrained_run(path, dataset, arch, labels=None, **settings):
-    """A run directory of a freshly initialized model (nothing trained: what eval.py says of it is
-    checked against the model itself) in the dataset's tokenizer, as train.py lays one out."""
-    source = os.path.join(*map(str, dataset))
-    os.makedirs(path)
-    for name in tokenizer_files(source) + ["meta.json"]:
-        shutil.copy(os.path.join(source, name), path)
-    if labels:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump({**meta, "labels": labels}, f)
-    vocab = load_tokenizer(path).vocab_size
-    config = ModelConfig(arch=arch, vocab_size=64 * math.ceil(vocab / 64), block_size=32, n_layer=1, n_head=2,
-                         n_embd=32, n_labels=len(labels or []), **settings)
-    torch.manual_seed(0)
-    save_checkpoint({"model": build_model(config).state_dict(), "model_args": asdict(config), "iter_num": 0,
-                     "config": {"data_dir": str(dataset[0]), "dataset": dataset[1]},
-                     "tokenizer_fingerprint": tokenizer_fingerprint(path)}, os.path.join(path, "ckpt.pt"))
-    return path
 
 
 # ---- exact bits per byte ------------------------------------------------------------------
