@@ -10,7 +10,7 @@ tokenizer_config.json, plus our own tokenizer files (nanolex_tokenizer.json and 
 file), so that train.py --init_from=hf:DIR and sample.py --out_dir=hf:DIR get back the very
 run. A gpt run whose switches are GPT-2's (learned positions, layernorm, gelu) or Llama's
 (rope, rmsnorm, swiglu, grouped-query attention) exports; other switches are refused by name.
-The weight mapping lives in hf.py.
+The weight mapping lives in runtime.py.
 
 onnx: the decoder's forward, token ids (batch, length) -> logits (batch, length, vocab),
 both dimensions dynamic (length up to block_size), through torch.onnx.export(dynamo=True).
@@ -48,8 +48,7 @@ if format == "onnx" and os.path.isdir(to):
 
 import torch  # noqa: E402
 
-from hf import layout, to_hf  # noqa: E402
-from runtime import load_run  # noqa: E402
+from runtime import layout, load_run, to_hf  # noqa: E402
 
 try:
     model, tokenizer, _ = load_run(out_dir, "cpu")

@@ -670,7 +670,7 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     sample, val_ids = tokenizer_sample(paths)
     try:
         if tokenizer_from.startswith("hf:"):  # a Hugging Face model's, as train.py --init_from=hf:DIR maps it
-            from hf import hf_tokenizer
+            from runtime import hf_tokenizer
             tok = hf_tokenizer(tokenizer_from[3:])
         else:
             tok = load_tokenizer(tokenizer_from) if tokenizer_from else train_tokenizer(tokenizer, sample, vocab_size)

@@ -1,7 +1,8 @@
 """
 What train.py, sample.py and bench.py share to run a model: picking the device and
 precision, writing and reading checkpoints and run directories, the device's peak
-FLOP/s that MFU is measured against, and int8 weights for decoding on a CPU.
+FLOP/s that MFU is measured against, int8 weights for decoding on a CPU, and the Hugging
+Face layout both ways (export.py writes it; hf:DIR runs are read from it).
 """
 
 import ctypes
@@ -11,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -20,7 +22,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import CrossAttention, ModelConfig, build_model, compute_dtype
-from tokenizer import load_tokenizer, tokenizer_fingerprint
+from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 
 # ----------------------------------------------------------------------------------
@@ -182,9 +184,8 @@ def check_vocab(model_vocab_size, tokenizer, where):
 
 def load_run(out_dir, device="cpu"):
     """A trained run from its directory alone: (model in eval mode, tokenizer, checkpoint dict).
-    out_dir "hf:DIR": a Hugging Face GPT-2 or Llama folder instead (see hf.py)."""
+    out_dir "hf:DIR": a Hugging Face GPT-2 or Llama folder instead (see from_hf)."""
     if str(out_dir).startswith("hf:"):
-        from hf import from_hf
         ckpt, tokenizer = from_hf(str(out_dir)[3:])
         return build_model(ModelConfig(**ckpt["model_args"]), ckpt["model"]).to(device).eval(), tokenizer, ckpt
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
@@ -342,3 +343,407 @@ def quantize(model, kind="int8"):
             if isinstance(child, nn.Linear) and id(child) not in keep_float:
                 setattr(parent, name, Int8Linear(child, backend))
     return model
+
+
+# ----------------------------------------------------------------------------------
+# The Hugging Face layout, both ways: a nanolex GPT <-> a transformers GPT-2 or Llama folder.
+#
+#     folder = to_hf(model, tokenizer)          # {file name: bytes}: config.json, model.safetensors, tokenizer.json ...
+#     ckpt, tokenizer = from_hf("path/to/dir")  # a checkpoint dict as train.py and runtime.load_run read them
+#
+# Which layout a run takes is decided by its switches (layout()): learned positions +
+# layernorm + gelu is GPT-2 (GPT2LMHeadModel; its Conv1D layers hold the matrices
+# transposed, and it always has biases: a run without them exports zeros); rope + rmsnorm +
+# swiglu is Llama (LlamaForCausalLM, grouped-query attention included). Our one c_attn
+# matrix is Llama's q_proj, k_proj and v_proj stacked, our c_fc its gate_proj and up_proj.
+# Our rope rotates the two halves of each head, as Hugging Face's Llama does, so no rows are
+# permuted. What the numbers depend on is written out in config.json: the norms' epsilon
+# (PyTorch's RMSNorm uses the dtype's eps, 1.19e-7 in fp32, not Llama's usual 1e-6) and
+# the GELU (exact erf: "gelu"; "gelu_new" is the tanh approximation).
+#
+# Tokenizers: bpe and gpt2 become a byte-level BPE tokenizer.json. tiktoken merges the
+# adjacent pair whose concatenation has the lowest rank; Hugging Face's BPE merges the pair
+# listed first. Listing every split of every token into two tokens, ordered by the rank of
+# the whole, makes the two the same, and ignore_merges=True is tiktoken's whole-chunk
+# lookup. Our own tokenizer files go along under nanolex_tokenizer.json (Hugging Face
+# owns tokenizer.json there), so an import of an export gets back the very tokenizer.
+#
+# Needs safetensors; transformers itself is never imported (the tests use it to check).
+
+OUR_TOKENIZER = "nanolex_tokenizer.json"  # our tokenizer.json, renamed in an exported folder
+
+
+def safetensors_torch():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ValueError("the Hugging Face layout needs safetensors: pip install safetensors==0.8.0") from None
+    return safetensors.torch
+
+
+# ----------------------------------------------------------------------------------
+# which layout, and the weights' names in it
+
+def layout(config):
+    """'gpt2' or 'llama': the Hugging Face architecture that computes what config does, or a
+    ValueError naming the switch that neither can express."""
+    refused = [(config.arch != "gpt", f"arch={config.arch}"),
+               (config.n_expert > 0, f"n_expert={config.n_expert} (mixture of experts)"),
+               (config.attention != "sdpa", f"attention={config.attention}"),
+               (config.pos in ("alibi", "sinusoidal"), f"pos={config.pos}"),
+               (not config.norm_first, "norm_first=False (post-norm)")]
+    for refuse, switch in refused:
+        if refuse:
+            raise ValueError(f"a run with {switch} cannot be exported: neither GPT-2 nor Llama has it")
+    shape = (config.pos, config.norm, config.mlp)
+    if shape in (("learned", "layernorm", "gelu"), ("learned", "layernorm", "gelu_tanh")):
+        if config.n_kv_head != config.n_head:
+            raise ValueError(f"a run with n_kv_head={config.n_kv_head} (grouped-query attention) and learned "
+                             "positions cannot be exported: GPT-2 has no grouped-query attention")
+        return "gpt2"
+    if shape == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    raise ValueError(f"a run with pos={config.pos}, norm={config.norm}, mlp={config.mlp} cannot be exported: GPT-2 "
+                     "is learned, layernorm, gelu and Llama is rope, rmsnorm, swiglu")
+
+
+def weight_names(config, kind):
+    """[(our name, [its Hugging Face names], transposed)]: several names split our tensor along
+    its first dimension into theirs (split_sizes says where); transposed: GPT-2's Conv1D."""
+    names = []
+    if kind == "gpt2":
+        names.append(("embed.wte.weight", ["transformer.wte.weight"], False))
+        names.append(("embed.wpe.weight", ["transformer.wpe.weight"], False))
+        for i in range(config.n_layer):
+            ours, theirs = f"body.blocks.{i}.", f"transformer.h.{i}."
+            for a, b, t in [("ln_1", "ln_1", False), ("attn.c_attn", "attn.c_attn", True),
+                            ("attn.c_proj", "attn.c_proj", True), ("ln_2", "ln_2", False),
+                            ("mlp.c_fc", "mlp.c_fc", True), ("mlp.c_proj", "mlp.c_proj", True)]:
+                names.append((ours + a + ".weight", [theirs + b + ".weight"], t))
+                names.append((ours + a + ".bias", [theirs + b + ".bias"], False))
+        names += [("body.ln_f.weight", ["transformer.ln_f.weight"], False),
+                  ("body.ln_f.bias", ["transformer.ln_f.bias"], False)]
+    else:
+        names.append(("embed.wte.weight", ["model.embed_tokens.weight"], False))
+        for i in range(config.n_layer):
+            ours, theirs = f"body.blocks.{i}.", f"model.layers.{i}."
+            names += [(ours + "ln_1.weight", [theirs + "input_layernorm.weight"], False),
+                      (ours + "ln_2.weight", [theirs + "post_attention_layernorm.weight"], False)]
+            for end in ("weight", "bias") if config.bias else ("weight",):
+                names += [(ours + "attn.c_attn." + end, [theirs + f"self_attn.{p}_proj.{end}" for p in "qkv"], False),
+                          (ours + "attn.c_proj." + end, [theirs + f"self_attn.o_proj.{end}"], False),
+                          (ours + "mlp.c_fc." + end, [theirs + f"mlp.{p}_proj.{end}" for p in ("gate", "up")], False),
+                          (ours + "mlp.c_proj." + end, [theirs + f"mlp.down_proj.{end}"], False)]
+        names.append(("body.ln_f.weight", ["model.norm.weight"], False))
+    if not config.tie_embeddings:
+        names.append(("lm_head.weight", ["lm_head.weight"], False))
+    return names
+
+
+def split_sizes(config, name, total):
+    """How our tensor `name` of first dimension total splits into its Hugging Face parts."""
+    if ".attn.c_attn." in name:
+        kv = config.n_kv_head * (config.n_embd // config.n_head)
+        return [config.n_embd, kv, kv]
+    return [total // 2, total // 2]  # swiglu's c_fc: gate, then up (MLP.forward's chunk order)
+
+
+# ----------------------------------------------------------------------------------
+# out: a run -> the files of a Hugging Face folder
+
+def hf_config(model, kind, tok):
+    config = model.config
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id}
+    hidden = model.body.blocks[0].mlp.c_proj.in_features
+    if kind == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+                "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+                "n_head": config.n_head, "n_inner": hidden,
+                "activation_function": "gelu_new" if config.mlp == "gelu_tanh" else "gelu",
+                "layer_norm_epsilon": config.norm_eps or 1e-5, "resid_pdrop": config.dropout,
+                "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "scale_attn_weights": True,
+                "tie_word_embeddings": config.tie_embeddings, "dtype": "float32", **ids}
+    head_dim = config.n_embd // config.n_head
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.block_size, "hidden_size": config.n_embd,
+            "intermediate_size": hidden, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": head_dim,
+            "hidden_act": "silu", "rms_norm_eps": config.norm_eps or torch.finfo(torch.float32).eps,
+            "rope_theta": config.rope_theta,  # transformers 4's key, and 5's:
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": config.dropout,
+            "tie_word_embeddings": config.tie_embeddings, "dtype": "float32", **ids}
+
+
+def build_model_meta(config):
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def to_hf_weights(state, config, kind):
+    """Our state_dict -> {Hugging Face name: tensor}, each its own contiguous fp32 copy."""
+    out = {}
+    for ours, theirs, transposed in weight_names(config, kind):
+        if ours not in state:  # GPT-2 has biases where our run has none: zeros compute the same
+            out[theirs[0]] = torch.zeros(state[ours.replace(".bias", ".weight")].shape[:1])
+            continue
+        w = state[ours].detach().float().cpu()
+        parts = w.split(split_sizes(config, ours, w.size(0))) if len(theirs) > 1 else [w]
+        for name, part in zip(theirs, parts):
+            out[name] = (part.t() if transposed else part).contiguous().clone()
+    return out
+
+
+def byte_chars():
+    """GPT-2's printable stand-in character for each byte, as Hugging Face's ByteLevel writes tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tokenizer_json(tok):
+    """Hugging Face's tokenizer.json for a bpe or gpt2 tokenizer (see the docstring above)."""
+    if tok.kind not in ("bpe", "gpt2"):
+        raise ValueError(f"the {tok.kind} tokenizer cannot be exported to Hugging Face's tokenizer.json "
+                         "(bpe and gpt2 can): train the run on one of those to export it")
+    chars = byte_chars()
+
+    def text(token):
+        return "".join(chars[b] for b in token)
+
+    merges = sorted((rank, i, text(token[:i]), text(token[i:])) for token, rank in tok.ranks.items()
+                    for i in range(1, len(token)) if token[:i] in tok.ranks and token[i:] in tok.ranks)
+    if tok.pattern == GPT2_PATTERN:  # Hugging Face's own GPT-2 split, the same chunks
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    else:
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for s, i in sorted(tok.special.items(), key=lambda item: item[1])]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre, "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text(t): r for t, r in sorted(tok.ranks.items(), key=lambda item: item[1])},
+                      "merges": [[a, b] for _, _, a, b in merges]}}
+
+
+def to_hf(model, tok):
+    """{file name: bytes} of the Hugging Face folder for model (a GPT whose switches fit GPT-2 or
+    Llama) and its tokenizer, our tokenizer's own files included (see OUR_TOKENIZER)."""
+    config = model.config
+    kind = layout(config)
+    hf_tok = tokenizer_json(tok)  # before the weights: a tokenizer that cannot go refuses the whole export
+    weights = to_hf_weights(model.state_dict(), config, kind)
+    files = {"config.json": hf_config(model, kind, tok),
+             "generation_config.json": {"bos_token_id": tok.bos_id, "eos_token_id": tok.eot_id,
+                                        "pad_token_id": tok.pad_id},
+             "tokenizer.json": hf_tok,
+             "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+                                       "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+                                       "mask_token": "<|mask|>", "model_max_length": config.block_size,
+                                       "clean_up_tokenization_spaces": False}}
+    files = {name: (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode() for name, value in files.items()}
+    files["model.safetensors"] = safetensors_torch().save(weights, metadata={"format": "pt"})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in tok.save(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                files[OUR_TOKENIZER if name == "tokenizer.json" else name] = f.read()
+    return files
+
+
+# ----------------------------------------------------------------------------------
+# in: a Hugging Face folder -> a checkpoint and a tokenizer
+
+def _read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}: {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def model_args_from(hf, path):
+    """Our ModelConfig's fields from a GPT-2 or Llama config.json; anything that would compute
+    something else is refused by name."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+        if mlp is None:
+            raise ValueError(f"{path}: activation_function={act!r} cannot be imported (gelu, gelu_new can)")
+        for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if hf.get(key):
+                raise ValueError(f"{path}: {key}=true cannot be imported")
+        if not hf.get("scale_attn_weights", True):
+            raise ValueError(f"{path}: scale_attn_weights=false cannot be imported")
+        n_embd = hf.get("n_embd", 768)
+        return dict(vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+                    n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True,
+                    pos="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp=mlp,
+                    mlp_hidden=hf.get("n_inner") or 4 * n_embd, tie_embeddings=hf.get("tie_word_embeddings", True))
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r} cannot be imported (silu can)")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: rope scaling {rope.get('rope_type', rope.get('type'))!r} cannot be imported "
+                             "(plain rope can)")
+        if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+            raise ValueError(f"{path}: attention_bias and mlp_bias differ; nanolex has one bias switch for both")
+        n_embd, n_head = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+        if hf.get("head_dim", n_embd // n_head) * n_head != n_embd:
+            raise ValueError(f"{path}: head_dim={hf['head_dim']} times {n_head} heads is not hidden_size={n_embd}")
+        return dict(vocab_size=hf.get("vocab_size", 32000), block_size=hf.get("max_position_embeddings", 2048),
+                    n_layer=hf.get("num_hidden_layers", 32), n_head=n_head,
+                    n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                    bias=hf.get("attention_bias", False), pos="rope", norm="rmsnorm",
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hf.get("intermediate_size", 11008),
+                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                    tie_embeddings=hf.get("tie_word_embeddings", False))
+    names = ", ".join(hf.get("architectures") or []) or kind
+    raise ValueError(f"{path}: the architecture {names!r} (model_type {kind!r}) cannot be imported; "
+                     "GPT2LMHeadModel and LlamaForCausalLM can")
+
+
+def read_weights(directory):
+    """{name: tensor} from model.safetensors, or from the shards model.safetensors.index.json lists."""
+    st = safetensors_torch()
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = sorted(set(_read_json(index, "the weights are missing")["weight_map"].values())) if os.path.exists(index) \
+        else ["model.safetensors"]
+    weights = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory} has no {name}: the weights are missing")
+        try:
+            weights.update(st.load_file(path))
+        except Exception as e:  # safetensors' own errors for a truncated or foreign file
+            raise ValueError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return weights
+
+
+def from_hf_weights(weights, config, kind, where):
+    """{Hugging Face name: tensor} -> our state_dict, each tensor checked against config's shapes."""
+    expected = build_model_meta(config).state_dict()
+    if kind == "gpt2" and not any(k.startswith("transformer.") for k in weights):  # saved from GPT2Model
+        weights = {"transformer." + k: v for k, v in weights.items()}
+    state = {}
+    for ours, theirs, transposed in weight_names(config, kind):
+        parts = []
+        for name in theirs:
+            if name not in weights:
+                raise ValueError(f"{where}: the weight {name} is missing")
+            parts.append(weights[name].t() if transposed else weights[name])
+        try:
+            w = torch.cat(parts) if len(parts) > 1 else parts[0]
+        except RuntimeError:
+            w = None
+        if w is None or w.shape != expected[ours].shape:
+            shapes = " + ".join(str(tuple(weights[n].shape)) for n in theirs)
+            raise ValueError(f"{where}: {', '.join(theirs)} has shape {shapes}, but config.json makes "
+                             f"{tuple(expected[ours].shape)}{' (transposed)' if transposed else ''}")
+        state[ours] = w.float().contiguous()
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.wte.weight"]
+    return state
+
+
+def tokenizer_from_json(directory):
+    """Our tokenizer for a Hugging Face byte-level BPE tokenizer.json: its vocabulary as tiktoken
+    ranks (ids unchanged), its split pattern; GPT-2's own vocabulary and split -> the gpt2 kind."""
+    path = os.path.join(directory, "tokenizer.json")
+    spec = _read_json(path, "there is no tokenizer to import")
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    why = "not a BPE model" if model.get("type") != "BPE" else "it normalizes text" if spec.get("normalizer") \
+        else "byte fallback" if model.get("byte_fallback") \
+        else "word prefixes or suffixes" if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
+        else None
+    byte_level = {"type": "ByteLevel", "use_regex": False}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        pattern = GPT2_PATTERN
+    elif len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in (steps[0].get("pattern") or {}) \
+            and steps[0].get("behavior") == "Isolated" and all(steps[1].get(k) == v for k, v in byte_level.items()):
+        pattern = steps[0]["pattern"]["Regex"]
+    else:
+        pattern, why = None, why or "its pre-tokenizer is not a byte-level split"
+    if why:
+        raise ValueError(f"{path} cannot be imported ({why}): nanolex reads byte-level BPE tokenizers")
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    unbyte = {c: b for b, c in byte_chars().items()}
+    try:
+        ranks = {bytes(unbyte[c] for c in piece): i for piece, i in model["vocab"].items() if piece not in added}
+    except KeyError:
+        raise ValueError(f"{path} cannot be imported: its vocabulary has pieces that are not byte-level") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path} cannot be imported: its ordinary tokens must have ids 0..n-1 (the special ones "
+                         "after them) and include all 256 bytes")
+    kind = GPT2Tokenizer if len(ranks) == 50256 and pattern == GPT2_PATTERN else BPETokenizer
+    tok = kind(ranks, pattern)
+    for content, i in added.items():
+        if tok.special.get(content) != i:
+            raise ValueError(f"{path} cannot be imported: its special token {content!r} has id {i}, where nanolex's "
+                             f"special tokens are {', '.join(tok.special)} from id {len(ranks)} on")
+    return tok
+
+
+def hf_tokenizer(directory):
+    """Our tokenizer of a Hugging Face folder: the very one, in a folder export.py wrote; else
+    converted from its tokenizer.json."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"hf:{directory} is not a directory")
+    if os.path.exists(os.path.join(directory, OUR_TOKENIZER)):
+        return load_tokenizer(directory, OUR_TOKENIZER)
+    return tokenizer_from_json(directory)
+
+
+def from_hf(directory):
+    """(checkpoint dict, tokenizer) for a local Hugging Face folder of a GPT-2 or Llama causal LM.
+
+    The checkpoint has what train.py's init_from and runtime.load_run read: model (our
+    state_dict), model_args, iter_num 0 and the tokenizer's fingerprint (that of its files
+    as tokenizer.save writes them). The tokenizer is ours from an exported folder, else
+    converted from tokenizer.json. A tokenizer with more ids than the model has rows (GPT-2's
+    50,257 plus our special tokens) gets new rows, the mean of the others, up to a multiple of 64.
+    """
+    if not os.path.isdir(directory):
+        raise ValueError(f"hf:{directory} is not a directory")
+    config_path = os.path.join(directory, "config.json")
+    hf = _read_json(config_path, "it is not a Hugging Face model folder")
+    args = model_args_from(hf, config_path)
+    tok = hf_tokenizer(directory)
+    try:
+        config = ModelConfig(**args)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    state = from_hf_weights(read_weights(directory), config, layout(config), directory)
+    if tok.vocab_size > config.vocab_size:
+        rows = 64 * -(-tok.vocab_size // 64)
+        for name in ("embed.wte.weight", "lm_head.weight"):
+            w = state[name]
+            state[name] = torch.cat([w, w.mean(dim=0, keepdim=True).expand(rows - w.size(0), -1)])
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["embed.wte.weight"]
+        args["vocab_size"] = rows
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        fingerprint = tokenizer_fingerprint(tmp)
+    ckpt = {"model": state, "model_args": args, "iter_num": 0, "config": {"init_from": f"hf:{directory}"},
+            "tokenizer_fingerprint": fingerprint}
+    return ckpt, tok
+
+
+def is_hf(path):
+    return isinstance(path, str) and path.startswith("hf:")

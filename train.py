@@ -109,7 +109,7 @@ if wandb:
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
-from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
+from runtime import (append_jsonl, autocast, check_vocab, from_hf, keep_freed_memory, link_atomically,  # noqa: E402
                      load_checkpoint, machine, peak_flops, peak_memory_mb, pick_device, pick_dtype, probe_disk,
                      save_atomically, save_checkpoint)
 
@@ -274,8 +274,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
     if init_from == "resume":
         init_path, checkpoint = newest_readable_checkpoint()
-    elif init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder, mapped by hf.py
-        from hf import from_hf
+    elif init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder (runtime.from_hf)
         init_path = init_from
         try:
             checkpoint, _ = from_hf(init_from[3:])

@@ -1,4 +1,4 @@
-"""export.py and the import path (hf.py): runs out to Hugging Face transformers and ONNX, checked by
+"""export.py and the import path (runtime.py): runs out to Hugging Face transformers and ONNX, checked by
 transformers' and onnxruntime's own code; Hugging Face folders in, through train.py and sample.py.
 
 The GPT-2 shaped run is the shared trained_run (30 iterations: learned positions, layernorm, exact
