@@ -292,7 +292,7 @@ def write_best(best, base, changed, ranges):
     keys |= best["config"] | {k: v for k, v in best["train"].items() if k != "out_dir"}
     lines = [f"# The best member of an evolve.py search ({best['id']}): val bits per byte {best['bits_per_byte']:.4f}",
              f"# (eval.py{f' --max_tokens={eval_tokens}' if eval_tokens else ''}), searched over "
-             f"{', '.join(ranges)}, {generations} generations of {population}.",
+             f"{', '.join(ranges)}, {generations} generation(s) of {population} members.",
              f"#   python train.py {best_config}",
              f"out_dir = {('out-' + os.path.splitext(os.path.basename(best_config))[0])!r}"]
     lines += [f"{k} = {v!r}" for k, v in keys.items()]

@@ -2,26 +2,14 @@
 import json
 import math
 import os
-import shutil
 
 import pytest
 
 from conftest import assert_clear_error, run_in_process
 from eval import bm25_scores, draw_cloze_items, held_out_paragraphs
-from test_eval import untrained_run
+from test_eval import results, run, untrained_run  # noqa: F401  (run: a fixture)
 
 PARTIES = ["Smith", "Jones", "Garcia", "Okafor", "Larsen", "Novak"]
-
-
-def results(out_dir):
-    with open(os.path.join(out_dir, "eval.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture
-def run(tmp_path, trained_run):
-    shutil.copytree(trained_run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def paragraph(name, i):

@@ -7,7 +7,8 @@ from evolve import first_generation
 
 # a member: 2 x 1024-token steps of a model of at most 2 layers x 32 wide, scored on 300 val tokens
 TINY = ["--n_layer=2", "--n_embd=32", "--learning_rate=3e-3", "--n_head=2", "--block_size=32", "--batch_size=8",
-        "--gradient_accumulation_steps=4", "--compile=False", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0", "--dtype=float32"]
+        "--gradient_accumulation_steps=4", "--compile=False", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0",
+        "--dtype=float32"]
 SPACE = "learning_rate = (1e-3, 1e-2)\nn_layer = (1, 2)\nn_embd = [16, 32]\n"
 
 
@@ -73,7 +74,7 @@ def test_a_search_killed_in_its_first_generation_resumes_and_runs_the_second(tmp
         assert m["parents"] and set(m["parents"]) <= {"g0-m0", "g0-m1", "g0-m2"}
         assert m["config"] not in [other["config"] for other in everyone if other is not m]
         assert 1e-3 <= m["config"]["learning_rate"] <= 1e-2 and m["config"]["n_embd"] in (16, 32)
-    board = done.stdout[done.stdout.index("rank"):].splitlines()
+    board = done.stdout[done.stdout.index("rank"):done.stdout.index("wrote")].splitlines()
     assert len(board) == 1 + 5 and best["id"] in board[1] and f"{best['bits_per_byte']:.4f}" in board[1]
     assert "g0-m0" in board[-1] and "9.5000" in board[-1]
 
