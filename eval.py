@@ -1,13 +1,15 @@
 """
 Quality numbers for trained runs on any text: exact bits per byte, perplexity and next-token
 accuracy for the language models, masked-token accuracy for the encoder, teacher-forced
-loss for the encoder-decoder, and BLEU, ROUGE, distinct-n and exact match of generated
-answers. Prints one table, and writes each run's numbers into RUN/eval.json.
+loss for the encoder-decoder, BLEU, ROUGE, distinct-n and exact match of generated
+answers, and legal retrieval and cloze. Prints one table, and writes each run's numbers
+into RUN/eval.json.
 
     python eval.py --out_dir=out-legal-small                         # the val split of the run's own dataset
     python eval.py --out_dir=out-legal-small --dataset=contracts --split=val
     python eval.py --out_dir=out-a,out-b --input=contracts/,notes.txt  # one comparison table of two runs
     python eval.py --out_dir=out-qa --task_file=qa.jsonl --max_new_tokens=64   # generation metrics
+    python eval.py --out_dir=out-legal-small --retrieval_queries=200 --cloze_items=200   # legal tasks
 
 The text: --dataset= (a prepared dataset in the run's tokenizer; its loss mask and labels
 count), or --input= (files, folders and globs: .txt and .md files are a document each;
@@ -25,6 +27,12 @@ encoder's masking is drawn once from `seed`. The encoder-decoder needs prompt/re
 text. --task_file= (a .jsonl of {"prompt": ..., "response": a string or a list of
 strings}) generates an answer to each prompt (greedy unless the decoding settings say
 otherwise) and scores them against the responses. docs/eval.md defines every number.
+
+Legal tasks, built from the text's own documents (by default the val split, which the run
+never trained on): --retrieval_queries= holds out paragraphs and finds each one's document by
+the run's embeddings and by BM25 (recall@1/@10); --cloze_items= masks uses of legal terms
+(Licensee, Software, the text's own "defined" terms) and asks the run to rank the right one
+among --cloze_choices terms (accuracy).
 
 eval.json holds one entry per text (the dataset and split, the --input, or the task
 file); evaluating the same text again replaces its entry and keeps the others.
