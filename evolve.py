@@ -14,10 +14,11 @@ leaderboard shows how the search compares with the base at the same budget.
 
 The space file: Python lines `key = (low, high)` (an int or float between them; floats
 that are positive on a log scale) or `key = [a, b, c]` (one of them), each key a train.py
-setting. out_dir/population.json holds the search and is written after every member, so
-a search that was stopped goes on from it when run again with the same out_dir. At the
-end it prints the leaderboard of every member so far and writes the best as a train.py
-config file (best_config).
+setting, or vocab_size: the tokenizer's, a dataset prepared by prepare.py (with
+prepare_args) for each value, once, into out_dir/data. out_dir/population.json holds the
+search and is written after every member, so a search that was stopped goes on from it
+when run again with the same out_dir. At the end it prints the leaderboard of every
+member so far and writes the best as a train.py config file (best_config).
 """
 
 import ast
@@ -38,6 +39,7 @@ out_dir = "out-evolve"      # the search's folder: population.json and a run fol
 space = ""                  # a file of the keys to search: key = (low, high) or key = [choices], train.py settings
 base_config = ""            # a train.py config file every member starts from ("": train.py's defaults)
 train_args = ""             # more train.py settings for every member: --key=value ..., space-separated
+prepare_args = ""           # searching vocab_size: prepare.py's settings of the text (--input=...); "": built-in corpus
 population = 6              # members per generation
 generations = 4             # generations in all, counting the first
 elite = 1                   # the best this many go on to the next generation unchanged (not trained again)
@@ -55,6 +57,7 @@ seed = 1337
 from configurator import check_ranges, configure, fail  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VOCAB = "vocab_size"  # not a train.py setting: the search prepares the text with each value it tries
 SET_BY_SEARCH = ("out_dir", "max_iters", "lr_decay_iters", "max_seconds", "eval_interval", "init_from")
 FLAG = re.compile(r"^  --(\w+)=(.*?)(?:  .*)?$")
 
@@ -105,7 +108,7 @@ def read_space(path, known):
             fail(f"{path}:{stmt.lineno}: a line of the space is `key = (low, high)` or `key = [a, b, ...]`")
         key = stmt.targets[0].id
         if key not in known:
-            fail(f"{path}:{stmt.lineno}: '{key}' is not a train.py setting")
+            fail(f"{path}:{stmt.lineno}: '{key}' is not a train.py setting (nor {VOCAB})")
         if key in SET_BY_SEARCH:
             fail(f"{path}:{stmt.lineno}: '{key}' is set by the search itself ({', '.join(SET_BY_SEARCH)})")
         try:
@@ -211,7 +214,35 @@ def budget(settings):
         return {"max_seconds": budget_seconds}
     per_step = settings["gradient_accumulation_steps"] * settings["batch_size"] * settings["block_size"]
     steps = max(1, math.ceil(budget_tokens / per_step))
-    return {"max_iters": steps, "lr_decay_iters": steps, "eval_interval": steps}
+    return {"max_iters": steps, "lr_decay_iters": steps, "eval_interval": steps, "max_seconds": 0.0}  # no time limit
+
+
+def base_vocab(base):
+    """The vocab_size of the base's dataset: the value a searched vocab_size starts from."""
+    path = os.path.join(base["data_dir"], base["dataset"], "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"a searched vocab_size starts from the base dataset's, and {path} cannot be read ({e}): "
+             "prepare it first")
+
+
+PREPARING = threading.Lock()  # one prepare.py at a time: two members may want the same vocabulary
+
+
+def vocab_dataset(vocab):
+    """(the data_dir and dataset of the text prepared with this vocab_size, prepared once; an error or None)."""
+    data, name = os.path.join(out_dir, "data"), f"vocab{vocab}"
+    with PREPARING:
+        if os.path.exists(os.path.join(data, name, "meta.json")):
+            return {"data_dir": data, "dataset": name}, None
+        done = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--data_dir={data}",
+                               f"--dataset={name}", f"--vocab_size={vocab}", *prepare_args.split()],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, f"prepare.py: {(done.stderr.strip().splitlines() or ['(nothing on stderr)'])[-1]}"
+    return {"data_dir": data, "dataset": name}, None
 
 
 def train_and_score(member, base, threads):
@@ -221,8 +252,13 @@ def train_and_score(member, base, threads):
     shutil.rmtree(folder, ignore_errors=True)  # what a stopped search left of it
     settings = {**base, **member["config"]}
     keys = {**member["config"], **budget(settings), "out_dir": folder}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.time()
+    if VOCAB in keys:
+        data, error = vocab_dataset(keys.pop(VOCAB))
+        if error:
+            return {**member, "status": "failed", "error": error, "seconds": round(time.time() - started, 1)}
+        keys |= data
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     commands = [[os.path.join(HERE, "train.py"), *([base_config] if base_config else []), *train_args.split(),
                  *(flag(k, v) for k, v in keys.items())],
                 [os.path.join(HERE, "eval.py"), f"--out_dir={folder}", f"--max_tokens={eval_tokens}"]]
@@ -289,10 +325,12 @@ def leaderboard(members):
 def write_best(best, base, changed, ranges):
     """The best member as a train.py config: the base's changed settings, the member's keys, its budget."""
     keys = {k: base[k] for k in sorted(changed) if k not in SET_BY_SEARCH}
-    keys |= best["config"] | {k: v for k, v in best["train"].items() if k != "out_dir"}
+    keys |= {k: v for k, v in best["train"].items() if k not in ("out_dir", VOCAB)}
     lines = [f"# The best member of an evolve.py search ({best['id']}): val bits per byte {best['bits_per_byte']:.4f}",
              f"# (eval.py{f' --max_tokens={eval_tokens}' if eval_tokens else ''}), searched over "
              f"{', '.join(ranges)}, {generations} generation(s) of {population} members.",
+             *([f"# on the text prepared with vocab_size {best['config'][VOCAB]} (in {keys['data_dir']}):"]
+               if VOCAB in best["config"] else []),
              f"#   python train.py {best_config}",
              f"out_dir = {('out-' + os.path.splitext(os.path.basename(best_config))[0])!r}"]
     lines += [f"{k} = {v!r}" for k, v in keys.items()]
@@ -315,7 +353,9 @@ def main():
     if not space:
         fail("--space= names no file of keys to search (key = (low, high) or key = [choices] a line)")
     base, changed = base_settings()
-    ranges = read_space(space, base)
+    ranges = read_space(space, {**base, VOCAB: 0})
+    if VOCAB in ranges:
+        base[VOCAB] = base_vocab(base)
     state = load_state(ranges)
     if state is None:
         os.makedirs(out_dir, exist_ok=True)

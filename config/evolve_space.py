@@ -9,3 +9,4 @@ n_embd = [128, 192, 256, 320]
 batch_size = [8, 16, 32]
 block_size = [128, 256]
 dropout = (0.0, 0.1)
+vocab_size = [4096, 8192, 16384]  # the tokenizer's: evolve.py prepares the corpus once for each
