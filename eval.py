@@ -569,8 +569,7 @@ def draw_cloze_items(documents, n, choices, seed):
                 uses[m.group(1)].append((d, m.start(), m.end()))
     for found in uses.values():
         rng.shuffle(found)
-    queue = [u for round in zip(*(found + [None] * n for found in uses.values()))
-             for u in round if u][:n]
+    queue = [u for turn in zip(*(found + [None] * n for found in uses.values())) for u in turn if u][:n]
     items = []
     for d, start, end in queue:
         term = documents[d][start:end]
@@ -593,7 +592,8 @@ def choice_scores(engine, before, after, offered):
     left = [tok.eot_id] + tok.encode(before[:-1] if space else before)
     longest = max(map(len, options))
     if model.config.arch != "encoder":
-        label = None if model.config.arch != "conditional" else torch.tensor(engine.labels.index(condition))
+        label = None if model.config.arch != "conditional" else \
+            torch.tensor(engine.labels.index(condition), device=engine.device)
         with engine.autocast():
             return choice_log_likelihoods(model, left[max(0, len(left) - block + longest):], options, tok.vocab_size,
                                           label, tok.bos_id)

@@ -84,7 +84,7 @@ def test_cloze_items_mask_a_term_the_text_uses_among_others_it_uses():
     assert draw_cloze_items(documents, 20, 3, seed=1) == (items, terms)
 
 
-def test_cloze_scores_a_decoder_by_likelihood_and_an_encoder_by_fill_mask(run, tmp_path, dataset):
+def test_cloze_scores_a_decoder_by_likelihood_and_an_encoder_by_its_masked_tokens(run, tmp_path, dataset):
     done = run_in_process("eval.py", f"--out_dir={run}", "--cloze_items=12", "--cloze_choices=3",
                           "--max_tokens=3000")
     assert done.returncode == 0, done.stderr
@@ -102,6 +102,14 @@ def test_cloze_scores_a_decoder_by_likelihood_and_an_encoder_by_fill_mask(run, t
         numbers.append(results(encoder)[f"cloze, dataset {os.path.join(data_dir, name)}, val"])
         numbers[-1].pop("evaluated")
     assert numbers[0] == numbers[1] and numbers[0]["items"] == 6
+
+    cond = untrained_run(tmp_path / "cond", dataset, "conditional", labels=["license", "lease"])
+    done = run_in_process("eval.py", f"--out_dir={cond}", "--cloze_items=4", "--cloze_choices=3",
+                          "--max_tokens=3000", "--condition=lease")
+    assert done.returncode == 0, done.stderr
+    assert results(cond)[f"cloze, dataset {os.path.join(data_dir, name)}, val"]["items"] == 4
+    done = run_in_process("eval.py", f"--out_dir={cond}", "--cloze_items=4", "--max_tokens=3000")
+    assert_clear_error(done, "conditional run: cloze needs --condition=")
 
 
 def test_bad_task_input_is_one_clear_line(run, tmp_path):
