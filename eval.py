@@ -1,13 +1,15 @@
 """
 Quality numbers for trained runs on any text: exact bits per byte, perplexity and next-token
 accuracy for the language models, masked-token accuracy for the encoder, teacher-forced
-loss for the encoder-decoder, and BLEU, ROUGE, distinct-n and exact match of generated
-answers. Prints one table, and writes each run's numbers into RUN/eval.json.
+loss for the encoder-decoder, BLEU, ROUGE, distinct-n and exact match of generated
+answers, and legal retrieval and cloze. Prints one table, and writes each run's numbers
+into RUN/eval.json.
 
     python eval.py --out_dir=out-legal-small                         # the val split of the run's own dataset
     python eval.py --out_dir=out-legal-small --dataset=contracts --split=val
     python eval.py --out_dir=out-a,out-b --input=contracts/,notes.txt  # one comparison table of two runs
     python eval.py --out_dir=out-qa --task_file=qa.jsonl --max_new_tokens=64   # generation metrics
+    python eval.py --out_dir=out-legal-small --retrieval_queries=200 --cloze_items=200   # legal tasks
 
 The text: --dataset= (a prepared dataset in the run's tokenizer; its loss mask and labels
 count), or --input= (files, folders and globs: .txt and .md files are a document each;
@@ -25,6 +27,12 @@ encoder's masking is drawn once from `seed`. The encoder-decoder needs prompt/re
 text. --task_file= (a .jsonl of {"prompt": ..., "response": a string or a list of
 strings}) generates an answer to each prompt (greedy unless the decoding settings say
 otherwise) and scores them against the responses. docs/eval.md defines every number.
+
+Legal tasks, built from the text's own documents (by default the val split, which the run
+never trained on): --retrieval_queries= holds out paragraphs and finds each one's document by
+the run's embeddings and by BM25 (recall@1/@10); --cloze_items= masks uses of legal terms
+(Licensee, Software, the text's own "defined" terms) and asks the run to rank the right one
+among --cloze_choices terms (accuracy).
 
 eval.json holds one entry per text (the dataset and split, the --input, or the task
 file); evaluating the same text again replaces its entry and keeps the others.
@@ -63,6 +71,12 @@ repetition_penalty = 1.0    # 1.0 = off
 num_beams = 1               # > 1: beam search
 no_repeat_ngram_size = 0    # beam search: no n-gram of this size twice; 0 = off
 stop = ""                   # a string that ends an answer, or several as a JSON list
+# legal tasks on the text's own documents
+retrieval_queries = 0       # > 0: hold out up to this many paragraphs, find each one's document (recall@1/@10) by
+                            # the run's embeddings and by BM25
+retrieval_among = "text"    # the documents searched: text (the text's own) | dataset (both splits of the dataset)
+cloze_items = 0             # > 0: this many fill-in items (a legal term masked) from the text
+cloze_choices = 4           # candidates per cloze item: its own term and others the text uses
 # system
 device = "auto"
 dtype = "float32"           # float32: the numbers do not depend on the machine's bf16 units; auto = train.py's choice
@@ -435,6 +449,184 @@ def generation_numbers(engine, tasks, options, label, batch_size):
 
 
 # ----------------------------------------------------------------------------------
+# legal tasks built from the text's own documents: retrieval and cloze
+
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+QUERY_MIN_WORDS = 8  # a shorter paragraph (a heading, a name) says too little to be found by
+# terms a legal text defines and refers back to; cloze masks one and asks for it among others the text uses
+LEGAL_TERMS = ("Agreement", "Author", "Contribution", "Contributor", "Copyright Holder", "Covered Code",
+               "Derivative Works", "Covered Software", "Larger Work", "Library", "License", "Licensed Material",
+               "Licensee", "Licensor", "Modifications", "Object Code", "Original Code", "Package", "Program",
+               "Software", "Source Code", "Standard Version", "Work", "You")
+DEFINED = re.compile(r'["“]([A-Z][\w-]*(?: [A-Z][\w-]*){0,2})["”]')  # "Licensed Work": a term the text defines
+CLOZE_MIN_CONTEXT = 40  # characters of text before a masked term, at least
+
+
+def document_texts(tokenizer, ids):
+    """The text of each document in ids (they end at <|endoftext|>), leaving out empty ones."""
+    bounds = [-1, *np.flatnonzero(ids == tokenizer.eot_id), len(ids)]
+    texts = [tokenizer.decode(ids[a + 1:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [t for t in texts if t.strip()]
+
+
+def held_out_paragraphs(documents, n, seed):
+    """Up to n paragraphs (of QUERY_MIN_WORDS words or more) taken out of the documents, drawn from
+    seed, no more than half of any document's paragraphs: ([(paragraph, its document's index)],
+    the documents without them)."""
+    import random
+    rng, words = random.Random(seed), LegalWords()
+    split = [[p for p in PARAGRAPH_BREAK.split(text) if p.strip()] for text in documents]
+    candidates = []
+    for d, paragraphs in enumerate(split):
+        long_enough = [i for i, p in enumerate(paragraphs) if len(words.tokenize(p)) >= QUERY_MIN_WORDS]
+        rng.shuffle(long_enough)
+        candidates += [(d, i) for i in long_enough[:len(paragraphs) // 2]]
+    held = set(rng.sample(candidates, min(n, len(candidates))))
+    queries = [(split[d][i], d) for d, i in sorted(held)]
+    rest = ["\n\n".join(p for i, p in enumerate(paragraphs) if (d, i) not in held)
+            for d, paragraphs in enumerate(split)]
+    return queries, rest
+
+
+def bm25_scores(queries, documents, k1=1.5, b=0.75):
+    """(queries, documents) Okapi BM25 score of each query against each document, over LegalWords."""
+    from collections import Counter, defaultdict
+    words = LegalWords()
+    postings = defaultdict(list)  # word -> [(document, how often it is there)]
+    lengths = np.zeros(len(documents))
+    for j, text in enumerate(documents):
+        counts = Counter(words.tokenize(text))
+        lengths[j] = sum(counts.values())
+        for word, tf in counts.items():
+            postings[word].append((j, tf))
+    norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1))
+    scores = np.zeros((len(queries), len(documents)))
+    for q, text in enumerate(queries):
+        for word in set(words.tokenize(text)) & postings.keys():
+            j, tf = np.array(postings[word]).T
+            idf = math.log(1 + (len(documents) - len(j) + 0.5) / (len(j) + 0.5))
+            scores[q, j] += idf * tf * (k1 + 1) / (tf + norm[j])
+    return scores
+
+
+def recall(ranks, k):
+    return float(np.mean(np.array(ranks) <= k))
+
+
+def retrieval_numbers(engine, documents, others, n, seed):
+    """Hold out up to n paragraphs of the documents and find each one's document among the documents
+    (without the held-out paragraphs) and the others: recall@1/@10 and mean reciprocal rank by cosine
+    of the run's mean-pooled states (Engine.embed), and by BM25. A document that scores the same as
+    the right one counts as ranked before it."""
+    from engine import rank_by_cosine
+    queries, rest = held_out_paragraphs(documents, n, seed)
+    if not queries:
+        return None
+    pool = rest + others
+    vectors = engine.embed(pool)
+    ranks = {"embedding": [], "bm25": []}
+    for vector, (_, d) in zip(engine.embed([q for q, _ in queries]), queries):
+        order, _ = rank_by_cosine(vector, vectors)
+        ranks["embedding"].append(order.tolist().index(d) + 1)
+    for row, (_, d) in zip(bm25_scores([q for q, _ in queries], pool), queries):
+        ranks["bm25"].append(int((row >= row[d]).sum()))
+    numbers = {"queries": len(queries), "documents": len(pool)}
+    for way, found in ranks.items():
+        numbers |= {f"{way}_recall_at_1": recall(found, 1), f"{way}_recall_at_10": recall(found, 10),
+                    f"{way}_mrr": float(np.mean(1 / np.array(found)))}
+    return numbers
+
+
+def term_uses(terms):
+    """A pattern of the terms' uses: whole words, not in quotes (their definition), the longest term
+    that fits ("Licensed Work", not "Work")."""
+    return re.compile(r'(?<![\w"“])(' + "|".join(map(re.escape, sorted(terms, key=len, reverse=True))) +
+                      r')(?![\w"”])')
+
+
+def cloze_terms(text):
+    """{term: its uses in the text} of the terms cloze draws from that the text uses: LEGAL_TERMS
+    and the ones it defines in quotes."""
+    from collections import Counter
+    return Counter(m.group(1) for m in term_uses(set(LEGAL_TERMS) | set(DEFINED.findall(text))).finditer(text))
+
+
+def draw_cloze_items(documents, n, choices, seed):
+    """n fill-in items [(text before, the term, text after, [choices])], drawn from seed: each masks a
+    use of a term (cloze_terms) and offers it among choices - 1 others the text uses. Terms take
+    turns, so that the few most frequent do not make up all the items."""
+    import random
+    rng = random.Random(seed)
+    terms = sorted(cloze_terms("\n".join(documents)))
+    if len(terms) < choices:
+        fail(f"cloze needs {choices} legal terms to choose among and the text uses {len(terms)}: give more "
+             "text or lower --cloze_choices")
+    pattern = term_uses(terms)
+    uses = {t: [] for t in terms}
+    for d, text in enumerate(documents):
+        for m in pattern.finditer(text):
+            if m.start() >= CLOZE_MIN_CONTEXT:
+                uses[m.group(1)].append((d, m.start(), m.end()))
+    for found in uses.values():
+        rng.shuffle(found)
+    queue = [u for turn in zip(*(found + [None] * n for found in uses.values())) for u in turn if u][:n]
+    items = []
+    for d, start, end in queue:
+        term = documents[d][start:end]
+        offered = [term] + rng.sample([t for t in terms if t != term], choices - 1)
+        rng.shuffle(offered)
+        items.append((documents[d][:start], term, documents[d][end:], offered))
+    return items, terms
+
+
+def choice_scores(engine, before, after, offered):
+    """How likely the run finds each offered term between before and after (nats, one per term):
+    a decoder's log-likelihood of the term after the text before it (choice_log_likelihoods);
+    an encoder's, of the term's tokens masked all at once between both sides."""
+    import torch
+
+    from engine import choice_log_likelihoods
+    tok, model, block = engine.tokenizer, engine.model, engine.model.config.block_size
+    space = " " if before.endswith(" ") else ""  # with the space before it, as the term is spelt in running text
+    options = [tok.encode(space + t) for t in offered]
+    left = [tok.eot_id] + tok.encode(before[:-1] if space else before)
+    longest = max(map(len, options))
+    if model.config.arch != "encoder":
+        label = None if model.config.arch != "conditional" else \
+            torch.tensor(engine.labels.index(condition), device=engine.device)
+        with engine.autocast():
+            return choice_log_likelihoods(model, left[max(0, len(left) - block + longest):], options, tok.vocab_size,
+                                          label, tok.bos_id)
+    right = tok.encode(after) + [tok.eot_id]
+    keep_right = min(len(right), (block - longest) // 2)
+    left = left[max(0, len(left) - block + longest + keep_right):]
+    scores = []
+    with torch.no_grad(), engine.autocast():
+        for option in options:
+            ids = torch.tensor([left + [tok.mask_id] * len(option) + right[:keep_right]], device=engine.device)
+            logits, _ = model(ids)
+            logp = torch.log_softmax(logits[0, len(left):len(left) + len(option), :tok.vocab_size].float(), dim=-1)
+            scores.append(logp.gather(1, torch.tensor(option, device=engine.device)[:, None]).sum().item())
+    return scores
+
+
+def cloze_numbers(engine, documents, n, choices, seed):
+    """Accuracy on n fill-in items (draw_cloze_items): right when the item's own term scores above every
+    other choice; against chance and against always choosing the term the text uses most."""
+    items, terms = draw_cloze_items(documents, n, choices, seed)
+    if not items:
+        return None
+    uses = cloze_terms("\n".join(documents))
+    right = frequent = 0
+    for before, term, after, offered in items:
+        scores = dict(zip(offered, choice_scores(engine, before, after, offered)))
+        right += all(scores[term] > s for t, s in scores.items() if t != term)
+        frequent += all(uses[term] > uses[t] for t in offered if t != term)
+    return {"items": len(items), "choices": choices, "terms": len(terms), "accuracy": right / len(items),
+            "chance": 1 / choices, "most_used_term_accuracy": frequent / len(items)}
+
+
+# ----------------------------------------------------------------------------------
 # one run: load it, evaluate, report
 
 def load(run_dir):
@@ -455,6 +647,12 @@ def load(run_dir):
         fail(f"{run_dir}: {e}")
 
 
+def dataset_path(config):
+    """The prepared dataset the text comes from: --dataset, else the run's own."""
+    return os.path.join(data_dir, dataset) if dataset else \
+        os.path.join(config.get("data_dir", "data"), config.get("dataset", "legal"))
+
+
 def the_text(run_dir, engine, config, fingerprint):
     """(what the text is, ids, counted, labels as dataset_text gives them) for this run."""
     if input:
@@ -462,8 +660,7 @@ def the_text(run_dir, engine, config, fingerprint):
         ids, counted = encode_documents(engine.tokenizer, documents)
         name, labels = f"input {input}", None
     else:
-        path = os.path.join(data_dir, dataset) if dataset else \
-            os.path.join(config.get("data_dir", "data"), config.get("dataset", "legal"))
+        path = dataset_path(config)
         if not os.path.isfile(os.path.join(path, "meta.json")):
             fail(f"no dataset at {path}: give --dataset= (prepared with prepare.py --tokenizer_from={run_dir}) "
                  "or --input=")
@@ -497,30 +694,53 @@ def run_labels(engine, n, labels, run_dir):
     return np.array([known.index(name) if name in known else -1 for name in names])[per_token]
 
 
-def evaluate_text(run_dir, engine, config, fingerprint):
-    """This run's numbers on the text: (what the text is, {number: value})."""
+def evaluate_text(run_dir, engine, name, ids, counted, labels):
+    """This run's numbers on the text (the_text's): {number: value}."""
     model, tokenizer, arch = engine.model, engine.tokenizer, engine.model.config.arch
-    name, ids, counted, labels = the_text(run_dir, engine, config, fingerprint)
     ordinary = ordinary_ids(tokenizer)
     if arch == "encoder":
         numbers = masked_lm_numbers(model, ids, counted & ordinary[ids], tokenizer.mask_id, mask_prob, seed,
                                     batch_size, engine.autocast())
         if numbers is None:
             fail(f"no token of the {name} was masked: give more text or raise --mask_prob")
-        return name, numbers
+        return numbers
     if arch == "encdec":
         pairs = response_pairs(ids, counted, tokenizer.eot_id)
         if not pairs:
             fail(f"an encoder-decoder run is evaluated on prompt/response documents, and the {name} has none: "
                  "give a .jsonl of prompts and responses, or a dataset prepared from one")
-        return name, seq2seq_numbers(model, pairs, tokenizer, batch_size, engine.autocast())
+        return seq2seq_numbers(model, pairs, tokenizer, batch_size, engine.autocast())
     per_token = run_labels(engine, len(ids), labels, run_dir) if arch == "conditional" else None
     step = stride or max(1, model.config.block_size // 2)
     scores = next_token_scores(model, ids, per_token, step, batch_size, engine.autocast())
     numbers = language_model_numbers(*scores, ids, counted, ordinary, token_lengths(tokenizer))
     if arch == "lstm":
-        return name, {**numbers, "context": "all before (LSTM)", "stride": None}
-    return name, {**numbers, "context": model.config.block_size, "stride": step}
+        return {**numbers, "context": "all before (LSTM)", "stride": None}
+    return {**numbers, "context": model.config.block_size, "stride": step}
+
+
+def legal_task_numbers(run_dir, engine, config, fingerprint, name, ids):
+    """{"retrieval, TEXT": numbers, "cloze, TEXT": numbers} of the tasks asked for, on the text's documents."""
+    documents = document_texts(engine.tokenizer, ids)
+    found = {}
+    if retrieval_queries:
+        others = []
+        if retrieval_among == "dataset":
+            other = SPLITS[1 - SPLITS.index(split)]
+            other_ids = dataset_text(dataset_path(config), other, fingerprint, run_dir)[0]
+            others = document_texts(engine.tokenizer, other_ids)
+        numbers = retrieval_numbers(engine, documents, others, retrieval_queries, seed)
+        if numbers is None:
+            fail(f"retrieval needs documents of at least two paragraphs ({QUERY_MIN_WORDS} words or more, blank "
+                 f"lines between them), and the {name} has none")
+        found[f"retrieval, {name}"] = numbers
+    if cloze_items:
+        numbers = cloze_numbers(engine, documents, cloze_items, cloze_choices, seed)
+        if numbers is None:
+            fail(f"cloze found no use of a legal term ({CLOZE_MIN_CONTEXT} characters or more into a document) "
+                 f"in the {name}")
+        found[f"cloze, {name}"] = numbers
+    return found
 
 
 def decoding_options():
@@ -582,9 +802,18 @@ def previous_results(run_dir):
 def main():
     from runtime import save_atomically
     check_ranges(globals(), {"max_tokens": ">= 0", "stride": ">= 0", "batch_size": ">= 1",
-                             "mask_prob": "(0, 1)", "max_new_tokens": ">= 0"})
+                             "mask_prob": "(0, 1)", "max_new_tokens": ">= 0", "retrieval_queries": ">= 0",
+                             "cloze_items": ">= 0", "cloze_choices": ">= 2"})
     if split not in SPLITS:
         fail(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+    if retrieval_among not in ("text", "dataset"):
+        fail(f"--retrieval_among={retrieval_among!r} is not one of text, dataset")
+    if retrieval_queries and retrieval_among == "dataset" and input:
+        fail("--retrieval_among=dataset searches a prepared dataset's two splits: give --dataset= (or neither), "
+             "not --input")
+    if (retrieval_queries or cloze_items) and task_file and not (input or dataset):
+        fail("retrieval and cloze are built from a text's documents: with --task_file, name the text with "
+             "--input= or --dataset=")
     if input and dataset:
         fail("--input and --dataset both name the text: give one")
     run_dirs = [d for d in out_dir.split(",") if d]
@@ -600,6 +829,8 @@ def main():
             fail(f"--stride={stride} is larger than the context of {run_dir} ({block} tokens)")
         if task_file and arch == "encoder":
             fail(f"{run_dir} is an encoder run: it fills in masks and does not write answers for --task_file")
+        if cloze_items and arch == "conditional" and condition not in engine.labels:
+            fail(f"{run_dir} is a conditional run: cloze needs --condition=, one of {', '.join(engine.labels)}")
         if task_file and arch == "conditional" and condition not in engine.labels:
             fail(f"{run_dir} is a conditional run: --task_file needs --condition=, one of {', '.join(engine.labels)}")
         runs.append((run_dir, engine, config, fingerprint, previous_results(run_dir)))
@@ -608,9 +839,14 @@ def main():
     for run_dir, engine, config, fingerprint, results in runs:
         numbers = {}
         if input or dataset or not task_file:
-            name, found = evaluate_text(run_dir, engine, config, fingerprint)
+            name, ids, counted, labels = the_text(run_dir, engine, config, fingerprint)
+            found = evaluate_text(run_dir, engine, name, ids, counted, labels)
             results[name] = {"arch": engine.model.config.arch, **found, "evaluated": when}
             numbers = {"text": name, **found}
+            for task, found in legal_task_numbers(run_dir, engine, config, fingerprint, name, ids).items():
+                results[task] = {**found, "evaluated": when}
+                kind = task.split(",")[0]
+                numbers |= {f"{kind}_{key}": value for key, value in found.items()}
         if task_file:
             try:
                 found = generation_numbers(engine, tasks, options, condition or None, batch_size)
