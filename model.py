@@ -155,6 +155,15 @@ def positions(start, T, block_size, pad=None, device=None):
     return pos if pad is None else (pos[None, :] - pad[:, None]).clamp(min=0)
 
 
+def window_length(n, block_size, slide):
+    """How many of the last of n tokens a causal model reads to predict the next one: all of them
+    within its context; past it, the window slides `slide` tokens at a time, so it holds
+    block_size - slide + 1 tokens just after a slide and one more at each step until it is full."""
+    if n <= block_size:
+        return n
+    return block_size - slide + 1 + (n - block_size - 1) % slide
+
+
 def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
     """The attn_mask F.scaled_dot_product_attention needs for T queries in columns start..
     over the S = start + T keys so far, or None where none is needed: a fresh causal pass
@@ -550,18 +559,31 @@ class GPT(Model):
         keep = None if pad is None else torch.arange(start + idx.size(1), device=idx.device) >= pad[:, None]
         return self.body(x, pos, start, cache, keep)
 
-    def next_logits(self, idx, cache, use_cache, labels=None, pad=None, step=None):
+    def next_logits(self, idx, cache, use_cache, labels=None, pad=None, step=None, slide=0):
         """The logits after idx (B, vocab); labels (conditional): one per row (B,); pad (B,): each
-        row's padding on the left. The cache holds the whole context; once the sequence outgrows
-        block_size the window slides and the cache is rebuilt from the window, so the output is
-        the same token for token as without a cache. step: decode_step, compiled, for the
-        steps that read one token into the cache (the prompt is read by forward())."""
-        window = idx[:, -self.config.block_size:]
-        if pad is not None:  # the padding that slid out of the window
-            pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
+        row's padding on the left. step: decode_step, compiled, for the steps that read one token
+        into the cache (the prompt is read by forward()).
+
+        Within block_size the cache holds the whole context. Past it, each row's window slides
+        `slide` tokens at a time (window_length()): the window is read again once per slide, and
+        the tokens up to the next slide are read into the cache, so a token sees from
+        block_size - slide + 1 to block_size tokens before it. slide=1 is the exact sliding
+        window (every token sees block_size tokens, and the window is read again for every
+        token); 0 = half of block_size. Without the cache the same windows are read whole, so
+        the output is the same token for token; and a row's window depends on its own length
+        only, so a row in a batch gets what it gets alone."""
+        block = self.config.block_size
+        slide = min(block, slide or max(1, block // 2))
+        lengths = [idx.size(1)] * idx.size(0) if pad is None else [idx.size(1) - p for p in pad.tolist()]
+        windows = [window_length(n, block, slide) for n in lengths]
+        width = max(windows)
+        window = idx[:, -width:]
+        if pad is not None:  # each row's own window; what lies before it in this one is padding now
+            pad = torch.tensor([width - w for w in windows], device=idx.device)
+        moved = any(n > block and (n - block - 1) % slide == 0 for n in lengths)  # a row's window slid now
         if not use_cache:
             logits, _ = self(window, labels=labels, pad=pad)
-        elif cache is None or cache.pos + 1 > self.config.block_size:
+        elif cache is None or moved or cache.pos + 1 > block:
             cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
             logits, _ = self(window, cache=cache, labels=labels, pad=pad)
         elif step is not None:

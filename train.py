@@ -91,7 +91,7 @@ from batches import Batches  # noqa: E402
 from engine import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, keep_freed_memory, link_atomically,  # noqa: E402
-                     load_checkpoint, peak_flops, pick_device, pick_dtype, probe_disk, save_atomically,
+                     load_checkpoint, mfu_of, pick_device, pick_dtype, probe_disk, save_atomically,
                      save_checkpoint)
 
 # ---- processes and device ---------------------------------------------------
@@ -301,15 +301,17 @@ if checkpoint and init_from == "resume":
     optimizer.load_state_dict(checkpoint["optimizer"])
 # fp16 has too little range for small gradients: scale the loss up, unscale before the step
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-if checkpoint and init_from == "resume" and "scaler" in checkpoint:
-    scaler.load_state_dict(checkpoint["scaler"])
+if checkpoint and init_from == "resume" and checkpoint.get("scaler") and scaler.is_enabled():
+    scaler.load_state_dict(checkpoint["scaler"])  # (a bf16 or fp32 run saved a disabled scaler's {}: start afresh)
 checkpoint = None  # free the memory
 
 raw_model = model
 if compile:
     model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
+# buffers) that every process must join, and with eval_iters < world size some have no eval batch
+if ddp:  # the buffers are fixed tables (rope, sinusoid, alibi): nothing to broadcast at any step
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
 
 if master:
     ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", *batches.meta["tokenizer"]["files"]}
@@ -332,7 +334,6 @@ if master:
         save_atomically(os.path.join(out_dir, name), lambda f: f.write(content))
 ctx = autocast(device, ptdtype)
 predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
-flops_peak = peak_flops(device_type, ptdtype) * world_size
 target_bytes = None  # bits per byte: the UTF-8 bytes of each id, 0 for special tokens (they are not counted)
 if predicts_next_token and batches.tokenizer.kind != "wordpiece":  # a wordpiece's text depends on its neighbours
     target_bytes = torch.tensor([len(piece or b"") for piece in token_bytes(batches.tokenizer)[0]], device=device)
@@ -344,7 +345,7 @@ def estimate_loss():
     number of processes (they share them out), the share of val targets the model's top
     guess gets right (for the encoder: masked tokens), and (next-token models) val bits per
     byte: the nats of the val targets that are text over their own UTF-8 bytes."""
-    model.eval()
+    eval_model.eval()
     sums = torch.zeros(2, device=device)
     hits = torch.zeros(2, device=device)  # right guesses, targets
     nats_bytes = torch.zeros(2, device=device)  # nats of the val targets that carry bytes, their bytes
@@ -352,7 +353,7 @@ def estimate_loss():
         for k in range(rank, eval_iters, world_size):
             batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k))
             with ctx:
-                logits, loss = model(**batch)
+                logits, loss = eval_model(**batch)
             sums[s] += loss  # stays on the device: no wait for it batch by batch
             if split == "val":
                 counted = batch["targets"] != -1
@@ -367,7 +368,7 @@ def estimate_loss():
         dist.all_reduce(sums)
         dist.all_reduce(hits)
         dist.all_reduce(nats_bytes)
-    model.train()
+    eval_model.train()
     train_loss, val_loss = (sums / eval_iters).tolist()
     nats, nbytes = nats_bytes.tolist()
     return {"train": train_loss, "val": val_loss, "accuracy": (hits[0] / hits[1]).item(),
@@ -452,9 +453,11 @@ signal.signal(signal.SIGINT, on_stop_signal)
 
 
 def train_step(iter_num, deadline):
-    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss and balance loss
-    (device tensors) and what every process has to agree on: were the loss and gradient norm
-    finite, and does anyone stop (a signal, max_seconds' deadline) -- one look at the device per step."""
+    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss and
+    fault (device tensors: 2 = the loss, 1 = the gradient norm is not finite, 0 = a good step), and
+    whether every process stops (a signal, max_seconds' deadline). A faulty step is skipped on the
+    device (the fused optimizer's found_inf), so a step waits for the device only with DDP, where
+    the processes must agree on stopping: one wait per step at most (the rest at log_interval)."""
     step_loss = torch.zeros((), device=device)
     step_balance = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -475,20 +478,22 @@ def train_step(iter_num, deadline):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    out_of_time = time.time() >= deadline
-    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm),
-                         torch.tensor(stop_signal is not None, device=device),
-                         torch.tensor(out_of_time, device=device)]).float()
-    if ddp:
+    fault = 2 * (~torch.isfinite(step_loss)).float() + (~torch.isfinite(grad_norm)).float()
+    stopping, out_of_time = stop_signal is not None, time.time() >= deadline
+    if ddp:  # every process skips the same steps and stops at the same one
+        host = torch.tensor([stopping, out_of_time], dtype=torch.float)
+        host = host.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else host  # no wait
+        flags = torch.cat((fault[None], host))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_norm, stopping, out_of_time = (bool(flag) for flag in flags.tolist())
-    if bad_loss or bad_norm:
-        scaler.update()  # (fp16) an overflow shrinks the loss scale
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+        fault = flags[0]
+        stopping, out_of_time = (bool(flag) for flag in flags[1:].tolist())
+    if optimizer.param_groups[0].get("fused"):  # the kernel leaves weights, moments and step count as they
+        optimizer.grad_scale, optimizer.found_inf = None, (fault > 0).float()  # were where found_inf is 1
+        optimizer.step()
+    elif not fault.item():  # foreach (MPS) has no found_inf: ask the device
+        optimizer.step()
+    scaler.update()  # (fp16) an overflow, found by unscale_ above, shrinks the loss scale
     optimizer.zero_grad(set_to_none=True)
-    fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
     return step_loss, step_balance, fault, stopping, out_of_time
 
 
@@ -496,14 +501,42 @@ def train_step(iter_num, deadline):
 start_iter = iter_num
 t_start = t_log = time.time()
 deadline = t_start + max_seconds if max_seconds > 0 else math.inf
-tokens_since_log = steps_since_log = 0
+tokens_since_log = 0
 loss_sum = torch.zeros((), device=device)
 balance_sum = torch.zeros((), device=device)
+good_steps = torch.zeros((), device=device)
+pending = []  # (iteration, lr, elapsed, fault tensor) of the steps whose faults are not read yet
 stopping = out_of_time = False
+
+
+def settle_faults():
+    """Read the pending steps' faults (one wait for the device), log the skipped steps, count the
+    bad steps in a row, and stop the run at max_bad_steps of them."""
+    global bad_steps
+    if not pending:
+        return
+    faults = torch.stack([fault for *_, fault in pending]).tolist()
+    for (it, lr, elapsed, _), fault in zip(pending, faults):
+        if not fault:
+            bad_steps = 0
+            continue
+        what = "loss" if fault >= 2 else "gradient norm"
+        bad_steps += 1
+        log(f"iter {it}: skipped, the {what} is not finite ({bad_steps} in a row)")
+        if master:
+            append_jsonl(log_path, {"iter": it, "skipped": f"non-finite {what}", "lr": lr, "elapsed_s": elapsed})
+        if bad_steps >= max_bad_steps:
+            fail(f"{bad_steps} steps in a row had a non-finite {what} (iterations {it - bad_steps + 1}-{it}): "
+                 f"stopped with the last good checkpoint in {out_dir} as it was; lower the learning_rate or "
+                 "check the data, then go on with --init_from=resume")
+    pending.clear()
+
+
 try:
     while True:
         last = iter_num >= max_iters or out_of_time
         if (iter_num % eval_interval == 0 and iter_num > start_iter and not stopping) or last or eval_only:
+            settle_faults()  # the checkpoint counts the bad steps in a row
             evaluate(iter_num, time.time() - t_start)
         if last or eval_only:
             break
@@ -520,44 +553,39 @@ try:
         step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num, deadline)
         iter_num += 1
         tokens_since_log += tokens_per_iter
-        if fault:  # skipped: no update, and the schedule moves on
-            bad_steps += 1
-            log(f"iter {iter_num}: skipped, the {fault} is not finite ({bad_steps} in a row)")
-            if master:
-                append_jsonl(log_path, {"iter": iter_num, "skipped": f"non-finite {fault}", "lr": lr,
-                                        "elapsed_s": round(time.time() - t_start, 3)})
-            if bad_steps >= max_bad_steps:
-                fail(f"{bad_steps} steps in a row had a non-finite {fault} (iterations {iter_num - bad_steps + 1}-"
-                     f"{iter_num}): stopped with the last good checkpoint in {out_dir} as it was; lower the "
-                     "learning_rate or check the data, then go on with --init_from=resume")
-        else:
-            bad_steps = 0
-            loss_sum += step_loss
-            balance_sum += step_balance
-            steps_since_log += 1
+        pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))
+        good = fault == 0  # a skipped step's loss is not in the mean (it is not finite)
+        loss_sum += torch.where(good, step_loss, 0.0)
+        balance_sum += torch.where(good, step_balance, 0.0)
+        good_steps += good.float()
 
-        if iter_num % log_interval == 0 and steps_since_log:
-            sums = torch.stack([loss_sum, balance_sum])
+        if iter_num % log_interval == 0 or stopping or out_of_time or iter_num >= max_iters:
+            settle_faults()
+        if iter_num % log_interval == 0:
+            sums = torch.stack([loss_sum, balance_sum, good_steps])
             if ddp:
                 dist.all_reduce(sums)
-                sums /= world_size
-            loss_value, balance = (sums / steps_since_log).tolist()  # .tolist() waits for the device: only here
+            loss_total, balance_total, good_total = sums.tolist()  # waits for the device: only here
+        if iter_num % log_interval == 0 and good_total:
+            loss_value, balance = loss_total / good_total, balance_total / good_total
             dt = time.time() - t_log
             tok_per_s = tokens_since_log / dt
-            mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
+            # MFU per device: of its peak in the dtype in use (None: a GPU without a known peak)
+            mfu = mfu_of(raw_model.flops_per_token() * tok_per_s / world_size, device_type, ptdtype)
             record = {"iter": iter_num, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_per_s, 1),
-                      "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
+                      "mfu": None if mfu is None else round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
             line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, "
-                    f"mfu {100 * mfu:.1f}%")
+                    f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
             if n_expert:  # 1.0 = tokens spread evenly over the experts
                 record["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
             if master:
                 log(line)
                 append_jsonl(log_path, record)
-            t_log, tokens_since_log, steps_since_log = time.time(), 0, 0
+            t_log, tokens_since_log = time.time(), 0
             loss_sum.zero_()
             balance_sum.zero_()
+            good_steps.zero_()
 except RuntimeError as e:  # with DDP: a collective failed, as another process died or hung past ddp_timeout
     if not (ddp and (isinstance(e, dist.DistError) or re.search(r"gloo|NCCL|[Cc]onnection|[Tt]imed? ?out", str(e)))):
         raise
