@@ -740,7 +740,7 @@ if what in MODES:
     MODES[what]()
     sys.exit(0)
 
-from runtime import autocast, keep_freed_memory, peak_flops  # noqa: E402
+from runtime import autocast, keep_freed_memory, mfu_of, peak_flops  # noqa: E402
 
 
 def random_batch(config, where):
@@ -814,10 +814,13 @@ if device_type == "cuda":
 else:  # the whole process's peak resident memory (Linux reports KiB)
     peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 print(f"{model.num_params() / 1e6:.2f}M parameters, median of {iters} iterations: {1000 * dt:.1f} ms")
+mfu = mfu_of(model.flops_per_token() * tok_per_s, device_type, ptdtype)  # of the peak in this dtype (None: unknown GPU)
+peak = peak_flops(device_type, ptdtype)
 print(json.dumps({
     "tok_per_s": round(tok_per_s, 1),
     "ms_per_iter": round(1000 * dt, 2),
-    "mfu": round(model.flops_per_token() * tok_per_s / peak_flops(device_type, ptdtype), 4),
+    "mfu": None if mfu is None else round(mfu, 4),
+    "peak_tflops": None if peak is None else round(peak / 1e12, 3),
     "peak_mem_mb": round(peak_mem_mb, 1),
     "device": device,
     "dtype": str(ptdtype).removeprefix("torch."),

@@ -287,6 +287,8 @@ def measure_matmul_peak(device_type, dtype, seconds=1.5):
             best = max(best, 2 * n ** 3 / elapsed)
             if time.perf_counter() + elapsed > until:  # one more would overrun this size's share
                 break
+        if 8 * elapsed > seconds / len(sizes):  # the next size's one product (8x the work) would overrun it too
+            break
     return best
 
 

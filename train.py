@@ -59,7 +59,7 @@ span_length = 3             # encdec: tokens per cut-out span
 # optimizer: AdamW
 learning_rate = 6e-4
 max_iters = 600000
-max_seconds = 0.0           # > 0: stop after this much wall time, then a last eval and checkpoint
+max_seconds = 0.0           # > 0: the run's wall-time budget (across resumes): warmup and decay follow the share used
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -237,6 +237,7 @@ def keep_log_until(last_iter):
 
 
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
+seconds_before = 0.0  # the run's seconds before this process: a resumed run's clock goes on from its checkpoint's
 checkpoint = None
 if init_from == "scratch":
     if os.path.exists(ckpt_path):
@@ -266,7 +267,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
              f"--arch={model_args.get('arch', 'gpt')}")
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        bad_steps = checkpoint.get("bad_steps", 0)
+        bad_steps, seconds_before = checkpoint.get("bad_steps", 0), checkpoint.get("seconds", 0.0)
         sampler = checkpoint["sampler"]
         if any(sampler.get(k) != globals()[k] for k in ("seed", "batch_size", "gradient_accumulation_steps")):
             log("warning: seed, batch size or gradient accumulation differ from the checkpoint's; "
@@ -375,9 +376,15 @@ def estimate_loss():
             "bpb": nats / nbytes / math.log(2) if nbytes else None}
 
 
-def get_lr(it):
+def get_lr(it, seconds=0.0):
+    """The learning rate of iteration it, seconds into the run: linear warmup over warmup_iters, then
+    cosine decay to min_lr at lr_decay_iters. With max_seconds the schedule runs on whichever is
+    further along, the iterations or the share of the time budget used (that share of
+    lr_decay_iters), so a run the clock stops has still warmed up and decayed in full."""
     if not decay_lr:
         return learning_rate
+    if max_seconds > 0:
+        it = max(it, seconds / max_seconds * lr_decay_iters)
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
@@ -400,6 +407,7 @@ def save(iter_num, val_loss=None):
             "val_loss": val_loss,
             "best_val_loss": best_val_loss,
             "bad_steps": bad_steps,
+            "seconds": time.time() - t_start,  # the time budget used (max_seconds), and where its schedule is
             "config": config,
             "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
             "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
@@ -421,7 +429,7 @@ def evaluate(iter_num, elapsed):
     losses = estimate_loss()
     best_val_loss = min(best_val_loss, losses["val"])
     record = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
-              "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
+              "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num, clock), "elapsed_s": round(elapsed, 3)}
     line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
     if losses["bpb"] is not None:  # next-token models, whose tokens each spell their own bytes
         record["val_bpb"] = losses["bpb"]
@@ -452,10 +460,11 @@ signal.signal(signal.SIGTERM, on_stop_signal)
 signal.signal(signal.SIGINT, on_stop_signal)
 
 
-def train_step(iter_num, deadline):
+def train_step(iter_num):
     """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss and
-    fault (device tensors: 2 = the loss, 1 = the gradient norm is not finite, 0 = a good step), and
-    whether every process stops (a signal, max_seconds' deadline). A faulty step is skipped on the
+    fault (device tensors: 2 = the loss, 1 = the gradient norm is not finite, 0 = a good step), the
+    run's seconds (the same in every process: the schedule follows them) and whether every process
+    stops (a signal, the end of max_seconds). A faulty step is skipped on the
     device (the fused optimizer's found_inf), so a step waits for the device only with DDP, where
     the processes must agree on stopping: one wait per step at most (the rest at log_interval)."""
     step_loss = torch.zeros((), device=device)
@@ -479,14 +488,16 @@ def train_step(iter_num, deadline):
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     fault = 2 * (~torch.isfinite(step_loss)).float() + (~torch.isfinite(grad_norm)).float()
-    stopping, out_of_time = stop_signal is not None, time.time() >= deadline
-    if ddp:  # every process skips the same steps and stops at the same one
-        host = torch.tensor([stopping, out_of_time], dtype=torch.float)
+    stopping, seconds = stop_signal is not None, time.time() - t_start
+    if ddp:  # every process skips the same steps, sets the same learning rate and stops at the same step
+        host = torch.tensor([stopping, seconds], dtype=torch.float64)
         host = host.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else host  # no wait
-        flags = torch.cat((fault[None], host))
+        flags = torch.cat((fault[None].double(), host))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        fault = flags[0]
-        stopping, out_of_time = (bool(flag) for flag in flags[1:].tolist())
+        fault = flags[0].float()
+        stopping, seconds = flags[1:].tolist()
+        stopping = bool(stopping)
+    out_of_time = 0 < max_seconds <= seconds
     if optimizer.param_groups[0].get("fused"):  # the kernel leaves weights, moments and step count as they
         optimizer.grad_scale, optimizer.found_inf = None, (fault > 0).float()  # were where found_inf is 1
         optimizer.step()
@@ -494,13 +505,14 @@ def train_step(iter_num, deadline):
         optimizer.step()
     scaler.update()  # (fp16) an overflow, found by unscale_ above, shrinks the loss scale
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, step_balance, fault, stopping, out_of_time
+    return step_loss, step_balance, fault, seconds, stopping, out_of_time
 
 
 # ---- the training loop ------------------------------------------------------
 start_iter = iter_num
-t_start = t_log = time.time()
-deadline = t_start + max_seconds if max_seconds > 0 else math.inf
+t_begin = t_log = time.time()
+t_start = t_begin - seconds_before
+clock = seconds_before  # the run's seconds at the last step, agreed by the processes
 tokens_since_log = 0
 loss_sum = torch.zeros((), device=device)
 balance_sum = torch.zeros((), device=device)
@@ -547,10 +559,10 @@ try:
                 "go on with --init_from=resume")
             break
 
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, clock)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_balance, fault, stopping, out_of_time = train_step(iter_num, deadline)
+        step_loss, step_balance, fault, clock, stopping, out_of_time = train_step(iter_num)
         iter_num += 1
         tokens_since_log += tokens_per_iter
         pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))
@@ -594,7 +606,7 @@ except RuntimeError as e:  # with DDP: a collective failed, as another process d
          f"answer within ddp_timeout={ddp_timeout}s; go on from the last checkpoint in {out_dir} with --init_from=resume")
 
 if master:
-    log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "
+    log(f"done: {iter_num} iterations in {time.time() - t_begin:.1f}s, best val loss {best_val_loss:.4f}, "
         f"checkpoint {ckpt_path}")
 if ddp:
     dist.barrier()  # wait for rank 0's last checkpoint: a process group torn down early aborts its peers
