@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import CrossAttention, ModelConfig, build_model, compute_dtype
+from model import CrossAttention, ModelConfig, MoE, build_model, compute_dtype
 from tokenizer import load_tokenizer, tokenizer_fingerprint
 
 
@@ -422,8 +422,10 @@ def quantize(model, kind="int8"):
     Inference only: the int8 layers have no gradients.
 
     Every architecture: a tied head gets its own int8 copy (the embedding keeps the float
-    matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear) and
-    cross-attention's c_attn, whose weight CrossAttention splits itself.
+    matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear),
+    cross-attention's c_attn, whose weight CrossAttention splits itself, a mixture's experts
+    (stacked tensors, not Linear layers) and its routers: a router's output picks experts,
+    and rounding that flips a pick changes a token's output far more than rounding elsewhere.
     """
     if kind != "int8":
         raise ValueError(f"quantize={kind!r} is not supported; the one kind is int8")
@@ -432,6 +434,7 @@ def quantize(model, kind="int8"):
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device} (use --device=cpu)")
     backend = int8_backend()
     keep_float = {id(m.c_attn) for m in model.modules() if isinstance(m, CrossAttention)}
+    keep_float |= {id(m.router) for m in model.modules() if isinstance(m, MoE)}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and id(child) not in keep_float:
