@@ -38,8 +38,16 @@ new tokens/s and p50/p95 latency at each number of clients, and the same against
 serving (the server with --max_batch_size=1):
 
     python bench.py --what=serve --out_dir=out-legal-small
+
+One check of the GPU paths, under 8 minutes on one GPU (bench_gpu): the GPU-marked tests, GPT-2
+small's shape trained in bf16 + compile + flash attention (tokens/s, MFU against the data sheet
+and against the measured matmul peak), train.py under torchrun with DDP on every GPU here, and
+decoding with and without CUDA graphs; one JSON summary last:
+
+    python bench.py --what=gpu
 """
 
+import contextlib
 import glob
 import json
 import math
@@ -74,10 +82,11 @@ dtype = "auto"
 compile = True
 fp32_eager = False          # the plain baseline: float32, no compile
 compare = False             # run the configured path and the fp32 eager baseline, report both
+flash_only = False          # attention only on the flash kernels (CUDA): a model they cannot run fails
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare | attention | study | decode | serve
+what = "train"              # train | tokenizers | prepare | attention | study | decode | serve | gpu
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
@@ -821,15 +830,116 @@ def bench_serve():
                       "load_seconds": [min(loads), max(loads)], "new_tokens": serve_new_tokens, "seconds": serve_seconds}))
 
 
+# ---- gpu: one check of the GPU paths ------------------------------------------------------------------
+
+def run_logged(args, timeout):
+    """A command of the check, its output passed through; (its exit code, its output). A command
+    that runs past timeout seconds is stopped and counts as failed (exit code None)."""
+    print(f"$ {shlex.join(args)}", flush=True)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=script("."))
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(out[-3000:] + f"\nstopped after {timeout} s", flush=True)
+        return None, out
+    print((done.stdout + done.stderr)[-3000:], flush=True)
+    return done.returncode, done.stdout
+
+
+def gpu_training(name):
+    """GPT-2 small's shape (12 x 768, 12 heads, 1024 tokens, vocabulary 50304) trained on random
+    tokens for a few hundred steps by this script's train mode (bf16 autocast, torch.compile, the
+    fused AdamW), attention held to the flash kernels: tokens/s and MFU against the data sheet
+    (train mode's) and against the measured bf16 matmul peak."""
+    from runtime import measure_matmul_peak
+    shape = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--vocab_size=50304"]
+    code, out = run_logged([sys.executable, script("bench.py"), *shape, f"--batch_size={batch_size}",
+                            "--dtype=bfloat16", "--compile=True", "--warmup_iters=20", "--iters=200",
+                            "--flash_only=True"], timeout=240)
+    if code != 0:
+        return {"error": "the training run failed or ran out of time (its output is above)"}
+    row = json.loads(out.strip().splitlines()[-1])
+    model = build_model(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304))
+    measured = measure_matmul_peak("cuda", torch.bfloat16)
+    row["measured_peak_tflops"] = round(measured / 1e12, 1)
+    row["mfu_of_measured_peak"] = round(model.flops_per_token() * row["tok_per_s"] / measured, 4)
+    row["gpu"] = name
+    return row
+
+
+def gpu_ddp(root):
+    """train.py under torchrun, one process per GPU here, on the built-in corpus (prepared into
+    root): config/legal_gpu.py for 100 steps. Its median tokens/s and its last val loss."""
+    n = torch.cuda.device_count()
+    code, _ = run_logged([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                          script("train.py"), script("config/legal_gpu.py"), f"--data_dir={root}/data",
+                          f"--out_dir={root}/ddp", "--max_iters=100", "--eval_interval=100", "--eval_iters=10",
+                          f"--gradient_accumulation_steps={n}"], timeout=240)
+    if code != 0:
+        return {"processes": n, "error": "train.py under torchrun failed or ran out of time (its output is above)"}
+    with open(os.path.join(root, "ddp", "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    speeds = [r["tok_per_s"] for r in records if "tok_per_s" in r]
+    return {"processes": n, "tok_per_s": statistics.median_high(speeds[1:] or speeds),  # the first: compiling
+            "mfu": statistics.median_high([r["mfu"] for r in records if r.get("mfu") is not None] or [None]),
+            "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1]}
+
+
+def gpu_decoding(out_dir):
+    """The DDP run decoding one prompt greedily past its context, eagerly and with the compiled step
+    replayed by CUDA graphs (Engine(compile=True) on CUDA): new tokens/s of each, the same ids."""
+    from engine import Engine
+    rows = {}
+    for name, compiled in (("eager", False), ("cuda_graphs", True)):
+        engine = Engine.load(out_dir, "cuda", "bfloat16", compile=compiled)
+        options = dict(max_new_tokens=400, temperature=0, ignore_eos=True)
+        engine.generate("The Licensee shall", **options)  # warm-up: compiles and records the graphs
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        done = engine.generate("The Licensee shall", **options)
+        torch.cuda.synchronize()
+        rows[name] = {"tok_per_s": round(len(done.ids) / (time.perf_counter() - t0), 1), "ids": done.ids}
+    same = rows["eager"].pop("ids") == rows["cuda_graphs"].pop("ids")
+    return {**rows, "same_tokens": same,
+            "cuda_graphs_over_eager": round(rows["cuda_graphs"]["tok_per_s"] / rows["eager"]["tok_per_s"], 2)}
+
+
+def bench_gpu():
+    """The GPU check: each part's result (or its error) in one JSON object, printed last. Exits 1
+    when any part failed, so that a CI job can run it."""
+    if not torch.cuda.is_available():
+        fail("--what=gpu needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)")
+    name = torch.cuda.get_device_name()
+    t0 = time.time()
+    summary = {"gpu": name, "gpus": torch.cuda.device_count(), "capability": list(torch.cuda.get_device_capability()),
+               "torch": torch.__version__}
+    code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            script("tests/test_gpu.py")], timeout=300)
+    summary["gpu_tests"] = {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
+    summary["training"] = gpu_training(name)
+    root = work_dir or tempfile.mkdtemp(prefix="nanolex-gpu-")
+    try:
+        summary["ddp"] = gpu_ddp(root)
+        summary["decoding"] = gpu_decoding(os.path.join(root, "ddp")) if "error" not in summary["ddp"] else \
+            {"error": "no run to decode with: the DDP run failed"}
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    summary["seconds"] = round(time.time() - t0, 1)
+    failed = not summary["gpu_tests"]["passed"] or any("error" in summary[k] for k in ("training", "ddp", "decoding"))
+    print(json.dumps(summary))
+    sys.exit(1 if failed else 0)
+
+
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
-         "study": bench_study, "decode": bench_decode, "serve": bench_serve}
+         "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu}
 if what != "train" and what not in MODES:
     fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
 if what in MODES:
     MODES[what]()
     sys.exit(0)
 
-from runtime import autocast, keep_freed_memory, peak_flops, peak_memory_mb  # noqa: E402
+from runtime import autocast, keep_freed_memory, mfu_of, peak_flops, peak_memory_mb  # noqa: E402
 
 
 def random_batch(config, where):
@@ -881,12 +991,24 @@ torch.manual_seed(seed)
 model = build_model(model_config).to(device)
 optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
 step_model = torch.compile(model) if use_compile else model
-ctx = autocast(device, ptdtype)
 batch = random_batch(model_config, device)
 
 
+
+
+def step_context():
+    """autocast, and with flash_only attention held to the flash kernels (no silent slower path)."""
+    if not flash_only:
+        return autocast(device, ptdtype)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    stack.enter_context(autocast(device, ptdtype))
+    return stack
+
+
 def train_step():
-    with ctx:
+    with step_context():
         _, loss = step_model(**batch)
     loss.backward()
     optimizer.step()
@@ -900,10 +1022,13 @@ dt = median_seconds(train_step, iters, warmup=warmup_iters)
 tok_per_s = batch_size * block_size / dt
 peak_mem_mb = peak_memory_mb(device)
 print(f"{model.num_params() / 1e6:.2f}M parameters, median of {iters} iterations: {1000 * dt:.1f} ms")
+mfu = mfu_of(model.flops_per_token() * tok_per_s, device_type, ptdtype)  # of the peak in this dtype (None: unknown GPU)
+peak = peak_flops(device_type, ptdtype)
 print(json.dumps({
     "tok_per_s": round(tok_per_s, 1),
     "ms_per_iter": round(1000 * dt, 2),
-    "mfu": round(model.flops_per_token() * tok_per_s / peak_flops(device_type, ptdtype), 4),
+    "mfu": None if mfu is None else round(mfu, 4),
+    "peak_tflops": None if peak is None else round(peak / 1e12, 3),
     "peak_mem_mb": round(peak_mem_mb, 1),
     "device": device,
     "dtype": str(ptdtype).removeprefix("torch."),

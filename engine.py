@@ -40,6 +40,9 @@ A library: importing it runs nothing. The decoding options, the same for every c
                         possible start of a full match are allowed (see RegexMask); None = off
     draft_tokens        with a draft run (Engine.load(draft_out_dir=)): the tokens it proposes
                         per round of speculative decoding (see speculative_decode)
+    slide               once a transformer's context is full, its window moves this many tokens
+                        at a time and is read again once per move (GPT.next_logits); 1 = every
+                        token sees a full window (read again for every token); 0 = half the context
 
 Each prompt becomes a Completion: its text, its new token ids, finish_reason ("stop": an
 end-of-text or a stop string; "length": max_new_tokens) and the token counts (with choices:
@@ -78,7 +81,8 @@ class Completion:
 
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None,
-                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None, draft_tokens=4)
+                num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None, draft_tokens=4,
+                slide=0)
 
 
 def check_options(options):
@@ -108,7 +112,7 @@ def check_options(options):
 def check_beam_options(o, given):
     """check_options' part for beam search. given: the options as passed, so that a sampling
     setting left at its default is no contradiction."""
-    for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0), ("draft_tokens", 1)):
+    for name, low in (("num_beams", 1), ("no_repeat_ngram_size", 0), ("draft_tokens", 1), ("slide", 0)):
         if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] < low:
             raise ValueError(f"{name} must be an integer from {low} up, got {o[name]!r}")
     penalty = o["length_penalty"]
@@ -312,6 +316,12 @@ def read_prompts_alone(model, prompts, device):
     return cache, torch.cat(logits)
 
 
+def windowing(model, options):
+    """next_logits' window setting for the models that slide a window (not the LSTM, which has no
+    context limit, nor encdec, whose decoder refuses to outgrow its context)."""
+    return {} if model.config.arch in ("lstm", "encdec") else {"slide": options["slide"]}
+
+
 @torch.no_grad()
 def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_limit=None, eot=None, step=None):
     """The decoding loop, a generator: yields (row, text piece) as text is made, and finishes the
@@ -335,7 +345,8 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
         if first is not None:
             logits, first = first, None
         else:
-            logits, state = model.next_logits(idx, state, use_cache, **inputs, **({"step": step} if step else {}))
+            logits, state = model.next_logits(idx, state, use_cache, **inputs, **({"step": step} if step else {}),
+                                              **windowing(model, o))
         logits = penalties(logits[:, :vocab].float())
         if spelling is not None:
             logits = spelling(logits, [rows[i] for i in active])
@@ -411,7 +422,8 @@ def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, 
     while row.generated < max_new:
         n = len(seq)
         if n > block:  # past the context: the model alone, on its sliding window
-            logits, _ = model.next_logits(torch.tensor([seq], device=device), None, True, **inputs)
+            logits, _ = model.next_logits(torch.tensor([seq], device=device), None, True, **inputs,
+                                          **windowing(model, o))
             new = sample_next(logits[:, :vocab].float(), o["temperature"], o["top_k"], o["top_p"], generator,
                               o["min_p"])[0].tolist()
         else:
@@ -528,7 +540,7 @@ def beam_search(model, idx, inputs, options, use_cache=True, vocab_limit=None, e
     for step in range(max_new):
         n = idx.size(0)
         logits, state = model.next_logits(idx, state, use_cache, **{k: v.expand(n, *v.shape[1:])
-                                                                     for k, v in inputs.items()})
+                                                                     for k, v in inputs.items()}, **windowing(model, o))
         logp = F.log_softmax(penalties(logits[:, :vocab].float()), dim=-1)  # (n, V)
         if o["no_repeat_ngram_size"]:
             logp = logp.masked_fill(repeated_ngrams(idx, o["no_repeat_ngram_size"], vocab), -math.inf)

@@ -161,6 +161,15 @@ def positions(start, T, block_size, pad=None, device=None):
     return pos if pad is None else (pos[None, :] - pad[:, None]).clamp(min=0)
 
 
+def window_length(n, block_size, slide):
+    """How many of the last of n tokens a causal model reads to predict the next one: all of them
+    within its context; past it, the window slides `slide` tokens at a time, so it holds
+    block_size - slide + 1 tokens just after a slide and one more at each step until it is full."""
+    if n <= block_size:
+        return n
+    return block_size - slide + 1 + (n - block_size - 1) % slide
+
+
 def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
     """The attn_mask F.scaled_dot_product_attention needs for T queries in columns start..
     over the S = start + T keys so far, or None where none is needed: a fresh causal pass
@@ -313,26 +322,35 @@ class Attention(nn.Module):
         return scores.float().softmax(dim=-1)
 
 
+def mlp_hidden_size(config):
+    """The MLP's inner width: swiglu has three matrices instead of two, and 8/3 x keeps the parameter
+    count of gelu's 4x."""
+    gated = config.mlp == "swiglu"
+    return config.mlp_hidden or (64 * math.ceil(8 * config.n_embd / 3 / 64) if gated else 4 * config.n_embd)
+
+
+def mlp_activation(h, gated, approximate="none"):
+    """The MLP's nonlinearity on c_fc's output: gelu (exact, or approximate="tanh" for
+    mlp="gelu_tanh"), or swiglu's silu(gate) * up (its two halves)."""
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate=approximate)
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.gated = config.mlp == "swiglu"
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
-        # swiglu has three matrices instead of two: 8/3 x keeps the parameter count of 4x
-        hidden = config.mlp_hidden or (64 * math.ceil(8 * config.n_embd / 3 / 64) if self.gated else 4 * config.n_embd)
+        hidden = mlp_hidden_size(config)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.approximate)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.gated, self.approximate)))
 
 
 class Block(nn.Module):
@@ -456,7 +474,7 @@ class Model(nn.Module):
         # GPT-2: scale the residual projections down so the residual stream's variance
         # does not grow with depth
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "mlp.c_proj")):  # (mlp.c_proj: MoE's stacked experts)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         if self.config.pos == "sinusoidal":  # tokens as loud as the fixed positions (with the sqrt(d) above);
             nn.init.normal_(self.embed.wte.weight, mean=0.0, std=self.config.n_embd ** -0.5)  # at 0.02 they drown
@@ -489,18 +507,23 @@ class Model(nn.Module):
         losses = [m.balance_loss for m in self.modules() if isinstance(m, MoE)]
         return sum(losses) / len(losses)
 
+    def wpe_of(self):
+        """The learned position embedding, or None."""
+        return getattr(getattr(self, "embed", None), "wpe", None)
+
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
-        wpe = getattr(getattr(self, "embed", None), "wpe", None)
-        if non_embedding and wpe is not None:
-            n -= wpe.weight.numel()
+        if non_embedding and self.wpe_of() is not None:
+            n -= self.wpe_of().weight.numel()
         return n
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (linear layers, embeddings) only."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        decayed = [p for name, p in named if p.dim() >= 2 and not name.endswith("bias")]  # (MoE's biases are 2-D)
+        groups = [{"params": decayed, "weight_decay": weight_decay},
+                  {"params": [p for name, p in named if not (p.dim() >= 2 and not name.endswith("bias"))],
+                   "weight_decay": 0.0}]
         # one fused kernel for the whole update on CUDA and CPU; multi-tensor (foreach) elsewhere
         kind = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kind)
@@ -510,9 +533,13 @@ class Model(nn.Module):
         of an MoE layer only its top-k experts), plus attention's scores and mixing."""
         c = self.config
         n = self.num_params()
+        for m in self.modules():  # lookups, not matmuls: every embedding but the one the head multiplies by
+            if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight and m is not self.wpe_of():
+                n -= m.weight.numel()
         for m in self.modules():
             if isinstance(m, MoE):
-                n -= (1 - c.expert_top_k / c.n_expert) * sum(p.numel() for p in m.experts.parameters())
+                experts = [p for name, p in m.named_parameters() if name.startswith("c_")]
+                n -= (1 - c.expert_top_k / c.n_expert) * sum(p.numel() for p in experts)
         stacks = {"lstm": 0, "encdec": 3}.get(c.arch, 1)  # encdec: encoder, decoder, cross-attention
         return 6 * n + stacks * 12 * c.n_layer * c.n_embd * c.block_size
 
@@ -554,18 +581,31 @@ class GPT(Model):
         keep = None if pad is None else torch.arange(start + idx.size(1), device=idx.device) >= pad[:, None]
         return self.body(x, pos, start, cache, keep)
 
-    def next_logits(self, idx, cache, use_cache, labels=None, pad=None, step=None):
+    def next_logits(self, idx, cache, use_cache, labels=None, pad=None, step=None, slide=0):
         """The logits after idx (B, vocab); labels (conditional): one per row (B,); pad (B,): each
-        row's padding on the left. The cache holds the whole context; once the sequence outgrows
-        block_size the window slides and the cache is rebuilt from the window, so the output is
-        the same token for token as without a cache. step: decode_step, compiled, for the
-        steps that read one token into the cache (the prompt is read by forward())."""
-        window = idx[:, -self.config.block_size:]
-        if pad is not None:  # the padding that slid out of the window
-            pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
+        row's padding on the left. step: decode_step, compiled, for the steps that read one token
+        into the cache (the prompt is read by forward()).
+
+        Within block_size the cache holds the whole context. Past it, each row's window slides
+        `slide` tokens at a time (window_length()): the window is read again once per slide, and
+        the tokens up to the next slide are read into the cache, so a token sees from
+        block_size - slide + 1 to block_size tokens before it. slide=1 is the exact sliding
+        window (every token sees block_size tokens, and the window is read again for every
+        token); 0 = half of block_size. Without the cache the same windows are read whole, so
+        the output is the same token for token; and a row's window depends on its own length
+        only, so a row in a batch gets what it gets alone."""
+        block = self.config.block_size
+        slide = min(block, slide or max(1, block // 2))
+        lengths = [idx.size(1)] * idx.size(0) if pad is None else [idx.size(1) - p for p in pad.tolist()]
+        windows = [window_length(n, block, slide) for n in lengths]
+        width = max(windows)
+        window = idx[:, -width:]
+        if pad is not None:  # each row's own window; what lies before it in this one is padding now
+            pad = torch.tensor([width - w for w in windows], device=idx.device)
+        moved = any(n > block and (n - block - 1) % slide == 0 for n in lengths)  # a row's window slid now
         if not use_cache:
             logits, _ = self(window, labels=labels, pad=pad)
-        elif cache is None or cache.pos + 1 > self.config.block_size:
+        elif cache is None or moved or cache.pos + 1 > block:
             cache = KVCache(self.config, idx.size(0), idx.device, self.cache_dtype(idx.device.type))
             logits, _ = self(window, cache=cache, labels=labels, pad=pad)
         elif step is not None:
@@ -602,7 +642,13 @@ def linear_attention(q, k, v, causal, keep=None, state=None, chunk=64):
     these, or None. Sums are kept in fp32: they add up thousands of terms. Returns (y, new state).
     """
     dtype = v.dtype
-    q, k, v = F.elu(q.float()) + 1, F.elu(k.float()) + 1, v.float()
+    with torch.autocast(v.device.type, enabled=False):  # else autocast runs the products below in bf16/fp16
+        return linear_attention_fp32(q.float(), k.float(), v.float(), causal, keep, state, chunk, dtype)
+
+
+def linear_attention_fp32(q, k, v, causal, keep, state, chunk, dtype):
+    """linear_attention's work, in fp32 with autocast off; the output cast to dtype."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
     if keep is not None:  # padding contributes nothing (filled, not multiplied: it may hold NaN)
         k = k.masked_fill(~keep[:, None, :, None], 0.0)
         v = v.masked_fill(~keep[:, None, :, None], 0.0)
@@ -654,36 +700,72 @@ class MoE(nn.Module):
     """A token's output is its top-k experts' outputs mixed by the router's probabilities
     (renormalized over the k). In training an expert takes at most `capacity` tokens of the
     batch, the earliest first: the others skip it (the residual carries them), which bounds
-    the work of an unbalanced router. In eval every token gets its experts, so an output
-    never depends on the rest of the batch. The balancing loss (Switch's: n_expert * sum over
-    experts of the share of tokens sent to it times its mean probability; 1 when perfectly
-    even) is left in self.balance_loss.
+    the work of an unbalanced router. In eval every token gets its experts (the capacity is
+    every token), so an output never depends on the rest of the batch. The balancing loss
+    (Switch's: n_expert * sum over experts of the share of tokens sent to it times its mean
+    probability; 1 when perfectly even) is left in self.balance_loss.
+
+    Dispatch has static shapes (GShard's): each token is copied into its experts' buffers of
+    `capacity` rows, all experts run as one batched matmul per layer of their MLP, and the
+    outputs are gathered back. No shape depends on the router's choices, so torch.compile
+    keeps one graph and no step waits for the host to count tokens per expert. The experts'
+    weights are stacked: c_fc (E, hidden, C), c_proj (E, C, hidden), the MLP's math.
     """
 
     def __init__(self, config):
         super().__init__()
         self.top_k, self.capacity_factor = config.expert_top_k, config.expert_capacity
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.gated = config.mlp == "swiglu"
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        E, C, hidden = config.n_expert, config.n_embd, mlp_hidden_size(config)
+        self.router = nn.Linear(C, E, bias=False)
+        self.c_fc = nn.Parameter(torch.randn(E, hidden * (2 if self.gated else 1), C) * 0.02)
+        self.c_proj = nn.Parameter(torch.randn(E, C, hidden) * 0.02)
+        self.c_fc_bias = nn.Parameter(torch.zeros(E, hidden * (2 if self.gated else 1))) if config.bias else None
+        self.c_proj_bias = nn.Parameter(torch.zeros(E, C)) if config.bias else None
+        self.dropout = nn.Dropout(config.dropout)
         self.balance_loss = torch.zeros(())
+        self.register_load_state_dict_pre_hook(stack_expert_weights)
+
+    def experts(self, h):
+        """Every expert's MLP on its own buffer: h (E, capacity, C) -> (E, capacity, C)."""
+        h = torch.bmm(h, self.c_fc.transpose(1, 2))
+        if self.c_fc_bias is not None:
+            h = h + self.c_fc_bias[:, None, :].to(h.dtype)
+        h = torch.bmm(mlp_activation(h, self.gated, self.approximate), self.c_proj.transpose(1, 2))
+        if self.c_proj_bias is not None:
+            h = h + self.c_proj_bias[:, None, :].to(h.dtype)
+        return self.dropout(h)
 
     def forward(self, x):
         B, T, C = x.size()
         flat = x.reshape(B * T, C)
-        n_tokens, n_expert = flat.size(0), len(self.experts)
+        N, E, k = flat.size(0), self.c_fc.size(0), self.top_k
         probs = self.router(flat).float().softmax(dim=-1)       # (N, E)
-        weights, chosen = probs.topk(self.top_k, dim=-1)        # (N, k)
+        weights, chosen = probs.topk(k, dim=-1)                 # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
-        share = F.one_hot(chosen, n_expert).float().sum(dim=1).mean(dim=0) / self.top_k  # (E,)
-        self.balance_loss = n_expert * (share * probs.mean(dim=0)).sum()
-        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / n_expert) if self.training else n_tokens
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)  # tokens sent to e, in order
-            token, slot = token[:capacity], slot[:capacity]
-            y = expert(flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out.view(B, T, C)
+        sent = F.one_hot(chosen, E).sum(dim=1)                  # (N, E): 1 where a token goes to an expert
+        self.balance_loss = E * (sent.float().mean(dim=0) / k * probs.mean(dim=0)).sum()
+        capacity = math.ceil(self.capacity_factor * N * k / E) if self.training else N
+        # each (token, choice)'s row in its expert's buffer: the tokens before it sent there, in order
+        place = (sent.cumsum(dim=0) - 1).gather(1, chosen)     # (N, k)
+        kept = place < capacity
+        dump = E * capacity  # one row past the buffers, where the tokens over capacity go and are dropped
+        row = torch.where(kept, chosen * capacity + place, dump).flatten()  # (N*k,)
+        buffers = flat.new_zeros(dump + 1, C).index_add(0, row, flat.repeat_interleave(k, dim=0))
+        out = self.experts(buffers[:dump].view(E, capacity, C)).reshape(dump, C)
+        out = torch.cat((out, out.new_zeros(1, C)))[row].view(N, k, C)  # the dump row reads zeros
+        return (out * weights[..., None]).sum(dim=1).to(x.dtype).view(B, T, C)
+
+
+def stack_expert_weights(module, state, prefix, *args):
+    """Checkpoints from before the experts were stacked hold one MLP per expert
+    (experts.E.c_fc.weight, ...): stack them into MoE's tensors as they are loaded."""
+    for name in ("c_fc", "c_proj"):
+        for kind, suffix in (("weight", ""), ("bias", "_bias")):
+            old = [f"{prefix}experts.{e}.{name}.{kind}" for e in range(module.c_fc.size(0))]
+            if all(key in state for key in old):
+                state[prefix + name + suffix] = torch.stack([state.pop(key) for key in old])
 
 
 # ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import CrossAttention, ModelConfig, build_model, compute_dtype
+from model import CrossAttention, ModelConfig, MoE, build_model, compute_dtype
 from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 
@@ -58,13 +58,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_dtype(device, name):
-    """'auto' -> bf16 on CUDA that has it, else fp16; bf16 on CPUs with bf16 units; else fp32."""
+    """'auto' -> bf16 on GPUs with native bf16 (compute capability 8.0 and up: Ampere, Ada, Hopper),
+    fp16 with a GradScaler on older ones; bf16 on CPUs with bf16 units; else fp32.
+    (torch.cuda.is_bf16_supported() also counts emulation, which V100 and T4 have: slow bf16
+    without tensor cores or flash kernels.)"""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
         return DTYPES[name]
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if device == "cpu" and cpu_has_bf16_units():
         return torch.bfloat16
     return torch.float32
@@ -212,37 +216,126 @@ def append_jsonl(path, record):
 # ----------------------------------------------------------------------------------
 # device accounting
 
-PEAK_FLOPS = {  # dense bf16 tensor-core peaks, from the vendors' data sheets
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
+# Dense (no sparsity) peak FLOP/s from the vendors' data sheets: tensor-core bf16 and fp16,
+# TF32 (fp32 matmuls with torch.backends.cuda.matmul.allow_tf32, as train.py sets), and plain
+# fp32. None: the GPU has no such units. Matched against torch.cuda.get_device_name() in this
+# order, so the more specific names come first (L40S before L40 before L4, H100 PCIe/NVL before
+# H100, A10G before A10); a GPU not listed gets no MFU rather than a wrong one.
+GPU_PEAKS = [  # (name contains, bf16, fp16, tf32, fp32)
+    ("GH200", 989e12, 989e12, 495e12, 67e12),
+    ("H200", 989e12, 989e12, 495e12, 67e12),
+    ("H100 PCIe", 756e12, 756e12, 378e12, 51e12),
+    ("H100 NVL", 835e12, 835e12, 418e12, 60e12),
+    ("H100", 989e12, 989e12, 495e12, 67e12),  # SXM
+    ("A100", 312e12, 312e12, 156e12, 19.5e12),
+    ("A10G", None, None, None, None),  # a cloud variant with no published tensor peaks: no MFU
+    ("A10", 125e12, 125e12, 62.5e12, 31.2e12),
+    ("L40S", 362e12, 362e12, 183e12, 91.6e12),
+    ("L40", 181e12, 181e12, 90.5e12, 90.5e12),
+    ("L4", 121e12, 121e12, 60e12, 30.3e12),
+    ("4090", 165e12, 165e12, 82.6e12, 82.6e12),
+    ("3090", 71e12, 71e12, 35.6e12, 35.6e12),
+    ("V100", None, 125e12, None, 15.7e12),  # no bf16 units: bf16 is emulated
+    ("T4", None, 65e12, None, 8.1e12),
+]
+
+
+def datasheet_peak(name, dtype, tf32):
+    """The data-sheet peak FLOP/s of the GPU called name for matmuls in dtype (fp32: TF32's when
+    tf32), or None for a GPU not in GPU_PEAKS or without units for that dtype."""
+    for key, bf16, fp16, tf32_peak, fp32 in GPU_PEAKS:
+        if key in name:
+            if dtype == torch.bfloat16:
+                return bf16
+            if dtype == torch.float16:
+                return fp16
+            return (tf32_peak or fp32) if tf32 else fp32
+    return None
+
+
+def peak_cache_path():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanolex", "peaks.json")
+
+
+def machine_key(device_type, dtype):
+    """What a measured peak belongs to: the processor, the threads torch uses, torch's version, the dtype."""
+    if device_type == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                where = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+        except OSError:
+            where = "cpu"
+        where = f"{device_type} {where}, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}"
+
+
+def measure_matmul_peak(device_type, dtype, seconds=1.5):
+    """The best rate (FLOP/s) of square matrix products in dtype on this device, over sizes from
+    512 up, each repeated for its share of `seconds`: a short or single run catches the clock
+    ramping up or a neighbour's burst and reads low, and a low peak makes MFU read high."""
+    sizes = (1024, 2048, 4096, 8192) if device_type == "cuda" else (512, 1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device_type).to(dtype)
+        b = torch.randn(n, n, device=device_type).to(dtype)
+        a @ b  # warm-up: kernels chosen, threads started
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        until = time.perf_counter() + seconds / len(sizes)
+        while True:
+            t0 = time.perf_counter()
+            a @ b
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            best = max(best, 2 * n ** 3 / elapsed)
+            if time.perf_counter() + elapsed > until:  # one more would overrun this size's share
+                break
+        if 8 * elapsed > seconds / len(sizes):  # the next size's one product (8x the work) would overrun it too
+            break
+    return best
+
+
+def read_peaks():
+    try:
+        with open(peak_cache_path()) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, (int, float)) and v > 0} if isinstance(known, dict) else {}
+
+
+def write_peak(key, flops):
+    """Set one machine's peak in the cache file; processes started together (torchrun, tests) may
+    all write, so each writes a temporary file of its own and renames it. A read-only home: not
+    kept, measured again next time."""
+    path = peak_cache_path()
+    known = {**read_peaks(), key: flops}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 _measured_peaks = {}
 
 
-def peak_flops(device_type, dtype):
-    """Peak FLOP/s of the device for dtype, the denominator of MFU.
-
-    A known GPU's data-sheet figure; elsewhere (CPU, MPS, unknown GPU) the rate of a
-    large matrix product measured once on this machine, so MFU reads as 'share of
-    what this machine's matmul can do'.
-    """
-    if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype in (torch.bfloat16, torch.float16) else flops / 15
-    key = (device_type, dtype)
+def measured_peak(device_type, dtype):
+    """This machine's matmul peak for dtype: measured once (measure_matmul_peak), then read from
+    ~/.cache/nanolex/peaks.json (XDG_CACHE_HOME is honoured), keyed by machine_key()."""
+    key = machine_key(device_type, dtype)
     if key not in _measured_peaks:
-        n = 1024
-        a = torch.randn(n, n, device=device_type, dtype=dtype)
-        b = torch.randn(n, n, device=device_type, dtype=dtype)
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            (a @ b).sum().item()
-            best = min(best, time.perf_counter() - t0)
-        _measured_peaks[key] = 2 * n ** 3 / best
+        known = read_peaks().get(key)
+        if known is None:
+            known = measure_matmul_peak(device_type, dtype)
+            write_peak(key, known)
+        _measured_peaks[key] = float(known)
     return _measured_peaks[key]
 
 
@@ -263,6 +356,32 @@ def machine(device):
         cpu = "unknown CPU"
     gpu = f", {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def mfu_of(flops_per_s, device_type, dtype):
+    """flops_per_s (the model's achieved rate) as a share of peak_flops, or None where there is no
+    peak. A measured peak is what the machine does at least: a model that does more (bigger or
+    better-shaped matmuls than the measured ones) raises it, here and in the cache, so MFU never
+    reads above 1."""
+    peak = peak_flops(device_type, dtype)
+    if peak is None:
+        return None
+    if flops_per_s > peak and device_type != "cuda":
+        key = machine_key(device_type, dtype)
+        _measured_peaks[key] = flops_per_s
+        write_peak(key, flops_per_s)
+        return 1.0
+    return flops_per_s / peak
+
+
+def peak_flops(device_type, dtype):
+    """Peak FLOP/s of the device for dtype, the denominator of MFU, or None where there is no
+    honest one. A GPU: its data-sheet figure (TF32's for fp32 when TF32 matmuls are on), None
+    for a GPU not in GPU_PEAKS. A CPU or MPS: the measured matmul peak of this machine for dtype
+    (measured_peak), so MFU reads as 'share of what this machine's matmul does in that dtype'."""
+    if device_type == "cuda":
+        return datasheet_peak(torch.cuda.get_device_name(), dtype, torch.backends.cuda.matmul.allow_tf32)
+    return measured_peak(device_type, dtype)
 
 
 # ----------------------------------------------------------------------------------
@@ -328,8 +447,10 @@ def quantize(model, kind="int8"):
     Inference only: the int8 layers have no gradients.
 
     Every architecture: a tied head gets its own int8 copy (the embedding keeps the float
-    matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear) and
-    cross-attention's c_attn, whose weight CrossAttention splits itself.
+    matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear),
+    cross-attention's c_attn, whose weight CrossAttention splits itself, a mixture's experts
+    (stacked tensors, not Linear layers) and its routers: a router's output picks experts,
+    and rounding that flips a pick changes a token's output far more than rounding elsewhere.
     """
     if kind != "int8":
         raise ValueError(f"quantize={kind!r} is not supported; the one kind is int8")
@@ -338,6 +459,7 @@ def quantize(model, kind="int8"):
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device} (use --device=cpu)")
     backend = int8_backend()
     keep_float = {id(m.c_attn) for m in model.modules() if isinstance(m, CrossAttention)}
+    keep_float |= {id(m.router) for m in model.modules() if isinstance(m, MoE)}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and id(child) not in keep_float:

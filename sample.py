@@ -61,6 +61,7 @@ chat = False                # hold a conversation: a user turn a line of stdin, 
 system = ""                 # with chat: the system message that begins the conversation
 seed = 1337                 # sample i uses seed + i
 use_cache = True            # KV cache (or LSTM state): each new token reads the state of the ones before
+slide = 0                   # past the context the window moves this many tokens at once; 1 = per token; 0 = half
 condition = ""              # conditional: the control label to generate under (one of the run's labels)
 # the other architectures' uses, and retrieval
 fill_top_k = 5              # encoder: fillers printed per <|mask|>
@@ -80,7 +81,7 @@ configure(globals())
 check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "temperature": ">= 0", "top_k": ">= 0",
                          "fill_top_k": ">= 1", "num_results": ">= 1", "top_p": "(0, 1]", "min_p": "[0, 1]",
                          "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0",
-                         "draft_tokens": ">= 1"})
+                         "draft_tokens": ">= 1", "slide": ">= 0"})
 
 from engine import Engine, check_options, embed_documents, rank_by_cosine, read_documents  # noqa: E402
 from runtime import save_atomically  # noqa: E402
@@ -155,7 +156,8 @@ options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top
                repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                presence_penalty=presence_penalty, stop=stop_strings(stop), ignore_eos=ignore_eos, seed=seed,
                num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-               choices=choice_list(choices), regex=regex or None, draft_tokens=draft_tokens)
+               choices=choice_list(choices), regex=regex or None, draft_tokens=draft_tokens,
+               slide=slide)
 if num_beams > 1:  # beam search does not sample: the sampling settings count only when set away from their defaults
     options = {k: v for k, v in options.items() if not (k in sampling and v == sampling[k])}
 try:

@@ -67,7 +67,7 @@ span_length = 3             # encdec: tokens per cut-out span
 # optimizer: AdamW
 learning_rate = 6e-4
 max_iters = 600000
-max_seconds = 0.0           # > 0: stop after this much wall time, then a last eval and checkpoint
+max_seconds = 0.0           # > 0: the run's wall-time budget (across resumes): warmup and decay follow the share used
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
@@ -110,8 +110,8 @@ from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
 from runtime import (append_jsonl, autocast, check_vocab, from_hf, keep_freed_memory, link_atomically,  # noqa: E402
-                     load_checkpoint, machine, peak_flops, peak_memory_mb, pick_device, pick_dtype, probe_disk,
-                     save_atomically, save_checkpoint)
+                     load_checkpoint, machine, mfu_of, peak_memory_mb, pick_device, pick_dtype,
+                     probe_disk, save_atomically, save_checkpoint)
 
 # ---- processes and device ---------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -260,6 +260,7 @@ def keep_log_until(last_iter):
 
 
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
+seconds_before = 0.0  # the run's seconds before this process: a resumed run's clock goes on from its checkpoint's
 checkpoint = None
 if init_from == "scratch":
     if os.path.exists(ckpt_path):
@@ -295,7 +296,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
              f"--arch={model_args.get('arch', 'gpt')}")
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        bad_steps = checkpoint.get("bad_steps", 0)
+        bad_steps, seconds_before = checkpoint.get("bad_steps", 0), checkpoint.get("seconds", 0.0)
         sampler = checkpoint["sampler"]
         if any(sampler.get(k) != globals()[k] for k in ("seed", "batch_size", "gradient_accumulation_steps")):
             log("warning: seed, batch size or gradient accumulation differ from the checkpoint's; "
@@ -330,15 +331,17 @@ if checkpoint and init_from == "resume":
     optimizer.load_state_dict(checkpoint["optimizer"])
 # fp16 has too little range for small gradients: scale the loss up, unscale before the step
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-if checkpoint and init_from == "resume" and "scaler" in checkpoint:
-    scaler.load_state_dict(checkpoint["scaler"])
+if checkpoint and init_from == "resume" and checkpoint.get("scaler") and scaler.is_enabled():
+    scaler.load_state_dict(checkpoint["scaler"])  # (a bf16 or fp32 run saved a disabled scaler's {}: start afresh)
 checkpoint = None  # free the memory
 
 raw_model = model
 if compile:
     model = torch.compile(model)
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
+# buffers) that every process must join, and with eval_iters < world size some have no eval batch
+if ddp:  # the buffers are fixed tables (rope, sinusoid, alibi): nothing to broadcast at any step
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
 
 if master:
     ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", "run.json", *batches.meta["tokenizer"]["files"]}
@@ -410,7 +413,6 @@ def record(entry):
 
 ctx = autocast(device, ptdtype)
 predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
-flops_peak = peak_flops(device_type, ptdtype) * world_size
 target_bytes = None  # bits per byte: the UTF-8 bytes of each id, 0 for special tokens (they are not counted)
 if predicts_next_token and batches.tokenizer.kind != "wordpiece":  # a wordpiece's text depends on its neighbours
     target_bytes = torch.tensor([len(piece or b"") for piece in token_bytes(batches.tokenizer)[0]], device=device)
@@ -422,7 +424,7 @@ def estimate_loss():
     number of processes (they share them out), the share of val targets the model's top
     guess gets right (for the encoder: masked tokens), and (next-token models) val bits per
     byte: the nats of the val targets that are text over their own UTF-8 bytes."""
-    model.eval()
+    eval_model.eval()
     sums = torch.zeros(2, device=device)
     hits = torch.zeros(2, device=device)  # right guesses, targets
     nats_bytes = torch.zeros(2, device=device)  # nats of the val targets that carry bytes, their bytes
@@ -430,7 +432,7 @@ def estimate_loss():
         for k in range(rank, eval_iters, world_size):
             batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k))
             with ctx:
-                logits, loss = model(**batch)
+                logits, loss = eval_model(**batch)
             sums[s] += loss  # stays on the device: no wait for it batch by batch
             if split == "val":
                 counted = batch["targets"] != -1
@@ -445,16 +447,22 @@ def estimate_loss():
         dist.all_reduce(sums)
         dist.all_reduce(hits)
         dist.all_reduce(nats_bytes)
-    model.train()
+    eval_model.train()
     train_loss, val_loss = (sums / eval_iters).tolist()
     nats, nbytes = nats_bytes.tolist()
     return {"train": train_loss, "val": val_loss, "accuracy": (hits[0] / hits[1]).item(),
             "bpb": nats / nbytes / math.log(2) if nbytes else None}
 
 
-def get_lr(it):
+def get_lr(it, seconds=0.0):
+    """The learning rate of iteration it, seconds into the run: linear warmup over warmup_iters, then
+    cosine decay to min_lr at lr_decay_iters. With max_seconds the schedule runs on whichever is
+    further along, the iterations or the share of the time budget used (that share of
+    lr_decay_iters), so a run the clock stops has still warmed up and decayed in full."""
     if not decay_lr:
         return learning_rate
+    if max_seconds > 0:
+        it = max(it, seconds / max_seconds * lr_decay_iters)
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
@@ -477,6 +485,7 @@ def save(iter_num, val_loss=None):
             "val_loss": val_loss,
             "best_val_loss": best_val_loss,
             "bad_steps": bad_steps,
+            "seconds": time.time() - t_start,  # the time budget used (max_seconds), and where its schedule is
             "config": config,
             "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
             "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
@@ -498,7 +507,7 @@ def evaluate(iter_num, elapsed):
     losses = estimate_loss()
     best_val_loss = min(best_val_loss, losses["val"])
     entry = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
-             "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num), "elapsed_s": round(elapsed, 3)}
+             "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num, clock), "elapsed_s": round(elapsed, 3)}
     line = f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
     if losses["bpb"] is not None:  # next-token models, whose tokens each spell their own bytes
         entry["val_bpb"] = losses["bpb"]
@@ -529,11 +538,14 @@ signal.signal(signal.SIGTERM, on_stop_signal)
 signal.signal(signal.SIGINT, on_stop_signal)
 
 
-def train_step(iter_num, deadline):
-    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss and
-    gradient norm before clipping (device tensors) and what every process has to agree on: were the
-    loss and gradient norm finite, and does anyone stop (a signal, max_seconds' deadline) -- one look
-    at the device per step."""
+def train_step(iter_num):
+    """grad_accum micro-steps, then the optimizer's step. Returns the step's loss, balance loss,
+    gradient norm before clipping and fault (device tensors; fault: 2 = the loss, 1 = the gradient
+    norm is not finite, 0 = a good step), the run's seconds (the same in every process: the
+    schedule follows them) and whether every process stops (a signal, the end of max_seconds). A
+    faulty step is skipped on the device (the fused optimizer's found_inf), so a step waits for the
+    device only with DDP, where the processes must agree on stopping: one wait per step at most
+    (the rest at log_interval)."""
     step_loss = torch.zeros((), device=device)
     step_balance = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
@@ -554,36 +566,69 @@ def train_step(iter_num, deadline):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    out_of_time = time.time() >= deadline
-    flags = torch.stack([~torch.isfinite(step_loss), ~torch.isfinite(grad_norm),
-                         torch.tensor(stop_signal is not None, device=device),
-                         torch.tensor(out_of_time, device=device)]).float()
-    if ddp:
+    fault = 2 * (~torch.isfinite(step_loss)).float() + (~torch.isfinite(grad_norm)).float()
+    stopping, seconds = stop_signal is not None, time.time() - t_start
+    if ddp:  # every process skips the same steps, sets the same learning rate and stops at the same step
+        host = torch.tensor([stopping, seconds], dtype=torch.float64)
+        host = host.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else host  # no wait
+        flags = torch.cat((fault[None].double(), host))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad_loss, bad_norm, stopping, out_of_time = (bool(flag) for flag in flags.tolist())
-    if bad_loss or bad_norm:
-        scaler.update()  # (fp16) an overflow shrinks the loss scale
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+        fault = flags[0].float()
+        stopping, seconds = flags[1:].tolist()
+        stopping = bool(stopping)
+    out_of_time = 0 < max_seconds <= seconds
+    if optimizer.param_groups[0].get("fused"):  # the kernel leaves weights, moments and step count as they
+        optimizer.grad_scale, optimizer.found_inf = None, (fault > 0).float()  # were where found_inf is 1
+        optimizer.step()
+    elif not fault.item():  # foreach (MPS) has no found_inf: ask the device
+        optimizer.step()
+    scaler.update()  # (fp16) an overflow, found by unscale_ above, shrinks the loss scale
     optimizer.zero_grad(set_to_none=True)
-    fault = "loss" if bad_loss else "gradient norm" if bad_norm else None
-    return step_loss, step_balance, grad_norm.detach(), fault, stopping, out_of_time
+    return step_loss, step_balance, grad_norm.detach(), fault, seconds, stopping, out_of_time
 
 
 # ---- the training loop ------------------------------------------------------
 start_iter = iter_num
-t_start = t_log = time.time()
-deadline = t_start + max_seconds if max_seconds > 0 else math.inf
-tokens_since_log = steps_since_log = 0
+t_begin = t_log = time.time()
+t_start = t_begin - seconds_before
+clock = seconds_before  # the run's seconds at the last step, agreed by the processes
+tokens_since_log = 0
 loss_sum = torch.zeros((), device=device)
 balance_sum = torch.zeros((), device=device)
 norm_sum = torch.zeros((), device=device)
+good_steps = torch.zeros((), device=device)
+pending = []  # (iteration, lr, elapsed, fault tensor) of the steps whose faults are not read yet
 stopping = out_of_time = False
+
+
+def settle_faults():
+    """Read the pending steps' faults (one wait for the device), log the skipped steps, count the
+    bad steps in a row, and stop the run at max_bad_steps of them."""
+    global bad_steps
+    if not pending:
+        return
+    faults = torch.stack([fault for *_, fault in pending]).tolist()
+    for (it, lr, elapsed, _), fault in zip(pending, faults):
+        if not fault:
+            bad_steps = 0
+            continue
+        what = "loss" if fault >= 2 else "gradient norm"
+        bad_steps += 1
+        log(f"iter {it}: skipped, the {what} is not finite ({bad_steps} in a row)")
+        if master:
+            record({"iter": it, "skipped": f"non-finite {what}", "lr": lr, "elapsed_s": elapsed})
+        if bad_steps >= max_bad_steps:
+            fail(f"{bad_steps} steps in a row had a non-finite {what} (iterations {it - bad_steps + 1}-{it}): "
+                 f"stopped with the last good checkpoint in {out_dir} as it was; lower the learning_rate or "
+                 "check the data, then go on with --init_from=resume")
+    pending.clear()
+
+
 try:
     while True:
         last = iter_num >= max_iters or out_of_time
         if (iter_num % eval_interval == 0 and iter_num > start_iter and not stopping) or last or eval_only:
+            settle_faults()  # the checkpoint counts the bad steps in a row
             evaluate(iter_num, time.time() - t_start)
         if last or eval_only:
             break
@@ -594,54 +639,48 @@ try:
                 "go on with --init_from=resume")
             break
 
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, clock)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_balance, grad_norm, fault, stopping, out_of_time = train_step(iter_num, deadline)
+        step_loss, step_balance, grad_norm, fault, clock, stopping, out_of_time = train_step(iter_num)
         iter_num += 1
         tokens_since_log += tokens_per_iter
-        if fault:  # skipped: no update, and the schedule moves on
-            bad_steps += 1
-            log(f"iter {iter_num}: skipped, the {fault} is not finite ({bad_steps} in a row)")
-            if master:
-                record({"iter": iter_num, "skipped": f"non-finite {fault}", "lr": lr,
-                        "elapsed_s": round(time.time() - t_start, 3)})
-            if bad_steps >= max_bad_steps:
-                fail(f"{bad_steps} steps in a row had a non-finite {fault} (iterations {iter_num - bad_steps + 1}-"
-                     f"{iter_num}): stopped with the last good checkpoint in {out_dir} as it was; lower the "
-                     "learning_rate or check the data, then go on with --init_from=resume")
-        else:
-            bad_steps = 0
-            loss_sum += step_loss
-            balance_sum += step_balance
-            norm_sum += grad_norm
-            steps_since_log += 1
+        pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))
+        good = fault == 0  # a skipped step's loss is not in the mean (it is not finite)
+        loss_sum += torch.where(good, step_loss, 0.0)
+        balance_sum += torch.where(good, step_balance, 0.0)
+        norm_sum += torch.where(good, grad_norm, 0.0)
+        good_steps += good.float()
 
-        if iter_num % log_interval == 0 and steps_since_log:
-            sums = torch.stack([loss_sum, balance_sum])
+        if iter_num % log_interval == 0 or stopping or out_of_time or iter_num >= max_iters:
+            settle_faults()
+        if iter_num % log_interval == 0:
+            sums = torch.stack([loss_sum, balance_sum, norm_sum, good_steps])  # the same norm in every process
             if ddp:
                 dist.all_reduce(sums)
-                sums /= world_size
-            sums = torch.cat([sums, norm_sum[None]])  # the gradients, and so their norm, are the same in every process
-            loss_value, balance, norm = (sums / steps_since_log).tolist()  # .tolist() waits for the device: only here
+            loss_total, balance_total, norm_total, good_total = sums.tolist()  # waits for the device: only here
+        if iter_num % log_interval == 0 and good_total:
+            loss_value, balance, norm = loss_total / good_total, balance_total / good_total, norm_total / good_total
             dt = time.time() - t_log
             tok_per_s = tokens_since_log / dt
-            mfu = raw_model.flops_per_token() * tok_per_s / flops_peak
+            # MFU per device: of its peak in the dtype in use (None: a GPU without a known peak)
+            mfu = mfu_of(raw_model.flops_per_token() * tok_per_s / world_size, device_type, ptdtype)
             entry = {"iter": iter_num, "loss": loss_value, "lr": lr, "grad_norm": round(norm, 4),
-                     "tok_per_s": round(tok_per_s, 1), "mfu": round(mfu, 4),
+                     "tok_per_s": round(tok_per_s, 1), "mfu": None if mfu is None else round(mfu, 4),
                      "peak_mem_mb": round(peak_memory_mb(device), 1), "elapsed_s": round(time.time() - t_start, 3)}
             line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
-                    f"{tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+                    f"{tok_per_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
             if n_expert:  # 1.0 = tokens spread evenly over the experts
                 entry["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
             if master:
                 log(line)
                 record(entry)
-            t_log, tokens_since_log, steps_since_log = time.time(), 0, 0
+            t_log, tokens_since_log = time.time(), 0
             loss_sum.zero_()
             balance_sum.zero_()
             norm_sum.zero_()
+            good_steps.zero_()
 except RuntimeError as e:  # with DDP: a collective failed, as another process died or hung past ddp_timeout
     if not (ddp and (isinstance(e, dist.DistError) or re.search(r"gloo|NCCL|[Cc]onnection|[Tt]imed? ?out", str(e)))):
         raise
@@ -650,7 +689,7 @@ except RuntimeError as e:  # with DDP: a collective failed, as another process d
          f"answer within ddp_timeout={ddp_timeout}s; go on from the last checkpoint in {out_dir} with --init_from=resume")
 
 if master:
-    log(f"done: {iter_num} iterations in {time.time() - t_start:.1f}s, best val loss {best_val_loss:.4f}, "
+    log(f"done: {iter_num} iterations in {time.time() - t_begin:.1f}s, best val loss {best_val_loss:.4f}, "
         f"checkpoint {ckpt_path}")
     if tb_writer:
         tb_writer.close()

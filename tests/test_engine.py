@@ -214,3 +214,40 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_go_on_as_alone():
         pass
     assert rows[0].finish_reason == "cancelled" and rows[0].generated == 1
     assert rows[1].finish_reason == "length" and rows[1].ids == engine.generate("The Licensee", **options).ids
+
+
+# ---- past the context: the window slides by a chunk ---------------------------------------------
+
+@pytest.mark.parametrize("slide,windows", [
+    (1, {n: 24 for n in range(25, 40)}),  # exact: every token sees a full window
+    (5, {n: [20, 21, 22, 23, 24][(n - 25) % 5] for n in range(25, 40)}),  # 20 after each slide, up to 24
+    (0, {n: [13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24][(n - 25) % 12] for n in range(25, 40)})])  # half
+@pytest.mark.parametrize("switches", [{}, dict(pos="rope", n_kv_head=2), dict(attention="linear")],
+                         ids=["learned", "rope-gqa", "linear"])
+def test_past_the_context_each_token_sees_the_window_its_slide_gives(slide, windows, switches):
+    # the logits after each length L of one sequence read token by token, against the model reading
+    # the last windows[L] tokens (L within the context of 24) from scratch: computed by hand
+    model = engine_of(**switches).model
+    seq = torch.randint(0, 256, (1, 39), generator=torch.Generator().manual_seed(0))
+    by_hand = {n: model(seq[:, n - windows.get(n, n):n])[0][0, -1] for n in range(18, 40)}
+    for use_cache in (True, False):
+        cache = None
+        for n in range(18, 40):
+            logits, cache = model.next_logits(seq[:, :n], cache, use_cache, slide=slide)
+            assert torch.allclose(logits[0], by_hand[n], atol=1e-4), n
+    # and the windows matter: a full window gives other logits than a shorter one
+    assert not torch.allclose(model(seq[:, 1:25])[0][0, -1], model(seq[:, 5:25])[0][0, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("slide", [1, 7])
+def test_past_the_context_a_row_in_a_batch_gets_what_it_gets_alone_whatever_the_slide(slide):
+    engine = engine_of(pos="rope")
+    options = dict(max_new_tokens=30, ignore_eos=True, slide=slide)  # prompts of 1 to 12 tokens
+    together = engine.generate(PROMPTS, **options, seed=3)  # sampled: row i with seed 3 + i
+    assert [c.ids for c in together] == [engine.generate(p, **options, seed=3 + i).ids for i, p in enumerate(PROMPTS)]
+    assert len({tuple(c.ids) for c in together}) == len(PROMPTS)
+
+
+def test_a_slide_that_is_not_a_whole_number_is_refused():
+    with pytest.raises(ValueError, match="slide must be an integer from 0 up"):
+        check_options({"slide": -1})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import generate
-from model import CrossAttention, ModelConfig, build_model
+from model import CrossAttention, ModelConfig, MoE, build_model
 from runtime import (Int8Linear, cpu_has_bf16_units, int8_backend, load_checkpoint, pick_device, pick_dtype,
                      quantize, save_checkpoint)
 
@@ -77,7 +77,8 @@ def test_int8_logits_stay_close_to_the_float_ones_in_every_architecture(arch, ov
     assert isinstance(model.lm_head, Int8Linear)  # the tied head is int8, the embedding it shared stays float
     assert torch.equal((model.wte if arch == "lstm" else model.embed.wte).weight, wte)
     left_float = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    assert left_float == [m.c_attn for m in model.modules() if isinstance(m, CrossAttention)]
+    assert left_float == [m.c_attn for m in model.modules() if isinstance(m, CrossAttention)] + \
+        [m.router for m in model.modules() if isinstance(m, MoE)]  # (a model has one kind or none)
 
 
 def test_int8_keeps_val_loss_within_one_percent_and_the_greedy_choices_mostly_the_same():

@@ -47,15 +47,23 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr(trained
     assert 3e-4 < lr[30] < 3.2e-4
 
 
-def test_max_seconds_stops_training_then_evaluates_and_saves(tmp_path, dataset):
+def test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_and_decayed_in_time(tmp_path, dataset):
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=2"))
+    # a schedule of 100,000 iterations that only the clock can move along: warmup over the first tenth of the
+    # 3 seconds, cosine decay over the rest
+    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=3",
+                                              "--lr_decay_iters=100000", "--warmup_iters=10000"))
     assert done.returncode == 0, done.stderr
     log = read_log(out_dir)
     assert "val_loss" in log[-1]
     stopped_at = log[-1]["iter"]
     assert 0 < stopped_at < 100000
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stopped_at
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == stopped_at and ckpt["seconds"] >= 3
+    lrs = [r["lr"] for r in log if "val_loss" not in r]  # TINY_MODEL: learning_rate 3e-3, min_lr 3e-4
+    assert lrs[0] < 1e-3 and max(lrs) > 2.4e-3 and lrs[-1] < 1.2e-3
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
 def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
