@@ -33,8 +33,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
+OPTIMIZERS = ("adamw", "sgd", "lion", "muon")  # Model.configure_optimizer's kinds
 
 
 @dataclass
@@ -373,6 +375,8 @@ class Stack(nn.Module):
     """n_layer blocks and a final norm: the body of every transformer here. It owns what the
     blocks share: the position tables that act inside attention (rope, alibi) and the mask."""
 
+    grad_checkpoint = False  # training: keep only each block's input; Model.set_training_options sets it
+
     def __init__(self, config, causal, cross=False):
         super().__init__()
         self.causal, self.linear = causal, config.attention == "linear"
@@ -399,8 +403,11 @@ class Stack(nn.Module):
             if mask is not None and mask.is_floating_point():  # alibi's biases: cast once, not in every layer
                 mask = mask.to(compute_dtype(x.device.type, x.dtype))
         memory_mask = memory_keep[:, None, None, :] if memory_keep is not None else None  # (B, 1, 1, S)
+        recompute = self.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, is_causal, cache, layer, memory, memory_mask)
+            args = (x, rope, mask, is_causal, cache, layer, memory, memory_mask)
+            # recomputed in the backward pass, with the same dropout masks (checkpoint restores the RNG)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
@@ -430,6 +437,21 @@ class Model(nn.Module):
     """What every architecture shares: initialization, the output head and loss, parameter
     and FLOP counts, and the optimizer."""
 
+    label_smoothing = 0.0  # of the training loss only; set by set_training_options
+
+    def set_training_options(self, grad_checkpoint=False, label_smoothing=0.0):
+        """How training computes, not what the model is (neither is in model_args): grad_checkpoint
+        recomputes each block's activations in the backward pass instead of keeping them (the memory
+        of one block's, not n_layer's, for a second forward pass); label_smoothing gives that share
+        of each target's probability to the whole vocabulary, in training only, so eval losses and
+        bits per byte stay the model's own."""
+        stacks = [m for m in self.modules() if isinstance(m, Stack)]
+        if grad_checkpoint and not stacks:
+            raise ValueError(f"grad_checkpoint recomputes transformer blocks; arch={self.config.arch!r} has none")
+        for stack in stacks:
+            stack.grad_checkpoint = grad_checkpoint
+        self.label_smoothing = label_smoothing
+
     def init_weights(self):
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections down so the residual stream's variance
@@ -458,7 +480,8 @@ class Model(nn.Module):
         if targets is None:
             return self.lm_head(x if every_position else x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                               label_smoothing=self.label_smoothing if self.training else 0.0)
         if self.config.n_expert and self.training:  # eval losses stay comparable with dense models
             loss = loss + self.config.balance_weight * self.balance_loss()
         return logits, loss
@@ -475,14 +498,37 @@ class Model(nn.Module):
             n -= wpe.weight.numel()
         return n
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (linear layers, embeddings) only."""
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, kind="adamw", momentum=0.95):
+        """kind (OPTIMIZERS) with weight decay on matrices (linear layers, embeddings) only: AdamW; SGD
+        with Nesterov momentum; Lion (betas are its beta1, beta2); or Muon for the hidden matrices
+        (hidden_matrices()) and AdamW for the rest, stepped as one (Optimizers)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        muon = {id(p) for p in self.hidden_matrices()} if kind == "muon" else set()
+        groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in muon], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if kind == "sgd":
+            return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=True)
+        if kind == "lion":
+            return Lion(groups, lr=learning_rate, betas=betas)
         # one fused kernel for the whole update on CUDA and CPU; multi-tensor (foreach) elsewhere
-        kind = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kind)
+        fused = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+        if kind != "muon":
+            return adamw
+        # Moonshot's scaling of the update (0.2 sqrt(max(rows, cols))) gives it AdamW's RMS: one
+        # learning_rate and weight_decay serve both optimizers
+        matrices = torch.optim.Muon([p for p in params if id(p) in muon], lr=learning_rate, weight_decay=weight_decay,
+                                    momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(matrices, adamw)
+
+    def hidden_matrices(self):
+        """Muon's parameters: the weight matrices inside the network (every Linear's, the LSTM's),
+        not the embeddings and not the output head (nor the embedding tied to it). A fused matrix
+        (attention's q, k, v; swiglu's gate and up) is one matrix to it: torch's Muon takes whole
+        2-D parameters, and its shape-scaled step keeps each block's share of the update."""
+        head = list(self.lm_head.modules())  # (an adaptive head is several Linears)
+        return [p for m in self.modules() if isinstance(m, (nn.Linear, nn.LSTM)) and not any(m is h for h in head)
+                for p in m.parameters() if p.dim() == 2]
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (forward + backward;
@@ -795,6 +841,59 @@ class LSTM(Model):
         else:
             logits, _ = self(idx[:, -1:], cache=cache)
         return logits[:, -1], cache
+
+
+# ----------------------------------------------------------------------------------
+# Optimizers that torch does not have, and several stepped as one
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): each weight moves by
+    exactly lr times the sign of an interpolation of momentum and gradient (beta1), plus decoupled
+    weight decay; the momentum then follows the gradient with beta2. One state tensor per weight
+    (AdamW: two). It wants a learning rate 3-10x below AdamW's and a weight decay as much above."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = momentum.lerp(p.grad, 1 - beta1).sign_()  # sign(beta1 m + (1 - beta1) g)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+                momentum.lerp_(p.grad, 1 - beta2)  # m = beta2 m + (1 - beta2) g
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, used as one (Muon's matrices, AdamW's rest):
+    the param_groups of all (a schedule sets each group's lr), step, zero_grad, and one state_dict."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for optimizer, its_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(its_state)
 
 
 def build_model(config, state=None):
