@@ -63,6 +63,8 @@ class ModelConfig:
     n_labels: int = 0          # conditional: how many control labels there are (train.py: the dataset's)
     tie_embeddings: bool = True    # the head reuses the token embedding's matrix
     rope_theta: float = 10000.0    # rope: the base of its rotation frequencies
+    head: str = "softmax"      # softmax | adaptive (adaptive softmax: rarer tokens in smaller clusters; untied)
+    adaptive_cutoffs: str = ""  # adaptive: token ids where the clusters start, e.g. "2000,10000"; "" = V/25, V/5
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -81,6 +83,12 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.head not in ("softmax", "adaptive"):
+            raise ValueError(f"head={self.head!r} is not one of softmax, adaptive")
+        if self.head == "adaptive":
+            self.cutoffs()  # checked now, not at the first forward
+            if self.tie_embeddings:
+                raise ValueError("head='adaptive' has its own output matrices, one per cluster: set tie_embeddings=False")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
                              "dataset prepared with --labels=True)")
@@ -101,6 +109,19 @@ class ModelConfig:
                              f"n_expert={self.n_expert}, expert_top_k={self.expert_top_k}")
         if self.expert_capacity <= 0 or self.balance_weight < 0:
             raise ValueError("expert_capacity must be positive and balance_weight not negative")
+
+    def cutoffs(self):
+        """The adaptive head's cutoffs: increasing token ids in (0, vocab_size), each starting a cluster
+        (the ids are taken as ordered by frequency, as a BPE's merges roughly are)."""
+        text = self.adaptive_cutoffs or f"{max(1, self.vocab_size // 25)},{max(2, self.vocab_size // 5)}"
+        try:
+            cutoffs = [int(c) for c in text.split(",")]
+        except ValueError:
+            raise ValueError(f"adaptive_cutoffs={text!r} is not a comma-separated list of token ids") from None
+        if not all(a < b for a, b in zip([0] + cutoffs, cutoffs)) or cutoffs[-1] >= self.vocab_size:
+            raise ValueError(f"adaptive_cutoffs={text!r} must increase, each between 0 and the vocabulary's "
+                             f"{self.vocab_size} (exclusive)")
+        return cutoffs
 
     @classmethod
     def from_settings(cls, settings):
@@ -446,6 +467,8 @@ class Model(nn.Module):
         of each target's probability to the whole vocabulary, in training only, so eval losses and
         bits per byte stay the model's own."""
         stacks = [m for m in self.modules() if isinstance(m, Stack)]
+        if label_smoothing and self.config.head == "adaptive":
+            raise ValueError("label_smoothing is not available with head='adaptive' (its loss takes no smoothing)")
         if grad_checkpoint and not stacks:
             raise ValueError(f"grad_checkpoint recomputes transformer blocks; arch={self.config.arch!r} has none")
         for stack in stacks:
@@ -469,22 +492,43 @@ class Model(nn.Module):
             nn.init.zeros_(module.bias)
 
     def make_head(self, wte):
+        if self.config.head == "adaptive":  # a head over the frequent tokens and the clusters, a smaller one per cluster
+            self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(self.config.n_embd, self.config.vocab_size,
+                                                         self.config.cutoffs(), div_value=4.0)
+            return
         self.lm_head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)
         if self.config.tie_embeddings:
             wte.weight = self.lm_head.weight
 
+    def logits(self, x):
+        """Hidden states (..., C) -> logits (..., vocab). The adaptive head gives log-probabilities,
+        which are logits too: softmax, temperature, top-k and argmax treat them alike."""
+        if self.config.head == "adaptive":
+            with torch.autocast(x.device.type, enabled=False):  # torch's adaptive head mixes dtypes under autocast
+                return self.lm_head.log_prob(x.reshape(-1, x.size(-1)).float()).view(*x.shape[:-1], -1)
+        return self.lm_head(x)
+
     def head(self, x, targets, every_position=False):
         """Final hidden states (B, T, C) -> logits, and the mean loss if targets are given
         (targets of -1 do not count). Without targets a causal model needs only the last
-        position's logits; every_position (the encoder) asks for all of them."""
+        position's logits; every_position (the encoder) asks for all of them. The adaptive head
+        in training gives the loss alone: it skips the clusters a batch's targets are not in."""
         if targets is None:
-            return self.lm_head(x if every_position else x[:, [-1], :]), None
-        logits = self.lm_head(x)
+            return self.logits(x if every_position else x[:, [-1], :]), None
+        if self.config.head == "adaptive" and self.training:
+            counted = targets.reshape(-1) != -1
+            with torch.autocast(x.device.type, enabled=False):
+                loss = self.lm_head(x.reshape(-1, x.size(-1))[counted].float(), targets.reshape(-1)[counted]).loss
+            return None, self.with_balance_loss(loss)
+        logits = self.logits(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
                                label_smoothing=self.label_smoothing if self.training else 0.0)
+        return logits, self.with_balance_loss(loss)
+
+    def with_balance_loss(self, loss):
         if self.config.n_expert and self.training:  # eval losses stay comparable with dense models
             loss = loss + self.config.balance_weight * self.balance_loss()
-        return logits, loss
+        return loss
 
     def balance_loss(self):
         """The experts' load-balancing loss of the last forward, averaged over the MoE layers."""
@@ -610,7 +654,7 @@ class GPT(Model):
         for generation (engine.Engine(compile=True)). next_logits moves cache.pos."""
         pos = cache.index if cache.pad is None else (cache.index - cache.pad).clamp(min=0)[:, None]
         x = self.embed(idx, pos, labels)
-        return self.lm_head(self.body.step(x, pos, cache))
+        return self.logits(self.body.step(x, pos, cache))
 
 
 # ----------------------------------------------------------------------------------

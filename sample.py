@@ -212,7 +212,7 @@ def fill_masks():
     if not where:
         fail("an encoder fills in masks: put <|mask|> in --start where a word is missing")
     with torch.no_grad(), ctx:
-        logits, _ = model(torch.tensor([ids], device=model.lm_head.weight.device))
+        logits, _ = model(torch.tensor([ids], device=next(model.parameters()).device))
     logits = logits[0, :, :tokenizer.vocab_size].float()
     logits[:, list(tokenizer.special.values())] = -float("inf")  # a filler is a piece of text, never a marker
     for n, i in enumerate(where, 1):

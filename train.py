@@ -609,6 +609,8 @@ try:
                       "mfu": round(mfu, 4), "elapsed_s": round(time.time() - t_start, 3)}
             line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_per_s:,.0f} tok/s, "
                     f"mfu {100 * mfu:.1f}%")
+            if block_size_schedule:  # the window of the last step
+                record["block_size"] = window_length(iter_num - 1)
             if n_expert:  # 1.0 = tokens spread evenly over the experts
                 record["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
