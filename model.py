@@ -546,6 +546,8 @@ class Model(nn.Module):
         """kind (OPTIMIZERS) with weight decay on matrices (linear layers, embeddings) only: AdamW; SGD
         with Nesterov momentum; Lion (betas are its beta1, beta2); or Muon for the hidden matrices
         (hidden_matrices()) and AdamW for the rest, stepped as one (Optimizers)."""
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer={kind!r} is not one of {', '.join(OPTIMIZERS)}")
         params = [p for p in self.parameters() if p.requires_grad]
         muon = {id(p) for p in self.hidden_matrices()} if kind == "muon" else set()
         groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in muon], "weight_decay": weight_decay},
