@@ -108,7 +108,7 @@ decode_compile = True       # decode: also time the compiled decoding step (gpt,
 draft_out_dir = ""          # decode: also time speculative decoding with this draft run, at batch 1
 # optimizers: train.py with budget, then optimizer_config, once per optimizer (train_overrides too)
 optimizers = "adamw:2e-3,sgd:0.3,lion:3e-4,muon:2e-3"  # name:learning_rate (min_lr: a tenth of it)
-optimizer_config = "config/compare_transformer.py"
+optimizer_config = "config/compare_modern.py"
 plot_file = ""              # optimizers: the loss-versus-time plot (.png); "" = none
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
@@ -659,7 +659,8 @@ def bench_optimizers():
     try:
         runs = {name: float(lr) for name, lr in (pair.split(":") for pair in optimizers.split(","))}
     except ValueError:
-        fail(f"optimizers={optimizers!r} must be name:learning_rate pairs separated by commas, e.g. adamw:2e-3,lion:3e-4")
+        fail(f"optimizers={optimizers!r} must be name:learning_rate pairs separated by commas, "
+             "e.g. adamw:2e-3,lion:3e-4")
     for path in (budget, optimizer_config):
         if path and not os.path.isfile(path):
             fail(f"config file not found: {path}")

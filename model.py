@@ -88,7 +88,8 @@ class ModelConfig:
         if self.head == "adaptive":
             self.cutoffs()  # checked now, not at the first forward
             if self.tie_embeddings:
-                raise ValueError("head='adaptive' has its own output matrices, one per cluster: set tie_embeddings=False")
+                raise ValueError("head='adaptive' has its own output matrices, one per cluster: "
+                                 "set tie_embeddings=False")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
                              "dataset prepared with --labels=True)")
@@ -492,7 +493,7 @@ class Model(nn.Module):
             nn.init.zeros_(module.bias)
 
     def make_head(self, wte):
-        if self.config.head == "adaptive":  # a head over the frequent tokens and the clusters, a smaller one per cluster
+        if self.config.head == "adaptive":  # frequent tokens and one row per cluster, then a smaller head each
             self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(self.config.n_embd, self.config.vocab_size,
                                                          self.config.cutoffs(), div_value=4.0)
             return
