@@ -2,6 +2,7 @@
 activation checkpointing, label smoothing, the adaptive softmax head and the sequence-length
 warm-up. Two short runs carry most of the options at once, and each resumes bit for bit."""
 import copy
+import json
 import io
 import math
 import os
@@ -306,3 +307,31 @@ def test_optimizer_state_is_one_state_dict_for_muon_and_adamw_together():
         group["lr"] = 0.5
     assert all(g["lr"] == 0.5 for o in other.optimizers for g in o.param_groups)
     assert not math.isnan(loss.item())
+
+
+# ---- bench.py --what=optimizers: one run per optimizer, a plot and a table ----------------------
+
+def test_the_optimizer_comparison_trains_each_optimizer_and_writes_its_plot_and_table(tmp_path, dataset):
+    data_dir, name = dataset
+    readme = tmp_path / "options.md"
+    readme.write_text("# Options\n\n<!-- optimizers:begin -->\nold\n<!-- optimizers:end -->\nafter\n")
+    done = run_script("bench.py", "--what=optimizers", "--optimizers=muon:3e-3", "--budget=",
+                      f"--data_dir={data_dir}", f"--dataset={name}", f"--work_dir={tmp_path / 'runs'}",
+                      f"--plot_file={tmp_path / 'plot.png'}", f"--readme={readme}",
+                      "--train_overrides=--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 "
+                      "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
+                      "--eval_interval=3 --eval_iters=2 --compile=False")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["runs"]) == {"muon"} and result["runs"]["muon"]["iters"] == 3
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- optimizers:end -->\nafter\n")
+    assert "| muon | 0.003 | 3 |" in text
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--optimizers=adamw"], "must be name:learning_rate pairs"),
+    (["--optimizer_config=config/nothing.py"], "config file not found: config/nothing.py")])
+def test_the_optimizer_comparison_refuses_bad_settings_in_one_line(args, fragment):
+    assert_clear_error(run_in_process("bench.py", "--what=optimizers", *args), fragment)
