@@ -27,6 +27,12 @@ written into that file between the lines <!-- study:begin --> and <!-- study:end
 
     python bench.py --what=study --readme=docs/study.md
 
+The optimizers on the same run: train.py once per optimizer (budget, then optimizer_config),
+each one's loss against wall time in one plot and a table (into --readme between the lines
+<!-- optimizers:begin --> and <!-- optimizers:end -->):
+
+    python bench.py --what=optimizers --plot_file=docs/optimizers.png --readme=docs/training-options.md
+
 How fast a trained run writes: time to the first token and new tokens/s, with and
 without the cache, at each batch size, in fp32 and (where the device has the units) bf16:
 
@@ -73,6 +79,9 @@ from model import ModelConfig, build_model
 globals().update({f.name: f.default for f in fields(ModelConfig)})
 # batch
 batch_size = 12             # rows of random tokens per step, each block_size long
+# training options (train: how the step computes)
+optimizer = "adamw"         # adamw | sgd | lion | muon
+grad_checkpoint = False     # recompute each block's activations in the backward pass
 # timing
 warmup_iters = 3            # not timed: torch.compile and allocator warm-up happen here
 iters = 10                  # timed; the median is reported
@@ -86,7 +95,7 @@ flash_only = False          # attention only on the flash kernels (CUDA): a mode
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare | attention | study | decode | serve | gpu
+what = "train"              # train | tokenizers | prepare | attention | study | decode | serve | gpu | optimizers
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
@@ -117,6 +126,10 @@ draft_out_dir = ""          # decode: also time speculative decoding with this d
 serve_clients = "1,4,16"    # clients at once, each sending its next request when its last one is answered
 serve_seconds = 15.0        # how long each number of clients sends
 serve_new_tokens = 64       # each request: max_new_tokens, sampled (temperature 0.8, top_k 200), ignore_eos
+# optimizers: train.py with budget, then optimizer_config, once per optimizer (train_overrides too)
+optimizers = "adamw:2e-3,sgd:0.3,lion:3e-4,muon:2e-3"  # name:learning_rate (min_lr: a tenth of it)
+optimizer_config = "config/compare_modern.py"
+plot_file = ""              # optimizers: the loss-versus-time plot (.png); "" = none
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 from runtime import machine  # noqa: E402
@@ -438,26 +451,26 @@ BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 BUDGET = ("dataset", "block_size", "batch_size", "gradient_accumulation_steps", "max_iters", "seed")
 
 
-def read_readme():
+def read_readme(begin=BEGIN, end=END):
     """readme's text, line endings as they are; it must hold both markers once, in order, or neither."""
     try:
         with open(readme, encoding="utf-8", newline="") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read readme={readme} ({getattr(e, 'strerror', None) or e})")
-    if (text.count(BEGIN), text.count(END)) not in ((0, 0), (1, 1)) or text.find(BEGIN) > text.find(END):
-        fail(f"{readme} must have the lines {BEGIN} and {END} once each and in that order, or neither "
+    if (text.count(begin), text.count(end)) not in ((0, 0), (1, 1)) or text.find(begin) > text.find(end):
+        fail(f"{readme} must have the lines {begin} and {end} once each and in that order, or neither "
              "(then a section holding them is added at its end)")
     return text
 
 
-def with_table(text, table):
-    """text with table between the markers (or, without markers, a new last section that holds
-    them); everything outside the markers stays byte for byte."""
-    if BEGIN not in text:
+def with_table(text, table, begin=BEGIN, end=END, title="LSTM vs Transformer"):
+    """text with table between the markers (or, without markers, a new last section, titled title,
+    that holds them); everything outside the markers stays byte for byte."""
+    if begin not in text:
         return (text + ("\n" if text and not text.endswith("\n") else "")
-                + f"\n## LSTM vs Transformer\n\n{BEGIN}\n{table}{END}\n")
-    return text[:text.index(BEGIN) + len(BEGIN)] + "\n" + table + text[text.index(END):]
+                + f"\n## {title}\n\n{begin}\n{table}{end}\n")
+    return text[:text.index(begin) + len(begin)] + "\n" + table + text[text.index(end):]
 
 
 def prepare_study_dataset():
@@ -571,6 +584,17 @@ def study_table(runs, batches):
     return "\n".join(lines) + "\n"
 
 
+def train_override_words():
+    """train_overrides as a list of --key=value words, or a clear error."""
+    try:
+        overrides = shlex.split(train_overrides)
+    except ValueError as e:  # an unclosed quote
+        fail(f"train_overrides={train_overrides!r}: {e}")
+    if not all(o.startswith("--") for o in overrides):
+        fail(f"train_overrides={train_overrides!r} must be --key=value words for train.py")
+    return overrides
+
+
 def bench_study():
     paths = configs.split(",")
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
@@ -582,12 +606,7 @@ def bench_study():
     batches = positive_ints("gen_batch_sizes", gen_batch_sizes)
     if min(gen_prompt_tokens, gen_new_tokens, repeats) < 1:
         fail("gen_prompt_tokens, gen_new_tokens and repeats must be at least 1")
-    try:
-        overrides = shlex.split(train_overrides)
-    except ValueError as e:  # an unclosed quote
-        fail(f"train_overrides={train_overrides!r}: {e}")
-    if not all(o.startswith("--") for o in overrides):
-        fail(f"train_overrides={train_overrides!r} must be --key=value words for train.py")
+    overrides = train_override_words()
     try:
         where, ptdtype = device_and_dtype()
     except ValueError as e:
@@ -636,6 +655,97 @@ def bench_study():
         print(f"wrote the table into {readme}")
     print(json.dumps({"runs": runs, "dataset": dataset, "val_tokens": len(val_ids), "val_chars": val_chars,
                       "device": where, "dtype": dtype_name, "readme": readme}))
+
+
+# ---- optimizers: loss against time of each optimizer on the same run ------------------------
+
+OPTIMIZERS_BEGIN, OPTIMIZERS_END = "<!-- optimizers:begin -->", "<!-- optimizers:end -->"
+
+
+def bench_optimizers():
+    """train.py with budget and optimizer_config once per optimizer of `optimizers`, the same
+    model, batches and schedule shape; each one's loss against wall time in one plot (plot_file)
+    and a table (into readme between the optimizers markers)."""
+    try:
+        runs = {name: float(lr) for name, lr in (pair.split(":") for pair in optimizers.split(","))}
+    except ValueError:
+        fail(f"optimizers={optimizers!r} must be name:learning_rate pairs separated by commas, "
+             "e.g. adamw:2e-3,lion:3e-4")
+    for path in (budget, optimizer_config):
+        if path and not os.path.isfile(path):
+            fail(f"config file not found: {path}")
+    overrides = train_override_words()
+    if plot_file:
+        try:
+            import matplotlib
+        except ImportError:
+            fail("the plot needs matplotlib: pip install matplotlib==3.11.2")
+        matplotlib.use("Agg")  # files only, no window
+    if readme:
+        read_readme(OPTIMIZERS_BEGIN, OPTIMIZERS_END)
+    try:
+        where, ptdtype = device_and_dtype()
+    except ValueError as e:
+        fail(str(e))
+    root = work_dir or tempfile.mkdtemp(prefix="nanolex-optimizers-")
+    logs, rss = {}, {}
+    try:
+        prepare_study_dataset()
+        for name, lr in runs.items():
+            out = os.path.join(root, name)
+            if os.path.exists(os.path.join(out, "ckpt.pt")):
+                fail(f"{out} already holds a run: remove it or choose another --work_dir")
+            _, rss[name] = train_run(optimizer_config, out, overrides + [
+                f"--optimizer={name}", f"--learning_rate={lr}", f"--min_lr={lr / 10}"])
+            with open(os.path.join(out, "log.jsonl")) as f:
+                logs[name] = [json.loads(line) for line in f]
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    rows = {}
+    for name, log in logs.items():
+        final = [r for r in log if "val_loss" in r][-1]
+        speeds = [r["tok_per_s"] for r in log if "tok_per_s" in r]
+        rows[name] = {"learning_rate": runs[name], "iters": final["iter"], "val_loss": round(final["val_loss"], 4),
+                      "val_bpb": round(final["val_bpb"], 4) if "val_bpb" in final else None,
+                      "train_s": final["elapsed_s"], "tok_per_s": statistics.median_high(speeds) if speeds else None,
+                      "peak_rss_mb": round(rss[name], 1)}
+    lines = ["| optimizer | learning rate | iterations | val loss | val bpb | train s | train tok/s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['learning_rate']:g} | {r['iters']} | {r['val_loss']:.3f} | "
+                     + (f"{r['val_bpb']:.3f}" if r["val_bpb"] is not None else "-")
+                     + f" | {r['train_s']:.0f} | {r['tok_per_s']:,.0f} | {r['peak_rss_mb']:.0f} |")
+    table = "\n".join(lines) + (
+        f"\n\nval loss and bpb: train.py's last eval; train s: wall time at it (evals included); tok/s: median of "
+        f"the logged steps; peak RSS: the train.py process's own. `python bench.py {shlex.join(sys.argv[1:])}` on "
+        f"{machine(where)}, torch {torch.__version__}, {str(ptdtype).removeprefix('torch.')} on {where}, "
+        f"{time.strftime('%Y-%m-%d')}.\n")
+    print(table, end="")
+    if plot_file:
+        import matplotlib.pyplot as plt
+        figure, axes = plt.subplots(figsize=(8, 5))
+        for name, log in logs.items():
+            steps = [r for r in log if "tok_per_s" in r]
+            evals = [r for r in log if "val_loss" in r]
+            line, = axes.plot([r["elapsed_s"] for r in steps], [r["loss"] for r in steps], alpha=0.5, linewidth=1)
+            axes.plot([r["elapsed_s"] for r in evals], [r["val_loss"] for r in evals], "o-", color=line.get_color(),
+                      label=f"{name} (lr {runs[name]:g}): val loss")
+        axes.set_xlabel("wall time, s (evals included)")
+        axes.set_ylabel("loss, nats per token (thin: train, dots: val)")
+        axes.set_title(f"optimizers on {dataset}")
+        axes.legend()
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(plot_file, dpi=100)
+        print(f"wrote {plot_file}")
+    if readme:
+        from runtime import save_atomically
+        text = with_table(read_readme(OPTIMIZERS_BEGIN, OPTIMIZERS_END), table, OPTIMIZERS_BEGIN, OPTIMIZERS_END,
+                          "Optimizers")
+        save_atomically(readme, lambda f: f.write(text.encode("utf-8")))
+        print(f"wrote the table into {readme}")
+    print(json.dumps({"runs": rows, "dataset": dataset, "device": where, "plot": plot_file, "readme": readme}))
 
 
 # ---- decode: generation speed of a trained run ------------------------------------------------
@@ -932,7 +1042,8 @@ def bench_gpu():
 
 
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
-         "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu}
+         "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu,
+         "optimizers": bench_optimizers}
 if what != "train" and what not in MODES:
     fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
 if what in MODES:
@@ -989,7 +1100,11 @@ if device_type == "cpu":
     keep_freed_memory()  # as train.py does, for both paths
 torch.manual_seed(seed)
 model = build_model(model_config).to(device)
-optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
+try:
+    model.set_training_options(grad_checkpoint)
+except ValueError as e:
+    fail(str(e))
+optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
 step_model = torch.compile(model) if use_compile else model
 batch = random_batch(model_config, device)
 

@@ -410,7 +410,7 @@ def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, 
     def read(m, cache, extra, more):
         """m's logits (n, vocab) after each token of seq[cache.pos:] + more."""
         new = torch.tensor([seq[cache.pos:] + more], device=device)
-        return m.lm_head(m.hidden(new, cache, **extra))[0, :, :vocab].float()
+        return m.logits(m.hidden(new, cache, **extra))[0, :, :vocab].float()
 
     def dist(logits):  # normalized: min_p leaves probabilities() unnormalized, and p / q needs them whole
         probs = probabilities(logits, o["temperature"], o["top_k"], o["top_p"], o["min_p"])

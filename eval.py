@@ -245,7 +245,7 @@ def next_token_scores(model, ids, labels, stride, batch_size, ctx):
         (B, P, C) that predict ids[end - P:end]: of each row the last end - first count."""
         ends = torch.tensor([end for _, end in spans], device=device)
         target = ids_t[ends[:, None] - hidden.size(1) + torch.arange(hidden.size(1), device=device)]  # (B, P)
-        logits = model.lm_head(hidden).float()  # (B, P, V)
+        logits = model.logits(hidden).float()  # (B, P, V)
         loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         best = torch.topk(logits, min(5, logits.size(-1))).indices == target[..., None]  # (B, P, 5)
         found = [x.cpu().numpy() for x in (loss, best[..., 0], best.any(dim=-1))]

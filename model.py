@@ -35,8 +35,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
+OPTIMIZERS = ("adamw", "sgd", "lion", "muon")  # Model.configure_optimizer's kinds
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ModelConfig:
     n_labels: int = 0          # conditional: how many control labels there are (train.py: the dataset's)
     tie_embeddings: bool = True    # the head reuses the token embedding's matrix
     rope_theta: float = 10000.0    # rope: the base of its rotation frequencies
+    head: str = "softmax"      # softmax | adaptive (adaptive softmax: rarer tokens in smaller clusters; untied)
+    adaptive_cutoffs: str = ""  # adaptive: token ids where the clusters start, e.g. "2000,10000"; "" = V/25, V/5
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -85,6 +89,13 @@ class ModelConfig:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.norm_eps < 0:
             raise ValueError(f"norm_eps must be 0 (the default) or positive, got {self.norm_eps}")
+        if self.head not in ("softmax", "adaptive"):
+            raise ValueError(f"head={self.head!r} is not one of softmax, adaptive")
+        if self.head == "adaptive":
+            self.cutoffs()  # checked now, not at the first forward
+            if self.tie_embeddings:
+                raise ValueError("head='adaptive' has its own output matrices, one per cluster: "
+                                 "set tie_embeddings=False")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
                              "dataset prepared with --labels=True)")
@@ -105,6 +116,19 @@ class ModelConfig:
                              f"n_expert={self.n_expert}, expert_top_k={self.expert_top_k}")
         if self.expert_capacity <= 0 or self.balance_weight < 0:
             raise ValueError("expert_capacity must be positive and balance_weight not negative")
+
+    def cutoffs(self):
+        """The adaptive head's cutoffs: increasing token ids in (0, vocab_size), each starting a cluster
+        (the ids are taken as ordered by frequency, as a BPE's merges roughly are)."""
+        text = self.adaptive_cutoffs or f"{max(1, self.vocab_size // 25)},{max(2, self.vocab_size // 5)}"
+        try:
+            cutoffs = [int(c) for c in text.split(",")]
+        except ValueError:
+            raise ValueError(f"adaptive_cutoffs={text!r} is not a comma-separated list of token ids") from None
+        if not all(a < b for a, b in zip([0] + cutoffs, cutoffs)) or cutoffs[-1] >= self.vocab_size:
+            raise ValueError(f"adaptive_cutoffs={text!r} must increase, each between 0 and the vocabulary's "
+                             f"{self.vocab_size} (exclusive)")
+        return cutoffs
 
     @classmethod
     def from_settings(cls, settings):
@@ -410,6 +434,8 @@ class Stack(nn.Module):
     """n_layer blocks and a final norm: the body of every transformer here. It owns what the
     blocks share: the position tables that act inside attention (rope, alibi) and the mask."""
 
+    grad_checkpoint = False  # training: keep only each block's input; Model.set_training_options sets it
+
     def __init__(self, config, causal, cross=False):
         super().__init__()
         self.causal, self.linear = causal, config.attention == "linear"
@@ -438,8 +464,11 @@ class Stack(nn.Module):
             if mask is not None and mask.is_floating_point():  # alibi's biases: cast once, not in every layer
                 mask = mask.to(compute_dtype(x.device.type, x.dtype))
         memory_mask = memory_keep[:, None, None, :] if memory_keep is not None else None  # (B, 1, 1, S)
+        recompute = self.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, mask, is_causal, cache, layer, memory, memory_mask)
+            args = (x, rope, mask, is_causal, cache, layer, memory, memory_mask)
+            # recomputed in the backward pass, with the same dropout masks (checkpoint restores the RNG)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
@@ -469,6 +498,23 @@ class Model(nn.Module):
     """What every architecture shares: initialization, the output head and loss, parameter
     and FLOP counts, and the optimizer."""
 
+    label_smoothing = 0.0  # of the training loss only; set by set_training_options
+
+    def set_training_options(self, grad_checkpoint=False, label_smoothing=0.0):
+        """How training computes, not what the model is (neither is in model_args): grad_checkpoint
+        recomputes each block's activations in the backward pass instead of keeping them (the memory
+        of one block's, not n_layer's, for a second forward pass); label_smoothing gives that share
+        of each target's probability to the whole vocabulary, in training only, so eval losses and
+        bits per byte stay the model's own."""
+        stacks = [m for m in self.modules() if isinstance(m, Stack)]
+        if label_smoothing and self.config.head == "adaptive":
+            raise ValueError("label_smoothing is not available with head='adaptive' (its loss takes no smoothing)")
+        if grad_checkpoint and not stacks:
+            raise ValueError(f"grad_checkpoint recomputes transformer blocks; arch={self.config.arch!r} has none")
+        for stack in stacks:
+            stack.grad_checkpoint = grad_checkpoint
+        self.label_smoothing = label_smoothing
+
     def init_weights(self):
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections down so the residual stream's variance
@@ -486,21 +532,43 @@ class Model(nn.Module):
             nn.init.zeros_(module.bias)
 
     def make_head(self, wte):
+        if self.config.head == "adaptive":  # frequent tokens and one row per cluster, then a smaller head each
+            self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(self.config.n_embd, self.config.vocab_size,
+                                                         self.config.cutoffs(), div_value=4.0)
+            return
         self.lm_head = nn.Linear(self.config.n_embd, self.config.vocab_size, bias=False)
         if self.config.tie_embeddings:
             wte.weight = self.lm_head.weight
 
+    def logits(self, x):
+        """Hidden states (..., C) -> logits (..., vocab). The adaptive head gives log-probabilities,
+        which are logits too: softmax, temperature, top-k and argmax treat them alike."""
+        if self.config.head == "adaptive":
+            with torch.autocast(x.device.type, enabled=False):  # torch's adaptive head mixes dtypes under autocast
+                return self.lm_head.log_prob(x.reshape(-1, x.size(-1)).float()).view(*x.shape[:-1], -1)
+        return self.lm_head(x)
+
     def head(self, x, targets, every_position=False):
         """Final hidden states (B, T, C) -> logits, and the mean loss if targets are given
         (targets of -1 do not count). Without targets a causal model needs only the last
-        position's logits; every_position (the encoder) asks for all of them."""
+        position's logits; every_position (the encoder) asks for all of them. The adaptive head
+        in training gives the loss alone: it skips the clusters a batch's targets are not in."""
         if targets is None:
-            return self.lm_head(x if every_position else x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+            return self.logits(x if every_position else x[:, [-1], :]), None
+        if self.config.head == "adaptive" and self.training:
+            counted = targets.reshape(-1) != -1
+            with torch.autocast(x.device.type, enabled=False):
+                loss = self.lm_head(x.reshape(-1, x.size(-1))[counted].float(), targets.reshape(-1)[counted]).loss
+            return None, self.with_balance_loss(loss)
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
+                               label_smoothing=self.label_smoothing if self.training else 0.0)
+        return logits, self.with_balance_loss(loss)
+
+    def with_balance_loss(self, loss):
         if self.config.n_expert and self.training:  # eval losses stay comparable with dense models
             loss = loss + self.config.balance_weight * self.balance_loss()
-        return logits, loss
+        return loss
 
     def balance_loss(self):
         """The experts' load-balancing loss of the last forward, averaged over the MoE layers."""
@@ -517,16 +585,41 @@ class Model(nn.Module):
             n -= self.wpe_of().weight.numel()
         return n
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (linear layers, embeddings) only."""
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, kind="adamw", momentum=0.95):
+        """kind (OPTIMIZERS) with weight decay on matrices (linear layers, embeddings) only: AdamW; SGD
+        with Nesterov momentum; Lion (betas are its beta1, beta2); or Muon for the hidden matrices
+        (hidden_matrices()) and AdamW for the rest, stepped as one (Optimizers)."""
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer={kind!r} is not one of {', '.join(OPTIMIZERS)}")
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
-        decayed = [p for name, p in named if p.dim() >= 2 and not name.endswith("bias")]  # (MoE's biases are 2-D)
-        groups = [{"params": decayed, "weight_decay": weight_decay},
-                  {"params": [p for name, p in named if not (p.dim() >= 2 and not name.endswith("bias"))],
-                   "weight_decay": 0.0}]
+        params = [p for _, p in named]
+        muon = {id(p) for p in self.hidden_matrices()} if kind == "muon" else set()
+        matrix = {id(p) for name, p in named if p.dim() >= 2 and not name.endswith("bias")}  # (MoE's biases are 2-D)
+        groups = [{"params": [p for p in params if id(p) in matrix and id(p) not in muon], "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) not in matrix], "weight_decay": 0.0}]
+        if kind == "sgd":
+            return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum, nesterov=True)
+        if kind == "lion":
+            return Lion(groups, lr=learning_rate, betas=betas)
         # one fused kernel for the whole update on CUDA and CPU; multi-tensor (foreach) elsewhere
-        kind = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **kind)
+        fused = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
+        if kind != "muon":
+            return adamw
+        # Moonshot's scaling of the update (0.2 sqrt(max(rows, cols))) gives it AdamW's RMS: one
+        # learning_rate and weight_decay serve both optimizers
+        matrices = torch.optim.Muon([p for p in params if id(p) in muon], lr=learning_rate, weight_decay=weight_decay,
+                                    momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(matrices, adamw)
+
+    def hidden_matrices(self):
+        """Muon's parameters: the weight matrices inside the network (every Linear's, the LSTM's),
+        not the embeddings and not the output head (nor the embedding tied to it). A fused matrix
+        (attention's q, k, v; swiglu's gate and up) is one matrix to it: torch's Muon takes whole
+        2-D parameters, and its shape-scaled step keeps each block's share of the update."""
+        head = list(self.lm_head.modules())  # (an adaptive head is several Linears)
+        return [p for m in self.modules() if isinstance(m, (nn.Linear, nn.LSTM)) and not any(m is h for h in head)
+                for p in m.parameters() if p.dim() == 2]
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (forward + backward;
@@ -625,7 +718,7 @@ class GPT(Model):
         for generation (engine.Engine(compile=True)). next_logits moves cache.pos."""
         pos = cache.index if cache.pad is None else (cache.index - cache.pad).clamp(min=0)[:, None]
         x = self.embed(idx, pos, labels)
-        return self.lm_head(self.body.step(x, pos, cache))
+        return self.logits(self.body.step(x, pos, cache))
 
 
 # ----------------------------------------------------------------------------------
@@ -898,6 +991,59 @@ class LSTM(Model):
         else:
             logits, _ = self(idx[:, -1:], cache=cache)
         return logits[:, -1], cache
+
+
+# ----------------------------------------------------------------------------------
+# Optimizers that torch does not have, and several stepped as one
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): each weight moves by
+    exactly lr times the sign of an interpolation of momentum and gradient (beta1), plus decoupled
+    weight decay; the momentum then follows the gradient with beta2. One state tensor per weight
+    (AdamW: two). It wants a learning rate 3-10x below AdamW's and a weight decay as much above."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = momentum.lerp(p.grad, 1 - beta1).sign_()  # sign(beta1 m + (1 - beta1) g)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+                momentum.lerp_(p.grad, 1 - beta2)  # m = beta2 m + (1 - beta2) g
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, used as one (Muon's matrices, AdamW's rest):
+    the param_groups of all (a schedule sets each group's lr), step, zero_grad, and one state_dict."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for optimizer, its_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(its_state)
 
 
 def build_model(config, state=None):

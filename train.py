@@ -64,19 +64,27 @@ globals().update({f.name: f.default for f in fields(ModelConfig) if f.name not i
 # objectives of the encoder (masked-language modelling) and encdec (span corruption)
 mask_prob = 0.15            # share of tokens masked (encoder: 80% <|mask|>, 10% random, 10% kept) or cut out (encdec)
 span_length = 3             # encdec: tokens per cut-out span
-# optimizer: AdamW
+# optimizer
+optimizer = "adamw"         # adamw | sgd | lion | muon (Muon for the hidden matrices, AdamW for the rest)
 learning_rate = 6e-4
 max_iters = 600000
 max_seconds = 0.0           # > 0: the run's wall-time budget (across resumes): warmup and decay follow the share used
 weight_decay = 1e-1
-beta1 = 0.9
+beta1 = 0.9                 # AdamW's and Lion's betas
 beta2 = 0.95
+momentum = 0.95             # sgd, muon: Nesterov momentum
 grad_clip = 1.0             # 0 = off
-# learning rate schedule: linear warmup, cosine decay to min_lr
-decay_lr = True
+# learning rate schedule: linear warmup over warmup_iters, then lr_schedule down to min_lr at lr_decay_iters
+lr_schedule = "cosine"      # cosine | linear | wsd (stable at learning_rate, then a linear decay) | constant
 warmup_iters = 2000
 lr_decay_iters = 600000
+wsd_decay_iters = 0         # wsd: the decay, the last this many iterations up to lr_decay_iters; 0 = a fifth
 min_lr = 6e-5
+# training options
+grad_checkpoint = False     # recompute each block's activations in the backward pass: less memory, more compute
+label_smoothing = 0.0       # of the training loss; eval losses (and bits per byte) stay unsmoothed
+block_size_schedule = 0     # > 0: training windows grow from block_size_start to block_size over this many iterations
+block_size_start = 64       # block_size_schedule: the first window, and the step it grows by
 # system
 device = "auto"             # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16
@@ -94,7 +102,33 @@ check_ranges(globals(), {
     "mask_prob": "(0, 1)", "span_length": ">= 1", "learning_rate": "> 0", "min_lr": ">= 0",
     "max_iters": ">= 0", "max_seconds": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
-    "ddp_timeout": "> 0"})
+    "ddp_timeout": "> 0", "momentum": "[0, 1)", "wsd_decay_iters": ">= 0", "label_smoothing": "[0, 1)",
+    "block_size_schedule": ">= 0", "block_size_start": ">= 1"})
+LR_SCHEDULES = ("cosine", "linear", "wsd", "constant")
+if lr_schedule == "wsd" and not wsd_decay_iters:
+    wsd_decay_iters = max(1, (lr_decay_iters - warmup_iters) // 5)
+
+
+def check_training_options():
+    """The optimizer, the schedules and the options, against each other and the run's length."""
+    from model import OPTIMIZERS
+    if optimizer not in OPTIMIZERS:
+        fail(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if lr_schedule not in LR_SCHEDULES:
+        fail(f"lr_schedule={lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if lr_schedule == "wsd" and not warmup_iters + wsd_decay_iters <= lr_decay_iters <= max_iters:
+        fail(f"lr_schedule=wsd does not fit the run: warmup_iters={warmup_iters} + wsd_decay_iters={wsd_decay_iters} "
+             f"must fit in lr_decay_iters={lr_decay_iters}, which must be at most max_iters={max_iters}")
+    if block_size_schedule > max_iters:
+        fail(f"block_size_schedule={block_size_schedule} iterations is longer than the run (max_iters={max_iters}): "
+             "the windows would never reach block_size")
+    if block_size_schedule and not block_size_start <= block_size:
+        fail(f"block_size_start={block_size_start} is longer than block_size={block_size}")
+    if block_size_schedule and arch == "encdec":
+        fail("block_size_schedule shortens windows of one sequence; arch='encdec' pairs a source with a target")
+
+
+check_training_options()
 if tensorboard:  # the optional sinks' packages, imported only when asked for, before anything is written
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -297,6 +331,9 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         bad_steps, seconds_before = checkpoint.get("bad_steps", 0), checkpoint.get("seconds", 0.0)
+        if checkpoint["config"].get("optimizer", "adamw") != optimizer:  # its state would not fit
+            fail(f"{init_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}, not "
+                 f"{optimizer}: resume it with that one")
         sampler = checkpoint["sampler"]
         if any(sampler.get(k) != globals()[k] for k in ("seed", "batch_size", "gradient_accumulation_steps")):
             log("warning: seed, batch size or gradient accumulation differ from the checkpoint's; "
@@ -326,7 +363,12 @@ log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)
 log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
     f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration")
 
-optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+try:
+    model.set_training_options(grad_checkpoint, label_smoothing)
+except ValueError as e:
+    fail(str(e))
+# the setting's name, now the optimizer itself (checkpoints keep the setting in their config)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, momentum)
 if checkpoint and init_from == "resume":
     optimizer.load_state_dict(checkpoint["optimizer"])
 # fp16 has too little range for small gradients: scale the loss up, unscale before the step
@@ -455,20 +497,35 @@ def estimate_loss():
 
 
 def get_lr(it, seconds=0.0):
-    """The learning rate of iteration it, seconds into the run: linear warmup over warmup_iters, then
-    cosine decay to min_lr at lr_decay_iters. With max_seconds the schedule runs on whichever is
-    further along, the iterations or the share of the time budget used (that share of
-    lr_decay_iters), so a run the clock stops has still warmed up and decayed in full."""
-    if not decay_lr:
-        return learning_rate
+    """lr_schedule's learning rate at iteration it, seconds into the run, after the linear warmup.
+    With max_seconds the schedule runs on whichever is further along, the iterations or the share
+    of the time budget used (that share of lr_decay_iters), so a run the clock stops has still
+    warmed up and decayed in full."""
     if max_seconds > 0:
         it = max(it, seconds / max_seconds * lr_decay_iters)
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
+    if lr_schedule == "constant":
+        return learning_rate
     if it > lr_decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    decay_start = lr_decay_iters - wsd_decay_iters if lr_schedule == "wsd" else warmup_iters
+    if it < decay_start:  # wsd's stable part
+        return learning_rate
+    ratio = (it - decay_start) / max(1, lr_decay_iters - decay_start)
+    if lr_schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    return learning_rate - ratio * (learning_rate - min_lr)  # linear, and wsd's decay
+
+
+def window_length(it):
+    """The training window at iteration it: block_size_schedule's growth from block_size_start to
+    block_size, in steps of block_size_start; a function of the iteration alone, so a resumed run
+    trains on the windows the uninterrupted one would have."""
+    if it >= block_size_schedule:
+        return block_size
+    grown = block_size_start + (block_size - block_size_start) * it / block_size_schedule
+    return int(grown // block_size_start) * block_size_start
 
 
 def save(iter_num, val_loss=None):
@@ -552,6 +609,8 @@ def train_step(iter_num):
         place = rank * grad_accum + micro_step  # this micro-batch's place in the global batch
         torch.manual_seed(stream_seed(DROPOUT, iter_num, place))
         batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
+        if window_length(iter_num) < block_size:  # the first columns of the full-length draw
+            batch = {k: v[:, :window_length(iter_num)] if v.dim() == 2 else v for k, v in batch.items()}
         # under DDP, average gradients across processes only once, after the last micro-step
         sync = not ddp or micro_step == grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
@@ -644,7 +703,7 @@ try:
             group["lr"] = lr
         step_loss, step_balance, grad_norm, fault, clock, stopping, out_of_time = train_step(iter_num)
         iter_num += 1
-        tokens_since_log += tokens_per_iter
+        tokens_since_log += tokens_per_iter * window_length(iter_num - 1) // block_size
         pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))
         good = fault == 0  # a skipped step's loss is not in the mean (it is not finite)
         loss_sum += torch.where(good, step_loss, 0.0)
@@ -670,6 +729,8 @@ try:
                      "peak_mem_mb": round(peak_memory_mb(device), 1), "elapsed_s": round(time.time() - t_start, 3)}
             line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
                     f"{tok_per_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+            if block_size_schedule:  # the window of the last step
+                entry["block_size"] = window_length(iter_num - 1)
             if n_expert:  # 1.0 = tokens spread evenly over the experts
                 entry["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
