@@ -415,9 +415,11 @@ if teacher:
              "and its student must share one tokenizer")
     if (teacher_model.config.arch, teacher_model.config.vocab_size) != (model_config.arch, model_config.vocab_size):
         fail(f"teacher={teacher} is a {teacher_model.config.arch!r} model of {teacher_model.config.vocab_size} "
-             f"vocabulary rows; the student is a {model_config.arch!r} model of {model_config.vocab_size}: they must match")
+             f"vocabulary rows; the student is a {model_config.arch!r} model of {model_config.vocab_size}: "
+             "they must match")
     if teacher_model.config.block_size < block_size:
-        fail(f"teacher={teacher} reads at most {teacher_model.config.block_size} tokens, less than block_size={block_size}")
+        fail(f"teacher={teacher} reads at most {teacher_model.config.block_size} tokens, less than "
+             f"block_size={block_size}")
     teacher_model.requires_grad_(False)  # in eval mode (load_run's), and only ever run under no_grad
     log(f"distilling {teacher} ({teacher_model.num_params() / 1e6:.2f}M parameters): weight {distill_weight}, "
         f"temperature {distill_temperature}")
