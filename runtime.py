@@ -1,13 +1,15 @@
 """
 What train.py, sample.py and bench.py share to run a model: picking the device and
-precision, writing and reading checkpoints and run directories, the device's peak
-FLOP/s that MFU is measured against, and int8 weights for decoding on a CPU.
+precision, writing and reading checkpoints and run directories (a LoRA run: its base run
+with its adapters on), the device's peak FLOP/s that MFU is measured against, and int8
+(or nf4) weights, for decoding on a CPU and as QLoRA's frozen base.
 """
 
 import ctypes
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -383,12 +385,15 @@ TORCHAO = "torchao==0.18.0"
 
 def torchao_nf4():
     """torchao's (to_nf4, linear_nf4), imported only when asked; ValueError naming the package without it."""
+    logging.disable(logging.WARNING)  # its notes on kernels for other hardware (CUDA, mxfp8) it does not load
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
     except ImportError:
         raise ValueError(f"nf4 weights need the optional package torchao: pip install {TORCHAO}") from None
+    finally:
+        logging.disable(logging.NOTSET)
     return to_nf4, linear_nf4
 
 
@@ -401,8 +406,8 @@ def quantize(model, kind="int8", training=False):
     matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear) and
     cross-attention's c_attn, whose weight CrossAttention splits itself.
     """
-    if kind not in ("int8", "nf4"):
-        raise ValueError(f"quantize={kind!r} is not supported; the kinds are int8 and nf4")
+    if kind != "int8" and not (training and kind == "nf4"):  # decoding: int8's kernels are the fast ones
+        raise ValueError(f"quantize={kind!r} is not supported; the one kind is int8")
     device = next(model.parameters()).device
     if device.type != "cpu" and not training:
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device} (use --device=cpu)")
