@@ -1,7 +1,8 @@
 # LoRA: low-rank adapters on the attention's query and value projections of a frozen run, here the
 # main command's out-legal-small, adapted to one kind of document (the licenses under
 # /usr/share/common-licenses) in its own tokenizer:
-#   python prepare.py --input=/usr/share/common-licenses --dataset=licenses --tokenizer_from=out-legal-small
+#   mkdir -p licenses && for f in /usr/share/common-licenses/*; do cp -L "$f" "licenses/${f##*/}.txt"; done
+#   python prepare.py --input=licenses --dataset=licenses --tokenizer_from=out-legal-small
 #   python train.py config/finetune_lora.py
 #   python sample.py --out_dir=out-lora --start="The Licensee shall"        # base + adapters
 #   python train.py --merge_lora=out-lora --out_dir=out-lora-merged        # folded into one run
