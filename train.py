@@ -85,7 +85,7 @@ lora_base_weights = "float"  # the frozen base under the adapters: float | int8 
 merge_lora = ""             # a LoRA run's directory: write it, adapters folded into the weights, to out_dir; then exit
 teacher = ""                # a run's directory: distill it into this model (the same tokenizer and vocabulary)
 distill_weight = 0.5        # loss = (1 - distill_weight) x data loss + distill_weight x T^2 x KL(teacher || student)
-distill_temperature = 1.0   # T: both softmaxes of the KL term are taken at it (docs/finetuning.md: 1 beat 2)
+distill_temperature = 1.0   # T: both softmaxes of the KL term are taken at it
 # -----------------------------------------------------------------------------
 from configurator import check_ranges, configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
 given = set()  # the settings the config file and command line set: a run fine-tuned from does not override them
