@@ -58,11 +58,14 @@ def _parse_value(raw, default):
         return raw  # not a Python literal: left as text, and the type check says so
 
 
-def configure(settings, argv=None):
+def configure(settings, argv=None, given=None):
     """Apply a config file and --key=value overrides onto `settings` (a script's globals()).
 
-    Returns the settings as a plain dict, ready to be stored in a checkpoint.
+    Returns the settings as a plain dict, ready to be stored in a checkpoint. given, if a set,
+    gets the names of the settings the config file assigns and the flags set, whatever their
+    values: the ones a user chose, which nothing else (a run fine-tuned from) may override.
     """
+    given = set() if given is None else given
     argv = sys.argv[1:] if argv is None else argv
     known = sorted(k for k, v in settings.items()
                    if not k.startswith("_") and isinstance(v, SETTING_TYPES))
@@ -76,10 +79,12 @@ def configure(settings, argv=None):
             scope = {k: settings[k] for k in known}
             try:
                 with open(arg) as f:
-                    code = compile(f.read(), arg, "exec")
-                exec(code, scope)
+                    tree = ast.parse(f.read(), arg)
+                exec(compile(tree, arg, "exec"), scope)
             except Exception as e:  # a config file is user code: whatever it raises is a user error
                 fail(f"config file {arg} failed: {type(e).__name__}: {e}")
+            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            given.update(key for key in known if key in assigned or scope[key] is not settings[key])
             for key, value in scope.items():
                 if key.startswith("_") or key in known and value is settings[key]:
                     continue
@@ -98,6 +103,7 @@ def configure(settings, argv=None):
                     fail(f"--{key} needs a value: --{key}=...")
                 raw = "True"
             settings[key] = _coerce(key, _parse_value(raw, settings[key]), settings[key], f"--{key}")
+            given.add(key)
     for key in known:
         if isinstance(settings[key], str) and "\0" in settings[key]:
             fail(f"{key} contains a NUL byte")

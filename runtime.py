@@ -1,14 +1,17 @@
 """
 What train.py, sample.py and bench.py share to run a model: picking the device and
-precision, writing and reading checkpoints and run directories, the device's peak
-FLOP/s that MFU is measured against, int8 weights for decoding on a CPU, and the Hugging
-Face layout both ways (export.py writes it; hf:DIR runs are read from it).
+precision, writing and reading checkpoints and run directories (a LoRA run: its base run
+with its adapters on), the device's peak FLOP/s that MFU is measured against, int8 (or nf4)
+weights, for decoding on a CPU and as QLoRA's frozen base, and the Hugging Face layout both
+ways (export.py writes it; hf:DIR runs are read from it).
 """
 
 import ctypes
 import errno
 import functools
 import json
+import logging
+import math
 import os
 import resource
 import shutil
@@ -21,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from finetune import add_lora, fingerprint
 from model import CrossAttention, ModelConfig, MoE, build_model, compute_dtype
 from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_fingerprint
 
@@ -188,7 +192,9 @@ def check_vocab(model_vocab_size, tokenizer, where):
 
 def load_run(out_dir, device="cpu"):
     """A trained run from its directory alone: (model in eval mode, tokenizer, checkpoint dict).
-    out_dir "hf:DIR": a Hugging Face GPT-2 or Llama folder instead (see from_hf)."""
+    A LoRA run's model is its base run's (read from the directory its checkpoint names, and
+    checked by fingerprint) with the run's adapters on it. out_dir "hf:DIR": a Hugging Face
+    GPT-2 or Llama folder instead (see from_hf)."""
     if str(out_dir).startswith("hf:"):
         ckpt, tokenizer = from_hf(str(out_dir)[3:])
         return build_model(ModelConfig(**ckpt["model_args"]), ckpt["model"]).to(device).eval(), tokenizer, ckpt
@@ -201,11 +207,46 @@ def load_run(out_dir, device="cpu"):
     check_vocab(config.vocab_size, tokenizer, f"{out_dir}/ckpt.pt")
     if ckpt.get("tokenizer_fingerprint", tokenizer_fingerprint(out_dir)) != tokenizer_fingerprint(out_dir):
         raise ValueError(f"{out_dir}: the tokenizer files are not the ones ckpt.pt was trained with")
+    lora = ckpt.get("lora")
+    weights = load_lora_base(lora, device, out_dir)["model"] if lora else ckpt["model"]
     try:
-        model = build_model(config, ckpt["model"])
+        model = build_model(config, weights)
     except RuntimeError as e:
         raise ValueError(f"{out_dir}/ckpt.pt weights do not fit its model_args: {str(e).splitlines()[0]}")
-    return model.to(device).eval(), tokenizer, ckpt
+    model.to(device)
+    if lora:
+        attach_lora(model, lora, ckpt["model"], out_dir)
+    return model.eval(), tokenizer, ckpt
+
+
+def load_lora_base(lora, device, where):
+    """The checkpoint of the base run a LoRA run's adapters were trained on (lora: the run's
+    checkpoint's "lora" entry), refused unless its weights are the ones the adapters were made for."""
+    base = os.path.join(lora["base"], "ckpt.pt")
+    try:
+        ckpt = load_checkpoint(base, device)
+    except ValueError as e:
+        raise ValueError(f"{where} holds LoRA adapters for the run {lora['base']}, which does not load: {e}")
+    if ckpt.get("lora") or fingerprint(ckpt["model"]) != lora["base_fingerprint"]:
+        raise ValueError(f"{where} holds LoRA adapters trained on other weights than those now in {base}: the "
+                         "adapters fit only the base run they were trained on")
+    return ckpt
+
+
+def attach_lora(model, lora, adapters=None, where=""):
+    """Give model (its base weights loaded) the adapters lora's settings describe, in place: freeze
+    it, wrap the target layers, quantize the frozen base as lora["base_weights"] says, then load
+    adapters (a state dict of the adapters alone) if given. Returns the number of adapter parameters."""
+    trainable = add_lora(model, lora["targets"], lora["rank"], lora["alpha"], lora["dropout"])
+    if lora["base_weights"] != "float":
+        quantize(model, lora["base_weights"], training=True)
+    if adapters is not None:
+        missing, unexpected = model.load_state_dict(adapters, strict=False)
+        missing = [k for k in missing if ".lora_" in k]
+        if missing or unexpected:
+            raise ValueError(f"{where}: its adapters do not fit its LoRA settings "
+                             f"({(missing or unexpected)[0]} {'missing' if missing else 'unexpected'})")
+    return trainable
 
 
 def append_jsonl(path, record):
@@ -385,7 +426,22 @@ def peak_flops(device_type, dtype):
 
 
 # ----------------------------------------------------------------------------------
-# int8 weights for decoding on a CPU
+# int8 and nf4 weights: for decoding on a CPU, and as the frozen base of QLoRA
+
+class DequantizedLinear(torch.autograd.Function):
+    """x @ (qweight * scale)^T + bias whose backward keeps the int8 weight, not the float one: a
+    frozen quantized base whose float weights were saved for backward would take the memory back."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias):
+        ctx.save_for_backward(qweight, scale)
+        return F.linear(x, qweight.to(x.dtype) * scale[:, None].to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        return grad @ (qweight.to(grad.dtype) * scale[:, None].to(grad.dtype)), None, None, None
+
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is int8 with one scale per output row (symmetric: the row's largest
@@ -417,7 +473,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         dtype = compute_dtype(x.device.type, x.dtype)  # what a float Linear would return, under autocast too
         if self.packed is None:
-            return F.linear(x.float(), self.weight, self.bias).to(dtype)
+            return DequantizedLinear.apply(x.float(), self.qweight, self.scale, self.bias).to(dtype)
         # reduce_range: 7-bit inputs, so no int16 sum of two products saturates in the non-VNNI kernels
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, reduce_range=True).to(dtype)
 
@@ -442,28 +498,96 @@ def int8_backend():
     return "dynamic" if (got - want).norm() <= 0.05 * want.norm() else "dequantize"
 
 
-def quantize(model, kind="int8"):
-    """Give model's Linear layers int8 weights, in place, for decoding on the CPU; returns model.
-    Inference only: the int8 layers have no gradients.
+class NF4Linear(nn.Module):
+    """A Linear whose weight is torchao's NF4 (4-bit NormalFloat, QLoRA's: blocks of 64 weights
+    share a scale, the scales themselves quantized), multiplied by torchao's linear_nf4, whose
+    backward dequantizes again instead of keeping a float copy. No bias (the models here have
+    none by default; a bias stays float)."""
 
-    Every architecture: a tied head gets its own int8 copy (the embedding keeps the float
+    def __init__(self, linear, to_nf4, linear_nf4):
+        super().__init__()
+        w = linear.weight.detach().float()
+        if w.numel() % 64:
+            raise ValueError(f"nf4 quantizes blocks of 64 weights; a {tuple(w.shape)} weight has "
+                             f"{w.numel()} (use lora_base_weights=int8)")
+        # torchao quantizes the blocks' scales in groups of up to 256 that must divide their count
+        self.qweight = to_nf4(w, 64, math.gcd(w.numel() // 64, 256))
+        self.linear_nf4 = linear_nf4
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    @property
+    def weight(self):
+        return self.qweight.to(torch.float32)
+
+    def forward(self, x):
+        dtype = compute_dtype(x.device.type, x.dtype)
+        y = self.linear_nf4(x.float(), self.qweight)
+        return (y if self.bias is None else y + self.bias).to(dtype)
+
+
+TORCHAO = "torchao==0.18.0"
+
+
+def torchao_nf4():
+    """torchao's (to_nf4, linear_nf4), imported only when asked; ValueError naming the package without it."""
+    logging.disable(logging.WARNING)  # its notes on kernels for other hardware (CUDA, mxfp8) it does not load
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+    except ImportError:
+        raise ValueError(f"nf4 weights need the optional package torchao: pip install {TORCHAO}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    return to_nf4, linear_nf4
+
+
+def quantize(model, kind="int8", training=False):
+    """Give model's Linear layers int8 (or nf4) weights, in place; returns model. For decoding on
+    the CPU, or (training=True, any device) as the frozen base under LoRA adapters: the quantized
+    layers have no gradients of their own, only their inputs do.
+
+    Every architecture: a tied head gets its own quantized copy (the embedding keeps the float
     matrix). Left in float: the LSTM's recurrent layers (nn.LSTM is not a Linear),
     cross-attention's c_attn, whose weight CrossAttention splits itself, a mixture's experts
     (stacked tensors, not Linear layers) and its routers: a router's output picks experts,
     and rounding that flips a pick changes a token's output far more than rounding elsewhere.
     """
-    if kind != "int8":
+    if kind != "int8" and not (training and kind == "nf4"):  # decoding: int8's kernels are the fast ones
         raise ValueError(f"quantize={kind!r} is not supported; the one kind is int8")
     device = next(model.parameters()).device
-    if device.type != "cpu":
+    if device.type != "cpu" and not training:
         raise ValueError(f"int8 weights run on the CPU only, and this model is on {device} (use --device=cpu)")
-    backend = int8_backend()
+    if kind == "nf4":
+        to_nf4, linear_nf4 = torchao_nf4()
+        make = lambda linear: NF4Linear(linear, to_nf4, linear_nf4)  # noqa: E731
+    else:
+        backend = "dequantize" if training else int8_backend()
+        make = lambda linear: Int8Linear(linear, backend)  # noqa: E731
     keep_float = {id(m.c_attn) for m in model.modules() if isinstance(m, CrossAttention)}
     keep_float |= {id(m.router) for m in model.modules() if isinstance(m, MoE)}
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and id(child) not in keep_float:
-                setattr(parent, name, Int8Linear(child, backend))
+                setattr(parent, name, make(child))
+    return model
+
+
+def dequantize(model):
+    """Undo quantize(), in place: every int8 or nf4 layer becomes a float Linear of the weight it
+    stands for, and a tied head is the embedding's matrix again. Returns model."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, (Int8Linear, NF4Linear)):
+                weight = child.weight
+                linear = nn.Linear(weight.size(1), weight.size(0), bias=child.bias is not None, device=weight.device)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = (model.wte if model.config.arch == "lstm" else model.embed.wte).weight
     return model
 
 

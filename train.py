@@ -92,10 +92,21 @@ compile = True              # torch.compile the model
 seed = 1337
 max_bad_steps = 20          # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 ddp_timeout = 600           # seconds a process waits for the others (a dead or hung rank) before it gives up
+# fine-tuning (init_from=RUN): low-rank adapters (LoRA), on a quantized frozen base (QLoRA); distillation
+lora_rank = 0               # > 0: train adapters of this rank on the frozen init_from run instead of its weights
+lora_alpha = 16.0           # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0          # dropout on the adapters' input
+lora_targets = "q,v"        # layers to adapt: q, k, v, gate, up, or Linear names and globs (see finetune.py)
+lora_base_weights = "float"  # the frozen base under the adapters: float | int8 | nf4 (QLoRA; nf4 needs torchao)
+merge_lora = ""             # a LoRA run's directory: write it, adapters folded into the weights, to out_dir; then exit
+teacher = ""                # a run's directory: distill it into this model (the same tokenizer and vocabulary)
+distill_weight = 0.5        # loss = (1 - distill_weight) x data loss + distill_weight x T^2 x KL(teacher || student)
+distill_temperature = 1.0   # T: both softmaxes of the KL term are taken at it
 # -----------------------------------------------------------------------------
 from configurator import check_ranges, configure, fail  # noqa: E402  (settings above come first, as in nanoGPT)
 defaults = dict(globals())  # report.md lists the settings that differ from these
-config = configure(globals())
+given = set()  # the settings the config file and command line set: a run fine-tuned from does not override them
+config = configure(globals(), given=given)
 check_ranges(globals(), {
     "eval_interval": ">= 1", "log_interval": ">= 1", "eval_iters": ">= 1", "keep_last": ">= 1",
     "gradient_accumulation_steps": ">= 1", "batch_size": ">= 1", "block_size": ">= 1", "dropout": "[0, 1)",
@@ -103,7 +114,8 @@ check_ranges(globals(), {
     "max_iters": ">= 0", "max_seconds": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)",
     "grad_clip": ">= 0", "warmup_iters": ">= 0", "lr_decay_iters": ">= 0", "max_bad_steps": ">= 1",
     "ddp_timeout": "> 0", "momentum": "[0, 1)", "wsd_decay_iters": ">= 0", "label_smoothing": "[0, 1)",
-    "block_size_schedule": ">= 0", "block_size_start": ">= 1"})
+    "block_size_schedule": ">= 0", "block_size_start": ">= 1", "lora_rank": ">= 0", "lora_alpha": "> 0",
+    "lora_dropout": "[0, 1)", "distill_weight": "[0, 1]", "distill_temperature": "> 0"})
 LR_SCHEDULES = ("cosine", "linear", "wsd", "constant")
 if lr_schedule == "wsd" and not wsd_decay_iters:
     wsd_decay_iters = max(1, (lr_decay_iters - warmup_iters) // 5)
@@ -143,9 +155,77 @@ if wandb:
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
 from model import build_model  # noqa: E402
-from runtime import (append_jsonl, autocast, check_vocab, from_hf, keep_freed_memory, link_atomically,  # noqa: E402
-                     load_checkpoint, machine, mfu_of, peak_memory_mb, pick_device, pick_dtype,
-                     probe_disk, save_atomically, save_checkpoint)
+from finetune import adapter_state, distillation_kl, fingerprint, merge_adapters  # noqa: E402
+from runtime import (append_jsonl, attach_lora, autocast, check_vocab, dequantize, from_hf,  # noqa: E402
+                     keep_freed_memory, link_atomically, load_checkpoint, load_lora_base, load_run, machine, mfu_of,
+                     peak_memory_mb, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
+
+
+# ---- merge_lora=RUN: a job of its own ------------------------------------------
+def write_merged_run(run_dir):
+    """RUN's adapters folded into its base's weights (a quantized base dequantized), written to out_dir
+    as a run of its own: a full checkpoint, the tokenizer files and meta.json, needing neither RUN nor
+    its base. Its logits are RUN's to fp32 rounding."""
+    try:
+        merged, _, ckpt = load_run(run_dir, "cpu")
+    except ValueError as e:
+        fail(str(e))
+    if not ckpt.get("lora"):
+        fail(f"merge_lora={run_dir} is not a LoRA run: its checkpoint holds no adapters")
+    dest = os.path.join(out_dir, "ckpt.pt")
+    if os.path.exists(dest):
+        fail(f"{dest} exists: merge into another --out_dir")
+    dequantize(merge_adapters(merged))
+    try:
+        with open(os.path.join(run_dir, "meta.json")) as f:
+            names = json.load(f)["tokenizer"]["files"] + ["meta.json"]
+        contents = {}
+        for name in names:
+            with open(os.path.join(run_dir, name), "rb") as f:
+                contents[name] = f.read()
+        os.makedirs(out_dir, exist_ok=True)
+        for name, content in contents.items():
+            save_atomically(os.path.join(out_dir, name), lambda f: f.write(content))
+        save_checkpoint({"model": merged.state_dict(), "model_args": ckpt["model_args"], "config": ckpt["config"],
+                         "iter_num": ckpt["iter_num"], "val_loss": ckpt.get("val_loss"),
+                         "best_val_loss": ckpt["best_val_loss"], "tokenizer_fingerprint": ckpt["tokenizer_fingerprint"],
+                         "merged_from": {"run": os.path.abspath(run_dir), **ckpt["lora"]}}, dest)
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        fail(f"cannot merge {run_dir} into {out_dir}: {e}")
+    print(f"merged {run_dir} (adapters on {ckpt['lora']['base']}) into {dest}")
+
+
+if merge_lora:
+    write_merged_run(merge_lora)
+    sys.exit(0)
+
+# ---- init_from=RUN: the run to fine-tune, and the settings it passes on -------------------
+# Its shape always; and, unless the config file or command line set them, the training settings
+# that still apply to the same model on the same machine: how its batches are cut, how it computes.
+INHERITED = ("arch", "block_size", "batch_size", "gradient_accumulation_steps", "mask_prob", "span_length",
+             "dtype", "compile")
+checkpoint = None
+if init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder (runtime.from_hf)
+    init_path = init_from
+    try:
+        checkpoint, _ = from_hf(init_from[3:])
+    except ValueError as e:
+        fail(str(e))
+elif init_from not in ("scratch", "resume"):
+    init_path = os.path.join(init_from, "ckpt.pt")
+    if not os.path.isdir(init_from):
+        fail(f"init_from={init_from!r} is not scratch, resume, the directory of a run to fine-tune, or hf:DIR")
+    try:
+        checkpoint = load_checkpoint(init_path)
+    except ValueError as e:
+        fail(str(e))
+    if checkpoint.get("lora"):
+        fail(f"init_from={init_from} is a LoRA run; fold its adapters in first (python train.py "
+             f"--merge_lora={init_from} --out_dir=MERGED) and fine-tune MERGED")
+    inherited = {k: v for k, v in checkpoint.get("config", {}).items()
+                 if k in INHERITED and k not in given and v != globals()[k]}
+    globals().update(inherited)
+    config.update(inherited)
 
 # ---- processes and device ---------------------------------------------------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -293,9 +373,25 @@ def keep_log_until(last_iter):
     return logged
 
 
+def lora_settings():
+    """The LoRA settings of this run ({rank, alpha, dropout, targets, base_weights, base, base_fingerprint}),
+    or None for a run that trains every weight: a resumed LoRA run's own, whatever the settings say; a
+    new one's from the settings, with the directory and fingerprint of the run it adapts."""
+    if init_from == "resume":
+        return checkpoint.get("lora")
+    if not lora_rank:
+        return None
+    if lora_base_weights not in ("float", "int8", "nf4"):
+        fail(f"lora_base_weights={lora_base_weights!r} is not one of float, int8, nf4")
+    if init_from == "scratch":
+        fail("lora_rank > 0 adapts a trained run: name it with --init_from=RUN")
+    return {"rank": lora_rank, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets,
+            "base_weights": lora_base_weights, "base": os.path.abspath(init_from),
+            "base_fingerprint": fingerprint(checkpoint["model"])}
+
+
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
 seconds_before = 0.0  # the run's seconds before this process: a resumed run's clock goes on from its checkpoint's
-checkpoint = None
 if init_from == "scratch":
     if os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
@@ -303,24 +399,13 @@ if init_from == "scratch":
     model_args = {**config, "vocab_size": 64 * math.ceil(batches.tokenizer.vocab_size / 64),
                   "n_labels": batches.n_labels}
 else:  # resume this run, or fine-tune another: its weights, shape and architecture
-    if init_from != "resume" and not init_from.startswith("hf:") and not os.path.isdir(init_from):
-        fail(f"init_from={init_from!r} is not scratch, resume, the directory of a run to fine-tune, or hf:DIR")
     if init_from != "resume" and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
     if init_from == "resume":
         init_path, checkpoint = newest_readable_checkpoint()
-    elif init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder (runtime.from_hf)
-        init_path = init_from
-        try:
-            checkpoint, _ = from_hf(init_from[3:])
-        except ValueError as e:
-            fail(str(e))
-    else:
-        init_path = os.path.join(init_from, "ckpt.pt")
-        try:
-            checkpoint = load_checkpoint(init_path, device)
-        except ValueError as e:
-            fail(str(e))
+        if "optimizer" not in checkpoint:
+            fail(f"{init_path} has no training state to resume (a merged run?): fine-tune it with "
+                 f"--init_from={out_dir} into another --out_dir")
     if checkpoint.get("tokenizer_fingerprint", batches.fingerprint) != batches.fingerprint:
         fail(f"{init_path} was trained with another tokenizer than the dataset {data_path} has; use a dataset "
              f"prepared with it (prepare.py --tokenizer_from={init_from if init_from != 'resume' else out_dir})")
@@ -340,7 +425,8 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
                 "the batch stream will too")
     else:  # fine-tuning starts its own count, optimizer and schedule, and may change the dropout
         model_args = {**model_args, "dropout": dropout}
-        log(f"fine-tuning {init_path} (trained {checkpoint['iter_num']} iterations) on {data_path}")
+        log(f"fine-tuning {init_path} (trained {checkpoint['iter_num']} iterations) on {data_path}"
+            + "".join(f", {k}={v}" for k, v in inherited.items()) + (" as it was trained" if inherited else ""))
 try:
     model_config = ModelConfig.from_settings(model_args)
     model_args = asdict(model_config)
@@ -353,12 +439,24 @@ if batches.n_labels and model_config.n_labels != batches.n_labels:
     fail(f"{init_path} knows {model_config.n_labels} labels but {data_path} has {batches.n_labels}")
 torch.manual_seed(seed)
 model = build_model(model_config)
+lora = lora_settings()  # a LoRA run's adapters: their settings and the base they belong to; else None
 if checkpoint:
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(load_lora_base(lora, "cpu", init_path)["model"] if lora and init_from == "resume"
+                              else checkpoint["model"])
     except RuntimeError as e:
         fail(f"{init_path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
+    except ValueError as e:
+        fail(str(e))
 model.to(device)
+if lora:
+    base_params = sum(p.numel() for p in model.parameters())
+    try:
+        trainable = attach_lora(model, lora, checkpoint["model"] if init_from == "resume" else None, init_path)
+    except ValueError as e:
+        fail(str(e))
+    log(f"LoRA: {trainable:,} trainable parameters, {100 * trainable / base_params:.2f}% of the base's "
+        f"{base_params:,} ({', '.join(f'{k} {v}' for k, v in lora.items() if k != 'base_fingerprint')})")
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)}")
 log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
     f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration")
@@ -377,6 +475,36 @@ if checkpoint and init_from == "resume" and checkpoint.get("scaler") and scaler.
     scaler.load_state_dict(checkpoint["scaler"])  # (a bf16 or fp32 run saved a disabled scaler's {}: start afresh)
 checkpoint = None  # free the memory
 
+# ---- teacher=RUN: distillation --------------------------------------------------
+teacher_model = None
+if teacher:
+    try:
+        teacher_model, _, teacher_ckpt = load_run(teacher, device)
+    except ValueError as e:
+        fail(f"teacher={teacher}: {e}")
+    if teacher_ckpt.get("tokenizer_fingerprint") != batches.fingerprint:
+        fail(f"teacher={teacher} was trained with another tokenizer than the dataset {data_path} has: a teacher "
+             "and its student must share one tokenizer")
+    if (teacher_model.config.arch, teacher_model.config.vocab_size) != (model_config.arch, model_config.vocab_size):
+        fail(f"teacher={teacher} is a {teacher_model.config.arch!r} model of {teacher_model.config.vocab_size} "
+             f"vocabulary rows; the student is a {model_config.arch!r} model of {model_config.vocab_size}: "
+             "they must match")
+    if teacher_model.config.block_size < block_size:
+        fail(f"teacher={teacher} reads at most {teacher_model.config.block_size} tokens, less than "
+             f"block_size={block_size}")
+    teacher_model.requires_grad_(False)  # in eval mode (load_run's), and only ever run under no_grad
+    log(f"distilling {teacher} ({teacher_model.num_params() / 1e6:.2f}M parameters): weight {distill_weight}, "
+        f"temperature {distill_temperature}")
+
+
+def distilled(loss, logits, batch):
+    """The student's loss (data loss, logits) on batch, mixed with the teacher's: (1 - w) x data loss +
+    w x T^2 x KL(teacher || student) at temperature T (T^2 keeps the gradient's scale as T changes)."""
+    with torch.no_grad():
+        teacher_logits, _ = teacher_model(**batch)
+    kl = distillation_kl(logits, teacher_logits, batch["targets"], batches.tokenizer.vocab_size, distill_temperature)
+    return (1 - distill_weight) * loss + distill_weight * distill_temperature ** 2 * kl
+
 raw_model = model
 if compile:
     model = torch.compile(model)
@@ -394,10 +522,11 @@ if master:
     # a full disk or a read-only out_dir shows now, not at the first checkpoint: room for one more
     # (weights and AdamW's two moments, fp32)
     try:
-        probe_disk(os.path.join(out_dir, ".probe"), 12 * sum(p.numel() for p in raw_model.parameters()))
+        saved = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        probe_disk(os.path.join(out_dir, ".probe"), 12 * saved)
     except OSError as e:
         fail(f"cannot write in out_dir={out_dir} ({e.strerror or e}); a checkpoint needs about "
-             f"{12 * raw_model.num_params() / 1e6:,.0f} MB there")
+             f"{12 * saved / 1e6:,.0f} MB there")
     logged_until = keep_log_until(iter_num) if init_from == "resume" else 0
     for name in batches.meta["tokenizer"]["files"] + ["meta.json"]:  # the run directory is usable without data/
         with open(os.path.join(data_path, name), "rb") as src:
@@ -534,7 +663,8 @@ def save(iter_num, val_loss=None):
     is the best yet. A failed write stops the run and leaves every checkpoint already there as it was."""
     try:
         save_checkpoint({
-            "model": raw_model.state_dict(),
+            "model": adapter_state(raw_model) if lora else raw_model.state_dict(),
+            "lora": lora,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "model_args": model_args,
@@ -614,7 +744,9 @@ def train_step(iter_num):
         # under DDP, average gradients across processes only once, after the last micro-step
         sync = not ddp or micro_step == grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
-            _, loss = model(**batch)
+            logits, loss = model(**batch)
+            if teacher_model is not None:
+                loss = distilled(loss, logits, batch)
             loss = loss / grad_accum
         scaler.scale(loss).backward()
         step_loss += loss.detach()
