@@ -880,7 +880,7 @@ def closed_loop(url, clients):
             n = 0
             while time.perf_counter() < stop_at:
                 body = {"prompt": f"SECTION {c}.{n} The Licensee shall", "max_new_tokens": serve_new_tokens,
-                        "ignore_eos": True, "temperature": 0.8, "top_k": 200}  # no seed: a seed is one of the options a batch shares
+                        "ignore_eos": True, "temperature": 0.8, "top_k": 200}  # no seed: a batch shares one
                 t0 = time.perf_counter()
                 answer = http.post("/generate", json=body)
                 if answer.status_code != 200:
@@ -900,7 +900,8 @@ def closed_loop(url, clients):
         fail(f"the server answered an error under {clients} clients: {errors[0][:200]}")
     cut = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     health = httpx.get(url + "health").json()
-    return {"clients": clients, "tok_per_s": round(tokens[0] / wall, 1), "requests_per_s": round(len(latencies) / wall, 2),
+    return {"clients": clients, "tok_per_s": round(tokens[0] / wall, 1),
+            "requests_per_s": round(len(latencies) / wall, 2),
             "p50_s": round(statistics.median(latencies), 3), "p95_s": round(cut[18], 3),
             "largest_batch": health.get("largest_batch")}
 
@@ -937,7 +938,8 @@ def bench_serve():
     print(f"{most} clients: batched serving {ratio}x the new tokens/s of one at a time; the run loaded in "
           f"{min(loads):.1f} to {max(loads):.1f} s; {machine(device_and_dtype()[0])}, torch {torch.__version__}")
     print(json.dumps({"run": out_dir, "rows": rows, f"batched_over_one_at_a_time_{most}_clients": ratio,
-                      "load_seconds": [min(loads), max(loads)], "new_tokens": serve_new_tokens, "seconds": serve_seconds}))
+                      "load_seconds": [min(loads), max(loads)], "new_tokens": serve_new_tokens,
+                      "seconds": serve_seconds}))
 
 
 # ---- gpu: one check of the GPU paths ------------------------------------------------------------------

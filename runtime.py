@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from finetune import add_lora, fingerprint
-from model import CrossAttention, ModelConfig, MoE, build_model, compute_dtype
+from model import CrossAttention, ModelConfig, MoE, add_lora, build_model, compute_dtype, fingerprint
 from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 

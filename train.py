@@ -96,7 +96,7 @@ ddp_timeout = 600           # seconds a process waits for the others (a dead or 
 lora_rank = 0               # > 0: train adapters of this rank on the frozen init_from run instead of its weights
 lora_alpha = 16.0           # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0          # dropout on the adapters' input
-lora_targets = "q,v"        # layers to adapt: q, k, v, gate, up, or Linear names and globs (see finetune.py)
+lora_targets = "q,v"        # layers to adapt: q, k, v, gate, up, or Linear names and globs (model.py: LoRA)
 lora_base_weights = "float"  # the frozen base under the adapters: float | int8 | nf4 (QLoRA; nf4 needs torchao)
 merge_lora = ""             # a LoRA run's directory: write it, adapters folded into the weights, to out_dir; then exit
 teacher = ""                # a run's directory: distill it into this model (the same tokenizer and vocabulary)
@@ -154,8 +154,7 @@ if wandb:
 
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
-from model import build_model  # noqa: E402
-from finetune import adapter_state, distillation_kl, fingerprint, merge_adapters  # noqa: E402
+from model import adapter_state, build_model, distillation_kl, fingerprint, merge_adapters  # noqa: E402
 from runtime import (append_jsonl, attach_lora, autocast, check_vocab, dequantize, from_hf,  # noqa: E402
                      keep_freed_memory, link_atomically, load_checkpoint, load_lora_base, load_run, machine, mfu_of,
                      peak_memory_mb, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
@@ -349,7 +348,8 @@ def newest_readable_checkpoint():
         log(f"resuming from {path} (iteration {found['iter_num']}{val})")
         return path, found
     if problems:
-        fail(problems[0] + (f"; nor does any of the {len(problems) - 1} other checkpoints load" if problems[1:] else ""))
+        others = f"; nor does any of the {len(problems) - 1} other checkpoints load" if problems[1:] else ""
+        fail(problems[0] + others)
     fail(f"no checkpoint at {ckpt_path} to resume: start the run with --init_from=scratch")
 
 
@@ -879,7 +879,8 @@ except RuntimeError as e:  # with DDP: a collective failed, as another process d
         raise
     reason = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0][:160]  # gloo: [file:line] what
     fail(f"process {rank} of {world_size} lost the others ({reason}): one died or did not "
-         f"answer within ddp_timeout={ddp_timeout}s; go on from the last checkpoint in {out_dir} with --init_from=resume")
+         f"answer within ddp_timeout={ddp_timeout}s; go on from the last checkpoint in {out_dir} with "
+         "--init_from=resume")
 
 if master:
     log(f"done: {iter_num} iterations in {time.time() - t_begin:.1f}s, best val loss {best_val_loss:.4f}, "

@@ -14,7 +14,7 @@ import torch
 
 from conftest import (ROOT, assert_clear_error, made_once, prepare_dataset, read_log, run_in_process,
                       train_args, train_losses)
-from finetune import LoRALinear, distillation_kl
+from model import LoRALinear, distillation_kl
 from runtime import Int8Linear, NF4Linear, attach_lora, load_run
 
 # a short LoRA run on the shared 30-iteration run: an eval and a checkpoint every 3 iterations
