@@ -51,9 +51,12 @@ import torch  # noqa: E402
 from runtime import layout, load_run, to_hf  # noqa: E402
 
 try:
-    model, tokenizer, _ = load_run(out_dir, "cpu")
+    model, tokenizer, ckpt = load_run(out_dir, "cpu")
 except ValueError as e:
     fail(str(e))
+if ckpt.get("lora"):  # the adapters sit beside the layers they adapt: neither layout has a place for them
+    fail(f"{out_dir} is a LoRA run with unmerged adapters: fold them in first with "
+         f"python train.py --merge_lora={out_dir} --out_dir=MERGED, then export MERGED")
 model.float().eval()
 
 

@@ -94,6 +94,9 @@ def test_a_merged_run_gives_the_adapted_models_logits_and_sample_loads_both(tmp_
     assert texts[0].startswith("The Licensee") and texts[0] == texts[1]
     done = run_in_process("eval.py", f"--out_dir={lora_run}", "--max_tokens=256")
     assert done.returncode == 0, done.stderr
+    refused = run_in_process("export.py", f"--out_dir={lora_run}", f"--to={tmp_path / 'hf'}")
+    assert_clear_error(refused, f"python train.py --merge_lora={lora_run} --out_dir=MERGED")
+    assert not os.path.exists(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
