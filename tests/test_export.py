@@ -100,6 +100,32 @@ def test_the_export_keeps_tied_weights_once_and_says_the_exact_epsilon_and_gelu(
     assert json.loads((exported["llama"] / "nanolex_tokenizer.json").read_text())["kind"] == "bpe"
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "unigram"])
+def test_a_sentencepiece_or_unigram_tokenizer_exports_through_its_model_and_comes_back(kind, dataset, tmp_path):
+    tok = train_tokenizer(kind, legal_texts(), 400)
+    run = with_tokenizer(untrained_run(tmp_path / "run", dataset, "gpt", **{**LLAMA, "vocab_size": 448}), tok)
+    folder = tmp_path / "hf"
+    done = run_in_process("export.py", f"--out_dir={run}", f"--to={folder}")
+    assert done.returncode == 0, done.stderr
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for name, token in [("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("bos", "<|bos|>"), ("mask", "<|mask|>")]:
+        assert getattr(hf_tok, f"{name}_token_id") == tok.special[token]
+    chat = "<|user|>Is the clause void?<|endoftext|><|assistant|>It is.<|pad|>"
+    assert hf_tok(chat)["input_ids"] == tok.encode(chat, allow_special=True)
+    ties = 0
+    for text in legal_texts():
+        ids, theirs = tok.encode(text), hf_tok(text)["input_ids"]
+        assert hf_tok.decode(ids) == text and hf_tok.decode(theirs) == text
+        if theirs != ids:  # unigram: another of the segmentations with the very best score (runs of spaces)
+            assert kind == "unigram" and len(theirs) == len(ids)
+            assert sum(map(tok.sp.get_score, theirs)) == pytest.approx(sum(map(tok.sp.get_score, ids)), abs=1e-3)
+            ties += 1
+    assert ties <= 1
+    model, back, _ = load_run(f"hf:{folder}")  # and in again: the very tokenizer, the very weights
+    assert back.kind == kind and back.model == tok.model
+    assert torch.equal(model.state_dict()["lm_head.weight"], load_run(str(run))[0].state_dict()["lm_head.weight"])
+
+
 # ---- import: Hugging Face folders become runs --------------------------------------------------------------
 
 def test_export_import_export_gives_identical_tensors_and_tokenizer(exported, tmp_path):
@@ -265,13 +291,19 @@ def test_a_run_neither_gpt2_nor_llama_can_express_is_refused_naming_the_switch(a
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_tokenizer_kind_hugging_face_cannot_read_is_refused(tmp_path, dataset):
-    run = untrained_run(tmp_path / "run", dataset, "gpt", **LLAMA)
+def with_tokenizer(run, tok):
+    """run, its tokenizer files replaced by tok's (the checkpoint told of the new ones)."""
     for name in json.loads((run / "tokenizer.json").read_text())["files"]:
         os.remove(run / name)
-    train_tokenizer("char", legal_documents(5), 100).save(run)
+    tok.save(run)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "tokenizer_fingerprint": tokenizer_fingerprint(run)}, run / "ckpt.pt")
+    return run
+
+
+def test_a_tokenizer_kind_hugging_face_cannot_read_is_refused(tmp_path, dataset):
+    run = with_tokenizer(untrained_run(tmp_path / "run", dataset, "gpt", **LLAMA),
+                         train_tokenizer("char", legal_documents(5), 100))
     assert_clear_error(run_in_process("export.py", f"--out_dir={run}", f"--to={tmp_path / 'hf'}"),
                        "char tokenizer cannot be exported")
 
