@@ -9,6 +9,7 @@ to be compared, and training it would cost the time these tests are allowed.
 
 import glob
 import json
+import math
 import os
 import shutil
 
@@ -124,6 +125,33 @@ def test_a_sentencepiece_or_unigram_tokenizer_exports_through_its_model_and_come
     model, back, _ = load_run(f"hf:{folder}")  # and in again: the very tokenizer, the very weights
     assert back.kind == kind and back.model == tok.model
     assert torch.equal(model.state_dict()["lm_head.weight"], load_run(str(run))[0].state_dict()["lm_head.weight"])
+
+
+def test_eval_of_the_export_gives_the_perplexity_transformers_computes_over_the_same_windows(exported, tmp_path):
+    import eval as evaluation  # its windows and its layout of the text; the logits are transformers'
+    folder, text = exported["gpt2"], tmp_path / "contract.txt"
+    text.write_text(legal_texts()[0][:2500])
+    done = run_in_process("eval.py", f"--out_dir=hf:{folder}", f"--input={text}", "--stride=24", "--device=cpu")
+    assert done.returncode == 0, done.stderr
+    ours = json.loads((folder / "eval.json").read_text())[f"input {text}"]
+    (folder / "eval.json").unlink()  # the folder is shared
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = load_run(f"hf:{folder}")[1]
+    ids, counted = evaluation.encode_documents(tok, evaluation.read_documents(str(text)))
+    scored = counted & evaluation.ordinary_ids(tok)[ids]
+    scored[0] = False  # context only
+    plan, length = evaluation.windows(len(ids), hf.config.n_positions, 24)
+    assert len(plan) > 3 and ours["stride"] == 24
+    nats = torch.zeros(len(ids), dtype=torch.float64)
+    with torch.no_grad():
+        for end, first in plan:
+            x = torch.tensor(ids[end - length:end + 1])
+            loss = torch.nn.functional.cross_entropy(hf(x[None, :-1]).logits[0], x[1:], reduction="none")
+            nats[first + 1:end + 1] = loss[length - (end - first):].double()
+    total = nats[torch.from_numpy(scored)].sum().item()
+    assert ours["tokens"] == scored.sum()
+    assert abs(ours["nats"] - total) < 1e-4 * ours["tokens"]
+    assert abs(ours["perplexity"] / math.exp(total / ours["tokens"]) - 1) < 1e-4
 
 
 # ---- import: Hugging Face folders become runs --------------------------------------------------------------
