@@ -365,6 +365,7 @@ def test_a_hugging_face_folder_that_cannot_be_imported_is_refused_in_one_line(ch
     folder = broken_copy(exported, tmp_path, change)
     assert_clear_error(run_in_process("sample.py", f"--out_dir=hf:{folder}", "--device=cpu"), message)
     assert_clear_error(run_in_process("export.py", f"--out_dir=hf:{folder}", f"--to={tmp_path / 'x'}"), message)
+    assert_clear_error(run_in_process("eval.py", f"--out_dir=hf:{folder}", "--device=cpu"), message)
 
 
 def test_train_refuses_a_hugging_face_folder_without_config(dataset, tmp_path):
