@@ -365,7 +365,9 @@ def quantize(model, kind="int8"):
 # adjacent pair whose concatenation has the lowest rank; Hugging Face's BPE merges the pair
 # listed first. Listing every split of every token into two tokens, ordered by the rank of
 # the whole, makes the two the same, and ignore_merges=True is tiktoken's whole-chunk
-# lookup. Our own tokenizer files go along under nanolex_tokenizer.json (Hugging Face
+# lookup. sentencepiece and unigram go through their SentencePiece model: its pieces, ids and
+# scores (BPE: merges listed the same way), byte fallback, spaces as "▁" (sentencepiece_json).
+# Our own tokenizer files go along under nanolex_tokenizer.json (Hugging Face
 # owns tokenizer.json there), so an import of an export gets back the very tokenizer.
 #
 # Needs safetensors; transformers itself is never imported (the tests use it to check).
