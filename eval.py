@@ -49,7 +49,7 @@ import time
 import numpy as np
 
 # -----------------------------------------------------------------------------
-out_dir = "out"             # a run's directory, or several, comma-separated, for one comparison table
+out_dir = "out"             # a run's directory (or hf:DIR), or several, comma-separated, for one comparison table
 # the text
 input = ""                  # files, folders, globs (comma-separated) of .txt, .md or .jsonl to evaluate on
 dataset = ""                # a prepared dataset in data_dir; "" (and no input): the one the run was trained on
@@ -630,7 +630,8 @@ def cloze_numbers(engine, documents, n, choices, seed):
 # one run: load it, evaluate, report
 
 def load(run_dir):
-    """(Engine, the run's training settings, its tokenizer's fingerprint)."""
+    """(Engine, the run's training settings, its tokenizer's fingerprint). run_dir: a run's directory,
+    or hf:DIR, a Hugging Face folder (its tokenizer's fingerprint is the one from_hf gives it)."""
     from engine import Engine
     from runtime import load_run, pick_device, pick_dtype
     from tokenizer import tokenizer_fingerprint
@@ -642,7 +643,8 @@ def load(run_dir):
             with open(os.path.join(run_dir, "meta.json")) as f:
                 labels = json.load(f)["labels"]
         engine = Engine(model, tokenizer, where, pick_dtype(where, dtype), labels)
-        return engine, ckpt.get("config", {}), tokenizer_fingerprint(run_dir)
+        # load_run checked a run's tokenizer files against the fingerprint in ckpt.pt (when it has one)
+        return engine, ckpt.get("config", {}), ckpt.get("tokenizer_fingerprint") or tokenizer_fingerprint(run_dir)
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{run_dir}: {e}")
 
@@ -784,9 +786,14 @@ def table(columns, results):
                                enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
+def results_path(run_dir):
+    """Where a run's numbers are kept: its eval.json (of hf:DIR, in DIR)."""
+    return os.path.join(run_dir[3:] if run_dir.startswith("hf:") else run_dir, "eval.json")
+
+
 def previous_results(run_dir):
     """The run's eval.json as it is ({} when there is none); unreadable, it is an error, not overwritten."""
-    path = os.path.join(run_dir, "eval.json")
+    path = results_path(run_dir)
     if not os.path.exists(path):
         return {}
     try:
@@ -861,8 +868,8 @@ def main():
         print(f"BLEU signature (sacrebleu): {signature}")
     for run_dir, _, _, _, results in runs:
         text = json.dumps(results, indent=2) + "\n"
-        save_atomically(os.path.join(run_dir, "eval.json"), lambda f: f.write(text.encode()))
-    print(f"wrote {', '.join(os.path.join(d, 'eval.json') for d in run_dirs)}")
+        save_atomically(results_path(run_dir), lambda f: f.write(text.encode()))
+    print(f"wrote {', '.join(map(results_path, run_dirs))}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import CrossAttention, ModelConfig, MoE, add_lora, build_model, compute_dtype, fingerprint
-from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_fingerprint
+from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, UNK, load_tokenizer, tokenizer_fingerprint
 
 
 # ----------------------------------------------------------------------------------
@@ -610,7 +610,9 @@ def dequantize(model):
 # adjacent pair whose concatenation has the lowest rank; Hugging Face's BPE merges the pair
 # listed first. Listing every split of every token into two tokens, ordered by the rank of
 # the whole, makes the two the same, and ignore_merges=True is tiktoken's whole-chunk
-# lookup. Our own tokenizer files go along under nanolex_tokenizer.json (Hugging Face
+# lookup. sentencepiece and unigram go through their SentencePiece model: its pieces, ids and
+# scores (BPE: merges listed the same way), byte fallback, spaces as "▁" (sentencepiece_json).
+# Our own tokenizer files go along under nanolex_tokenizer.json (Hugging Face
 # owns tokenizer.json there), so an import of an export gets back the very tokenizer.
 #
 # Needs safetensors; transformers itself is never imported (the tests use it to check).
@@ -752,11 +754,44 @@ def byte_chars():
     return chars
 
 
+def special_tokens_json(tok):
+    """Our special tokens as tokenizer.json's added tokens (not <|unk|>: an id of the model's own vocabulary)."""
+    return [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True} for s, i in sorted(tok.special.items(), key=lambda item: item[1]) if s != UNK]
+
+
+def sentencepiece_json(tok):
+    """tokenizer.json for a sentencepiece (BPE) or unigram tokenizer: the pieces of its SentencePiece
+    model with their ids and scores, byte fallback, spaces as "▁" and no other normalizing (our
+    models are trained with the identity rule and no dummy prefix)."""
+    sp = tok.sp
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    if tok.kind == "unigram":
+        model = {"type": "Unigram", "unk_id": sp.unk_id(), "byte_fallback": True,
+                 "vocab": [[p, sp.get_score(i)] for i, p in enumerate(pieces)]}
+    else:  # SentencePiece's BPE merges the pair whose whole has the best score, the lowest id: as with tiktoken
+        ids = {p: i for i, p in enumerate(pieces) if not (sp.is_byte(i) or sp.is_unknown(i) or sp.is_control(i))}
+        merges = sorted((i, j, p[:j], p[j:]) for p, i in ids.items() for j in range(1, len(p))
+                        if p[:j] in ids and p[j:] in ids)
+        model = {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                 "vocab": {p: i for i, p in enumerate(pieces)}, "merges": [[a, b] for _, _, a, b in merges]}
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special_tokens_json(tok),
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            "pre_tokenizer": None, "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": model}
+
+
 def tokenizer_json(tok):
-    """Hugging Face's tokenizer.json for a bpe or gpt2 tokenizer (see the docstring above)."""
+    """Hugging Face's tokenizer.json for a bpe, gpt2, sentencepiece or unigram tokenizer (see above)."""
+    if tok.kind in ("sentencepiece", "unigram"):
+        return sentencepiece_json(tok)
     if tok.kind not in ("bpe", "gpt2"):
         raise ValueError(f"the {tok.kind} tokenizer cannot be exported to Hugging Face's tokenizer.json "
-                         "(bpe and gpt2 can): train the run on one of those to export it")
+                         "(bpe, gpt2, sentencepiece and unigram can): train the run on one of those to export it")
     chars = byte_chars()
 
     def text(token):
@@ -770,9 +805,8 @@ def tokenizer_json(tok):
         pre = {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": True} for s, i in sorted(tok.special.items(), key=lambda item: item[1])]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special_tokens_json(tok),
+            "normalizer": None,
             "pre_tokenizer": pre, "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -796,7 +830,9 @@ def to_hf(model, tok):
                                        "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
                                        "mask_token": "<|mask|>", "model_max_length": config.block_size,
                                        "clean_up_tokenization_spaces": False}}
-    files = {name: (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode() for name, value in files.items()}
+    # tokenizer.json on one line: indenting GPT-2's (50,000 tokens, 100,000 merges) takes seconds
+    files = {name: (json.dumps(value, indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
+                    + "\n").encode() for name, value in files.items()}
     files["model.safetensors"] = safetensors_torch().save(weights, metadata={"format": "pt"})
     with tempfile.TemporaryDirectory() as tmp:
         for name in tok.save(tmp):

@@ -1,14 +1,15 @@
 """export.py and the import path (runtime.py): runs out to Hugging Face transformers and ONNX, checked by
 transformers' and onnxruntime's own code; Hugging Face folders in, through train.py and sample.py.
 
-The GPT-2 shaped run is the shared trained_run (30 iterations: learned positions, layernorm, exact
-gelu, tied head, no biases). The Llama shaped run is a random init (rope, rmsnorm, swiglu, one
-key/value head for two query heads, untied head) of 2 layers x 64: its numbers need no training
-to be compared, and training it would cost the time these tests are allowed.
+Both runs are random inits of 2 layers x 64 (their numbers need no training to be compared, and
+training would cost the time these tests are allowed): GPT-2 shaped (learned positions, layernorm,
+exact gelu, tied head, no biases) and Llama shaped (rope, rmsnorm, swiglu, one key/value head for two
+query heads, untied head). ONNX takes a smaller Llama (1 layer x 32): its export's time grows with the graph.
 """
 
 import glob
 import json
+import math
 import os
 import shutil
 
@@ -23,6 +24,7 @@ from tokenizer import tokenizer_fingerprint, train_tokenizer
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+GPT2 = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_layer=2, n_head=2, n_kv_head=1, n_embd=64, block_size=64,
              tie_embeddings=False)
 
@@ -41,9 +43,9 @@ def real_batch(tok, rows=4, length=64):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, trained_run, dataset):
-    llama = untrained_run(tmp_path_factory.mktemp("llama") / "run", dataset, "gpt", **LLAMA)
-    return {"gpt2": trained_run, "llama": llama}
+def runs(tmp_path_factory, dataset):
+    return {kind: untrained_run(tmp_path_factory.mktemp(kind) / "run", dataset, "gpt", **settings)
+            for kind, settings in [("gpt2", GPT2), ("llama", LLAMA)]}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,59 @@ def test_the_export_keeps_tied_weights_once_and_says_the_exact_epsilon_and_gelu(
     assert "lm_head.weight" in safetensors_torch.load_file(exported["llama"] / "model.safetensors")
     assert json.loads((exported["llama"] / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     assert json.loads((exported["llama"] / "nanolex_tokenizer.json").read_text())["kind"] == "bpe"
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "unigram"])
+def test_a_sentencepiece_or_unigram_tokenizer_exports_through_its_model_and_comes_back(kind, dataset, tmp_path):
+    tok = train_tokenizer(kind, legal_texts(), 400)
+    run = with_tokenizer(untrained_run(tmp_path / "run", dataset, "gpt", **{**LLAMA, "vocab_size": 448}), tok)
+    folder = tmp_path / "hf"
+    done = run_in_process("export.py", f"--out_dir={run}", f"--to={folder}")
+    assert done.returncode == 0, done.stderr
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for name, token in [("eos", "<|endoftext|>"), ("pad", "<|pad|>"), ("bos", "<|bos|>"), ("mask", "<|mask|>")]:
+        assert getattr(hf_tok, f"{name}_token_id") == tok.special[token]
+    chat = "<|user|>Is the clause void?<|endoftext|><|assistant|>It is.<|pad|>"
+    assert hf_tok(chat)["input_ids"] == tok.encode(chat, allow_special=True)
+    ties = 0
+    for text in legal_texts():
+        ids, theirs = tok.encode(text), hf_tok(text)["input_ids"]
+        assert hf_tok.decode(ids) == text and hf_tok.decode(theirs) == text
+        if theirs != ids:  # unigram: a segmentation whose score differs from ours by float32 rounding only
+            assert kind == "unigram" and len(theirs) == len(ids)
+            assert sum(map(tok.sp.get_score, theirs)) == pytest.approx(sum(map(tok.sp.get_score, ids)), abs=1e-3)
+            ties += 1
+    assert ties <= 1
+    model, back, _ = load_run(f"hf:{folder}")  # and in again: the very tokenizer, the very weights
+    assert back.kind == kind and back.model == tok.model
+    assert torch.equal(model.state_dict()["lm_head.weight"], load_run(str(run))[0].state_dict()["lm_head.weight"])
+
+
+def test_eval_of_the_export_gives_the_perplexity_transformers_computes_over_the_same_windows(exported, tmp_path):
+    import eval as evaluation  # its windows and its layout of the text; the logits are transformers'
+    folder, text = exported["gpt2"], tmp_path / "contract.txt"
+    text.write_text(legal_texts()[0][:2500])
+    done = run_in_process("eval.py", f"--out_dir=hf:{folder}", f"--input={text}", "--stride=24", "--device=cpu")
+    assert done.returncode == 0, done.stderr
+    ours = json.loads((folder / "eval.json").read_text())[f"input {text}"]
+    (folder / "eval.json").unlink()  # the folder is shared
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = load_run(f"hf:{folder}")[1]
+    ids, counted = evaluation.encode_documents(tok, evaluation.read_documents(str(text)))
+    scored = counted & evaluation.ordinary_ids(tok)[ids]
+    scored[0] = False  # context only
+    plan, length = evaluation.windows(len(ids), hf.config.n_positions, 24)
+    assert len(plan) > 3 and ours["stride"] == 24
+    nats = torch.zeros(len(ids), dtype=torch.float64)
+    with torch.no_grad():
+        for end, first in plan:
+            x = torch.tensor(ids[end - length:end + 1])
+            loss = torch.nn.functional.cross_entropy(hf(x[None, :-1]).logits[0], x[1:], reduction="none")
+            nats[first + 1:end + 1] = loss[length - (end - first):].double()
+    total = nats[torch.from_numpy(scored)].sum().item()
+    assert ours["tokens"] == scored.sum()
+    assert abs(ours["nats"] - total) < 1e-4 * ours["tokens"]
+    assert abs(ours["perplexity"] / math.exp(total / ours["tokens"]) - 1) < 1e-4
 
 
 # ---- import: Hugging Face folders become runs --------------------------------------------------------------
@@ -201,13 +256,14 @@ def test_fine_tuning_a_hugging_face_llama_on_legal_text_works_like_a_run(hf_llam
 
 # ---- ONNX: checked by onnxruntime ----------------------------------------------------------------------------
 
-def test_onnx_export_computes_our_logits_in_onnxruntime_for_any_batch_and_length(runs, tmp_path):
+def test_onnx_export_computes_our_logits_in_onnxruntime_for_any_batch_and_length(dataset, tmp_path):
     pytest.importorskip("onnxscript")
     onnxruntime = pytest.importorskip("onnxruntime")
+    run = untrained_run(tmp_path / "run", dataset, "gpt", **{**LLAMA, "n_layer": 1, "n_embd": 32})
     target = tmp_path / "llama.onnx"
-    done = run_in_process("export.py", f"--out_dir={runs['llama']}", "--format=onnx", f"--to={target}")
+    done = run_in_process("export.py", f"--out_dir={run}", "--format=onnx", f"--to={target}")
     assert done.returncode == 0, done.stderr
-    model, tok, _ = load_run(str(runs["llama"]))
+    model, tok, _ = load_run(str(run))
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     for rows, length in [(1, 1), (3, 17), (2, 64)]:
         x = real_batch(tok, rows, length)
@@ -265,13 +321,19 @@ def test_a_run_neither_gpt2_nor_llama_can_express_is_refused_naming_the_switch(a
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_tokenizer_kind_hugging_face_cannot_read_is_refused(tmp_path, dataset):
-    run = untrained_run(tmp_path / "run", dataset, "gpt", **LLAMA)
+def with_tokenizer(run, tok):
+    """run, its tokenizer files replaced by tok's (the checkpoint told of the new ones)."""
     for name in json.loads((run / "tokenizer.json").read_text())["files"]:
         os.remove(run / name)
-    train_tokenizer("char", legal_documents(5), 100).save(run)
+    tok.save(run)
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     torch.save({**ckpt, "tokenizer_fingerprint": tokenizer_fingerprint(run)}, run / "ckpt.pt")
+    return run
+
+
+def test_a_tokenizer_kind_hugging_face_cannot_read_is_refused(tmp_path, dataset):
+    run = with_tokenizer(untrained_run(tmp_path / "run", dataset, "gpt", **LLAMA),
+                         train_tokenizer("char", legal_documents(5), 100))
     assert_clear_error(run_in_process("export.py", f"--out_dir={run}", f"--to={tmp_path / 'hf'}"),
                        "char tokenizer cannot be exported")
 
@@ -303,6 +365,7 @@ def test_a_hugging_face_folder_that_cannot_be_imported_is_refused_in_one_line(ch
     folder = broken_copy(exported, tmp_path, change)
     assert_clear_error(run_in_process("sample.py", f"--out_dir=hf:{folder}", "--device=cpu"), message)
     assert_clear_error(run_in_process("export.py", f"--out_dir=hf:{folder}", f"--to={tmp_path / 'x'}"), message)
+    assert_clear_error(run_in_process("eval.py", f"--out_dir=hf:{folder}", "--device=cpu"), message)
 
 
 def test_train_refuses_a_hugging_face_folder_without_config(dataset, tmp_path):
