@@ -632,8 +632,9 @@ class Model(nn.Module):
         of an MoE layer only its top-k experts), plus attention's scores and mixing."""
         c = self.config
         n = self.num_params()
+        head = getattr(self.lm_head, "weight", None)  # (an adaptive head has several matrices, none tied)
         for m in self.modules():  # lookups, not matmuls: every embedding but the one the head multiplies by
-            if isinstance(m, nn.Embedding) and m.weight is not self.lm_head.weight and m is not self.wpe_of():
+            if isinstance(m, nn.Embedding) and m.weight is not head and m is not self.wpe_of():
                 n -= m.weight.numel()
         for m in self.modules():
             if isinstance(m, MoE):

@@ -203,7 +203,7 @@ if merge_lora:
 # that still apply to the same model on the same machine: how its batches are cut, how it computes.
 INHERITED = ("arch", "block_size", "batch_size", "gradient_accumulation_steps", "mask_prob", "span_length",
              "dtype", "compile")
-checkpoint = None
+checkpoint, inherited = None, {}
 if init_from.startswith("hf:"):  # a Hugging Face GPT-2 or Llama folder (runtime.from_hf)
     init_path = init_from
     try:

@@ -264,7 +264,8 @@ def test_an_adapter_on_another_base_is_refused_by_every_script(tmp_path, lora_ru
 
 
 def test_nf4_without_torchao_names_the_package_and_its_install_command(tmp_path, trained_run, dataset, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed (transformers may have loaded it)
     done = run_in_process("train.py", *train_args(dataset, tmp_path / "out", f"--init_from={trained_run}",
                                                   "--lora_rank=4", "--lora_base_weights=nf4", "--max_iters=2"))
     assert_clear_error(done, "torchao", "pip install torchao==")

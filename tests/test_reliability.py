@@ -379,7 +379,7 @@ BAD_INPUTS = {
     # checkpoints
     "scratch over a run": ("train.py", lambda w: w.train(f"--out_dir={w.run}"), ["exists", "--init_from=resume"]),
     "resume with no checkpoint": ("train.py", lambda w: w.train("--init_from=resume"), ["no checkpoint at"]),
-    "init_from neither": ("train.py", lambda w: w.train("--init_from=latest"), ["is not scratch, resume, or"]),
+    "init_from neither": ("train.py", lambda w: w.train("--init_from=latest"), ["is not scratch, resume, the directory of a run to fine-tune, or hf:DIR"]),
     "resume another architecture": ("train.py", lambda w: w.resume("--arch=encoder"),
                                     ["is a 'gpt' model", "--arch=gpt"]),
     "fine-tune another architecture": ("train.py", lambda w: w.train(f"--init_from={w.run}", "--arch=lstm"),
