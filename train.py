@@ -647,10 +647,11 @@ def get_lr(it, seconds=0.0):
     return learning_rate - ratio * (learning_rate - min_lr)  # linear, and wsd's decay
 
 
-def window_length(it):
-    """The training window at iteration it: block_size_schedule's growth from block_size_start to
-    block_size, in steps of block_size_start; a function of the iteration alone, so a resumed run
-    trains on the windows the uninterrupted one would have."""
+def train_window(it):
+    """The training window at iteration it (not model.window_length, which is generation's):
+    block_size_schedule's growth from block_size_start to block_size, in steps of
+    block_size_start; a function of the iteration alone, so a resumed run trains on the windows
+    the uninterrupted one would have."""
     if it >= block_size_schedule:
         return block_size
     grown = block_size_start + (block_size - block_size_start) * it / block_size_schedule
@@ -735,12 +736,13 @@ def train_step(iter_num):
     (the rest at log_interval)."""
     step_loss = torch.zeros((), device=device)
     step_balance = torch.zeros((), device=device)
+    window = train_window(iter_num)
     for micro_step in range(grad_accum):
         place = rank * grad_accum + micro_step  # this micro-batch's place in the global batch
         torch.manual_seed(stream_seed(DROPOUT, iter_num, place))
         batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
-        if window_length(iter_num) < block_size:  # the first columns of the full-length draw
-            batch = {k: v[:, :window_length(iter_num)] if v.dim() == 2 else v for k, v in batch.items()}
+        if window < block_size:  # the first columns of the full-length draw
+            batch = {k: v[:, :window] if v.dim() == 2 else v for k, v in batch.items()}
         # under DDP, average gradients across processes only once, after the last micro-step
         sync = not ddp or micro_step == grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), ctx:
@@ -771,7 +773,7 @@ def train_step(iter_num):
     if optimizer.param_groups[0].get("fused"):  # the kernel leaves weights, moments and step count as they
         optimizer.grad_scale, optimizer.found_inf = None, (fault > 0).float()  # were where found_inf is 1
         optimizer.step()
-    elif not fault.item():  # foreach (MPS) has no found_inf: ask the device
+    elif not fault.item():  # no fused kernel (SGD, Lion, Muon; MPS's foreach): ask the device
         optimizer.step()
     scaler.update()  # (fp16) an overflow, found by unscale_ above, shrinks the loss scale
     optimizer.zero_grad(set_to_none=True)
@@ -835,7 +837,7 @@ try:
             group["lr"] = lr
         step_loss, step_balance, grad_norm, fault, clock, stopping, out_of_time = train_step(iter_num)
         iter_num += 1
-        tokens_since_log += tokens_per_iter * window_length(iter_num - 1) // block_size
+        tokens_since_log += tokens_per_iter * train_window(iter_num - 1) // block_size
         pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))
         good = fault == 0  # a skipped step's loss is not in the mean (it is not finite)
         loss_sum += torch.where(good, step_loss, 0.0)
@@ -862,7 +864,7 @@ try:
             line = (f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {norm:.3f}, "
                     f"{tok_per_s:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
             if block_size_schedule:  # the window of the last step
-                entry["block_size"] = window_length(iter_num - 1)
+                entry["block_size"] = train_window(iter_num - 1)
             if n_expert:  # 1.0 = tokens spread evenly over the experts
                 entry["balance_loss"] = balance
                 line += f", balance loss {balance:.3f}"
