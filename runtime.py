@@ -1025,6 +1025,3 @@ def from_hf(directory):
             "tokenizer_fingerprint": fingerprint}
     return ckpt, tok
 
-
-def is_hf(path):
-    return isinstance(path, str) and path.startswith("hf:")

@@ -31,7 +31,6 @@ import json
 import sys
 
 import numpy as np
-import torch
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
