@@ -392,6 +392,7 @@ def lora_settings():
 
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
 seconds_before = 0.0  # the run's seconds before this process: a resumed run's clock goes on from its checkpoint's
+setup_seconds = 0.0  # of those and this process's, the first step's and first eval's (torch.compile's work)
 if init_from == "scratch":
     if os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
@@ -416,6 +417,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
     if init_from == "resume":
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         bad_steps, seconds_before = checkpoint.get("bad_steps", 0), checkpoint.get("seconds", 0.0)
+        setup_seconds = checkpoint.get("setup_seconds", 0.0)
         if checkpoint["config"].get("optimizer", "adamw") != optimizer:  # its state would not fit
             fail(f"{init_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}, not "
                  f"{optimizer}: resume it with that one")
@@ -629,9 +631,11 @@ def get_lr(it, seconds=0.0):
     """lr_schedule's learning rate at iteration it, seconds into the run, after the linear warmup.
     With max_seconds the schedule runs on whichever is further along, the iterations or the share
     of the time budget used (that share of lr_decay_iters), so a run the clock stops has still
-    warmed up and decayed in full."""
+    warmed up and decayed in full. The share leaves out setup_seconds: the first step and eval
+    of each process are mostly compiling, and counted in they would use up the warmup unseen."""
     if max_seconds > 0:
-        it = max(it, seconds / max_seconds * lr_decay_iters)
+        share = (seconds - setup_seconds) / max(1e-9, max_seconds - setup_seconds)
+        it = max(it, share * lr_decay_iters)
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_schedule == "constant":
@@ -674,6 +678,7 @@ def save(iter_num, val_loss=None):
             "best_val_loss": best_val_loss,
             "bad_steps": bad_steps,
             "seconds": time.time() - t_start,  # the time budget used (max_seconds), and where its schedule is
+            "setup_seconds": setup_seconds,
             "config": config,
             "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
             "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
@@ -691,8 +696,15 @@ def save(iter_num, val_loss=None):
 
 
 def evaluate(iter_num, elapsed):
-    global best_val_loss
+    global best_val_loss, setup_seconds, evaluated
+    took = time.time()
     losses = estimate_loss()
+    if not evaluated and iter_num < max_iters:  # the first eval compiles the eval graph: not the schedule's time
+        took = torch.tensor(time.time() - took, dtype=torch.float64)
+        if ddp:  # every process leaves out the same seconds, so they keep one learning rate
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        setup_seconds += took.item()
+    evaluated = True
     best_val_loss = min(best_val_loss, losses["val"])
     entry = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],
              "val_accuracy": losses["accuracy"], "lr": get_lr(iter_num, clock), "elapsed_s": round(elapsed, 3)}
@@ -791,7 +803,7 @@ balance_sum = torch.zeros((), device=device)
 norm_sum = torch.zeros((), device=device)
 good_steps = torch.zeros((), device=device)
 pending = []  # (iteration, lr, elapsed, fault tensor) of the steps whose faults are not read yet
-stopping = out_of_time = False
+stopping = out_of_time = evaluated = False
 
 
 def settle_faults():
@@ -835,7 +847,10 @@ try:
         lr = get_lr(iter_num, clock)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_balance, grad_norm, fault, clock, stopping, out_of_time = train_step(iter_num)
+        step_loss, step_balance, grad_norm, fault, clock_after, stopping, out_of_time = train_step(iter_num)
+        if iter_num == start_iter:  # the first step compiles: the schedule's clock starts after it
+            setup_seconds += clock_after - clock
+        clock = clock_after
         iter_num += 1
         tokens_since_log += tokens_per_iter * train_window(iter_num - 1) // block_size
         pending.append((iter_num, lr, round(time.time() - t_start, 3), fault))

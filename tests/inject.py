@@ -16,6 +16,7 @@ FAULT is WHAT@WHEN, WHEN counting calls of one torch function (1 = the first cal
     full@save:N        the Nth torch.save fails as on a full disk (OSError ENOSPC)
     nan@loss:N+M       cross_entropy returns NaN for M calls from the Nth (M = 0: for ever)
     inf@backward:N     the Nth backward pass is of loss x inf: infinite gradients, the loss itself finite
+    slow@backward:N    the Nth backward pass first sleeps 2 seconds (a first step that compiles, say)
 """
 
 import errno
@@ -25,6 +26,7 @@ import runpy
 import signal
 import sys
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,9 @@ def inject(fault):
         counting(torch.Tensor, "backward", infinite)
     elif point in ("backward", "argmax"):
         def at(k, go, args):
-            if k == int(n):
+            if k == int(n) and what == "slow":
+                time.sleep(2)
+            elif k == int(n):
                 send(what)
             return go()
         counting(torch.Tensor, point, at)
