@@ -45,6 +45,15 @@ serving (the server with --max_batch_size=1):
 
     python bench.py --what=serve --out_dir=out-legal-small
 
+This project against nanoGPT on this machine, side by side (a checkout of karpathy/nanoGPT):
+training tokens/s at one shape (train.py's own logs, ours and theirs, taking turns `rounds`
+times), 1,000 new tokens from a 256-token model (whole process, start-up included), and the
+time to quality: config/legal_small.py with --max_seconds of each of `quality_seconds`
+against nanoGPT's CPU recipe from its README on the same documents, both scored by exact
+val bits per byte:
+
+    python bench.py --what=nanogpt --nanogpt_dir=../nanoGPT
+
 One check of the GPU paths, under 8 minutes on one GPU (bench_gpu): the GPU-marked tests, GPT-2
 small's shape trained in bf16 + compile + flash attention (tokens/s, MFU against the data sheet
 and against the measured matmul peak), train.py under torchrun with DDP on every GPU here, and
@@ -95,7 +104,7 @@ flash_only = False          # attention only on the flash kernels (CUDA): a mode
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
-what = "train"              # train | tokenizers | prepare | attention | study | decode | serve | gpu | optimizers
+what = "train"              # train | tokenizers | prepare | attention | study | decode | serve | gpu | optimizers | nanogpt
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
@@ -130,6 +139,11 @@ serve_new_tokens = 64       # each request: max_new_tokens, sampled (temperature
 optimizers = "adamw:2e-3,sgd:0.3,lion:3e-4,muon:2e-3"  # name:learning_rate (min_lr: a tenth of it)
 optimizer_config = "config/compare_modern.py"
 plot_file = ""              # optimizers: the loss-versus-time plot (.png); "" = none
+# nanogpt: this project against nanoGPT (a checkout of github.com/karpathy/nanoGPT) on this machine
+nanogpt_dir = ""            # nanogpt: the checkout
+nanogpt_parts = "speed,sample,quality"  # nanogpt: which comparisons
+quality_seconds = "100,300"  # nanogpt quality: config/legal_small.py's time budgets
+speed_iters = 30            # nanogpt speed: training steps per run (the first 10 are not timed)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 from runtime import machine  # noqa: E402
@@ -506,17 +520,23 @@ def train_run(config_path, out_dir, overrides):
     return time.time() - t0, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def val_text_size(data_path):
-    """The val split's token ids and its characters: its documents decoded (the end-of-text
-    tokens between them are tokens, not text), code points counted."""
+def split_documents(data_path, split="val"):
+    """A prepared split's token ids and its documents as text (the end-of-text tokens between
+    them are tokens, not text)."""
     import numpy as np
 
     from tokenizer import load_tokenizer
     tok = load_tokenizer(data_path)
     with open(os.path.join(data_path, "meta.json")) as f:
-        ids = np.fromfile(os.path.join(data_path, "val.bin"), dtype=json.load(f)["dtype"])
-    documents = np.split(ids, np.flatnonzero(ids == tok.eot_id))
-    return ids, sum(len(tok.decode(d[d != tok.eot_id].tolist())) for d in documents)
+        ids = np.fromfile(os.path.join(data_path, f"{split}.bin"), dtype=json.load(f)["dtype"])
+    documents = [tok.decode(d[d != tok.eot_id].tolist()) for d in np.split(ids, np.flatnonzero(ids == tok.eot_id))]
+    return ids, [d for d in documents if d]
+
+
+def val_text_size(data_path):
+    """The val split's token ids and its characters: its documents' code points counted."""
+    ids, documents = split_documents(data_path)
+    return ids, sum(map(len, documents))
 
 
 def describe(args):
@@ -942,6 +962,199 @@ def bench_serve():
                       "seconds": serve_seconds}))
 
 
+# ---- nanogpt: this project against nanoGPT on this machine ----------------------------------------------
+
+# nanoGPT's README's CPU run of its config/train_shakespeare_char.py, as printed there
+NANOGPT_RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                  "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                  "--lr_decay_iters=2000", "--dropout=0.0"]
+SPEED_SHAPE = ["--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=256", "--batch_size=16",
+               "--gradient_accumulation_steps=1"]
+DOCUMENT_BREAK = "\n\n"  # between documents in nanoGPT's character stream: context, never scored
+
+
+def nanogpt_datasets(nano_root, data_path):
+    """The built-in corpus as nanoGPT reads a dataset (data/NAME/{train,val}.bin, meta.pkl, under
+    nano_root): legal_char, the same documents as characters (its recipe's kind of tokens), and
+    legal_bpe, our own token ids (the speed and sampling runs: the same vocabulary on both sides).
+    Returns the val documents and the characters' ids."""
+    import pickle
+
+    import numpy as np
+
+    from tokenizer import load_tokenizer, token_bytes
+    os.makedirs(nano_root, exist_ok=True)
+    shutil.copy(os.path.join(nanogpt_dir, "configurator.py"), nano_root)  # its scripts read it from where they run
+    texts = {split: split_documents(data_path, split)[1] for split in ("train", "val")}
+    chars = sorted(set(DOCUMENT_BREAK).union(*(set(d) for docs in texts.values() for d in docs)))
+    stoi = {c: i for i, c in enumerate(chars)}
+    folder = os.path.join(nano_root, "data", "legal_char")
+    os.makedirs(folder, exist_ok=True)
+    for split, docs in texts.items():
+        np.array([stoi[c] for c in DOCUMENT_BREAK.join(docs)], dtype=np.uint16).tofile(os.path.join(folder, f"{split}.bin"))
+    with open(os.path.join(folder, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": dict(enumerate(chars))}, f)
+    folder = os.path.join(nano_root, "data", "legal_bpe")
+    os.makedirs(folder, exist_ok=True)
+    for split in ("train", "val"):
+        shutil.copy(os.path.join(data_path, f"{split}.bin"), folder)  # uint16, as nanoGPT reads them
+    tok = load_tokenizer(data_path)
+    pieces = [p.decode(errors="replace") if p else "" for p in token_bytes(tok)[0]]
+    with open(os.path.join(folder, "meta.pkl"), "wb") as f:  # its sample.py encodes a prompt a character a token
+        pickle.dump({"vocab_size": tok.vocab_size, "itos": dict(enumerate(pieces)),
+                     "stoi": {p: t for t, p in enumerate(pieces) if len(p) == 1}}, f)
+    return texts["val"], stoi
+
+
+def run_quietly(args, cwd=None):
+    """A command's wall seconds and its output; a failure stops the benchmark with its output shown."""
+    print(f"$ {shlex.join(args)}", flush=True)
+    t0 = time.time()
+    done = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
+    seconds = time.time() - t0
+    if done.returncode:
+        sys.stderr.write((done.stdout + done.stderr)[-3000:])
+        fail(f"{os.path.basename(args[1])} failed (exit code {done.returncode}; its output is above)")
+    return seconds, done.stdout
+
+
+def nanogpt_bits_per_byte(run, documents, stoi):
+    """Exact val bits per byte of a nanoGPT character run: its model (loaded from the checkout's
+    model.py) over the documents joined by DOCUMENT_BREAK, in windows of its context that move on
+    by half of it, as eval.py reads ours; every character of a document scored once, over its
+    UTF-8 bytes."""
+    import importlib.util
+
+    import torch.nn.functional as F
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(nanogpt_dir, "model.py"))
+    theirs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(theirs)
+    checkpoint = torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=False)
+    model = theirs.GPT(theirs.GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()})
+    model.eval()
+    stream, weight = [], []  # each position's id, and its bytes if scored (0: a break)
+    for i, doc in enumerate(documents):
+        if i:
+            stream += [stoi[c] for c in DOCUMENT_BREAK]
+            weight += [0] * len(DOCUMENT_BREAK)
+        stream += [stoi[c] for c in doc]
+        weight += [len(c.encode()) for c in doc]
+    ids, weight = torch.tensor(stream), torch.tensor(weight)
+    T = model.config.block_size
+    stride, nats, scored_up_to = T // 2, 0.0, 1  # the next target position to score
+    with torch.no_grad():
+        for begin in range(0, len(stream) - 1, stride):
+            end = min(begin + T, len(stream) - 1)  # inputs begin..end-1 predict begin+1..end
+            logits, _ = model(ids[None, begin:end], ids[None, begin + 1:end + 1])
+            losses = F.cross_entropy(logits[0], ids[begin + 1:end + 1], reduction="none")
+            new = torch.arange(begin + 1, end + 1) >= scored_up_to
+            nats += (losses * (weight[begin + 1:end + 1] > 0) * new).sum().item()
+            scored_up_to = end + 1
+            if end == len(stream) - 1:
+                break
+    return nats / weight[1:].sum().item() / math.log(2)
+
+
+def median_log_speed(log_path, skip=10):
+    """Median training tokens/s of a train.py log past its first `skip` steps (compiling)."""
+    with open(log_path) as f:
+        speeds = [r["tok_per_s"] for r in map(json.loads, f) if "tok_per_s" in r and r["iter"] > skip]
+    return statistics.median(speeds)
+
+
+def median_nanogpt_speed(output, tokens_per_iter, skip=10):
+    """Median training tokens/s from nanoGPT's log lines ("iter N: loss L, time Tms, ...") past `skip`."""
+    times = [float(line.split("time ")[1].split("ms")[0]) for line in output.splitlines()
+             if line.startswith("iter ") and int(line.split()[1].rstrip(":")) > skip]
+    return tokens_per_iter / (statistics.median(times) / 1000)
+
+
+def bench_nanogpt():
+    if not os.path.isfile(os.path.join(nanogpt_dir, "train.py")) or not os.path.isfile(os.path.join(nanogpt_dir, "model.py")):
+        fail(f"nanogpt_dir={nanogpt_dir!r} is not a nanoGPT checkout (no train.py and model.py there): "
+             "git clone https://github.com/karpathy/nanoGPT and give its folder")
+    parts = nanogpt_parts.split(",")
+    unknown = set(parts) - {"speed", "sample", "quality"}
+    if unknown:
+        fail(f"nanogpt_parts: {', '.join(sorted(unknown))} not among speed, sample, quality")
+    seconds_list = [float(x) for x in quality_seconds.split(",")] if "quality" in parts else []
+    data_path = os.path.join(data_dir, "legal")
+    if not os.path.isfile(os.path.join(data_path, "meta.json")):
+        run_quietly([sys.executable, script("prepare.py"), f"--data_dir={data_dir}"])
+    root = work_dir or tempfile.mkdtemp(prefix="nanogpt-")
+    nano_root = os.path.join(root, "nanogpt")
+    theirs = [sys.executable, os.path.join(nanogpt_dir, "train.py")]
+    ours = [sys.executable, script("train.py"), f"--data_dir={data_dir}", "--report=False"]
+    summary = {"machine": machine("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(summary["machine"], flush=True)
+    try:
+        val_documents, stoi = nanogpt_datasets(nano_root, data_path)
+        if "speed" in parts or "sample" in parts:  # the runs double as the sampling runs: 30 steps is enough
+            steps = [f"--max_iters={speed_iters}", f"--eval_interval={speed_iters}", "--eval_iters=1", "--log_interval=1"]
+            paths = {"ours": [], "ours_fp32_eager": ["--dtype=float32", "--compile=False"],
+                     "nanogpt": ["--compile=False"], "nanogpt_compiled": ["--compile=True"]}
+            speeds = {name: [] for name in paths}
+            for _ in range(rounds):  # taking turns, so a noisy neighbour slows each alike
+                for name, extra in paths.items():
+                    out = os.path.join(root, f"speed-{name}")
+                    shutil.rmtree(out, ignore_errors=True)
+                    if name.startswith("ours"):
+                        run_quietly([*ours, *SPEED_SHAPE, *steps, *extra, f"--out_dir={out}", "--max_seconds=0"])
+                        speeds[name].append(median_log_speed(os.path.join(out, "log.jsonl")))
+                    else:
+                        _, said = run_quietly([*theirs, *SPEED_SHAPE, *steps, *extra, "--dataset=legal_bpe", "--device=cpu",
+                                               "--dtype=float32", f"--out_dir={out}"], cwd=nano_root)
+                        speeds[name].append(median_nanogpt_speed(said, 16 * 256))
+                    print(f"{name}: {speeds[name][-1]:,.0f} tok/s", flush=True)
+            best = {name: statistics.median(v) for name, v in speeds.items()}
+            summary["speed"] = {"shape": " ".join(SPEED_SHAPE), "tok_per_s": {k: round(v, 1) for k, v in best.items()},
+                                "ours_over_nanogpt": round(best["ours"] / max(best["nanogpt"], best["nanogpt_compiled"]), 3),
+                                "ours_fp32_eager_over_nanogpt": round(best["ours_fp32_eager"] / best["nanogpt"], 3)}
+            print(json.dumps(summary["speed"]), flush=True)
+        if "sample" in parts:
+            prompt, new = "The Licensee shall", 1000
+            commands = {"ours": [sys.executable, script("sample.py"), f"--out_dir={root}/speed-ours", f"--start={prompt}",
+                                 "--num_samples=1", f"--max_new_tokens={new}", "--ignore_eos=True"],
+                        "nanogpt": [sys.executable, os.path.join(nanogpt_dir, "sample.py"), "--init_from=resume",
+                                    f"--out_dir={root}/speed-nanogpt", f"--start={prompt}", "--num_samples=1",
+                                    f"--max_new_tokens={new}", "--device=cpu", "--dtype=float32", "--compile=False"]}
+            took = {name: [] for name in commands}
+            for _ in range(rounds):
+                for name, command in commands.items():
+                    took[name].append(run_quietly(command, cwd=nano_root)[0])
+                    print(f"{name}: {new} new tokens, whole process {took[name][-1]:.1f} s", flush=True)
+            middle = {k: statistics.median(v) for k, v in took.items()}
+            summary["sample"] = {"new_tokens": new, "seconds": {k: round(v, 2) for k, v in middle.items()},
+                                 "ours_speedup": round(middle["nanogpt"] / middle["ours"], 2)}
+            print(json.dumps(summary["sample"]), flush=True)
+        if "quality" in parts:
+            quality = {}
+            for budget_s in seconds_list:
+                out = os.path.join(root, f"legal-small-{budget_s:g}s")
+                shutil.rmtree(out, ignore_errors=True)
+                took, _ = run_quietly([*ours, script("config/legal_small.py"), f"--out_dir={out}", f"--max_seconds={budget_s:g}"])
+                run_quietly([sys.executable, script("eval.py"), f"--out_dir={out}", f"--data_dir={data_dir}"])
+                with open(os.path.join(out, "eval.json")) as f:
+                    bpb = next(iter(json.load(f).values()))["bits_per_byte"]
+                quality[f"legal_small_{budget_s:g}s"] = {"val_bpb": round(bpb, 4), "seconds": round(took, 1)}
+                print(f"legal_small --max_seconds={budget_s:g}: exact val bpb {bpb:.4f} ({took:.0f} s in all)", flush=True)
+            out = os.path.join(root, "nanogpt-recipe")
+            took, said = run_quietly([*theirs, os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"),
+                                      *NANOGPT_RECIPE, "--dataset=legal_char", f"--out_dir={out}",
+                                      "--always_save_checkpoint=True"], cwd=nano_root)
+            bpb = nanogpt_bits_per_byte(out, val_documents, stoi)
+            quality["nanogpt_recipe"] = {"val_bpb": round(bpb, 4), "seconds": round(took, 1)}
+            print(f"nanoGPT's CPU recipe: exact val bpb {bpb:.4f} ({took:.0f} s in all)", flush=True)
+            for key, row in quality.items():
+                row["of_nanogpt"] = round(row["val_bpb"] / bpb, 3)
+            summary["quality"] = quality
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(summary))
+
+
 # ---- gpu: one check of the GPU paths ------------------------------------------------------------------
 
 def run_logged(args, timeout):
@@ -1045,7 +1258,7 @@ def bench_gpu():
 
 MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
          "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu,
-         "optimizers": bench_optimizers}
+         "optimizers": bench_optimizers, "nanogpt": bench_nanogpt}
 if what != "train" and what not in MODES:
     fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
 if what in MODES:

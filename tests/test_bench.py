@@ -226,3 +226,12 @@ def test_serve_bench_needs_a_run_and_sane_settings(trained_run):
                        "serve_seconds must be above 0")
     assert_clear_error(run_in_process("bench.py", "--what=serve", f"--out_dir={trained_run}",
                                       "--serve_clients=0"), "serve_clients")
+
+
+def test_the_nanogpt_comparison_needs_a_nanogpt_checkout_and_known_parts(tmp_path):
+    assert_clear_error(run_in_process("bench.py", "--what=nanogpt", f"--nanogpt_dir={tmp_path}"),
+                       "is not a nanoGPT checkout", "git clone https://github.com/karpathy/nanoGPT")
+    for name in ("train.py", "model.py"):
+        (tmp_path / name).write_text("")
+    assert_clear_error(run_in_process("bench.py", "--what=nanogpt", f"--nanogpt_dir={tmp_path}",
+                                      "--nanogpt_parts=speed,taste"), "nanogpt_parts: taste not among")
