@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_clear_error, made_once, read_log, run_in_process, run_script, train_args, train_losses
-from model import Lion, ModelConfig, Optimizers, build_model
+from model import Lion, ModelConfig, Muon, Optimizers, build_model
 
 SHORT = ["--max_iters=20", "--lr_decay_iters=20", "--keep_last=2"]  # checkpoints at 10 and 20 (eval_interval 10)
 # muon, wsd, grad_checkpoint, label smoothing, windows of 16 growing to 64 over 12 iterations
@@ -134,6 +134,34 @@ def test_the_adaptive_heads_logits_are_log_probabilities_and_its_training_loss_i
                                              abs=1e-5)
 
 
+def test_an_adaptive_head_trains_and_generates_under_torch_compile():
+    # the adaptive head's training loss gathers each cluster's targets, shapes that depend on the data:
+    # torch.compile must trace it (breaking the graph where it has to) and its backward. Backend aot_eager
+    # is torch.compile with that tracing and AOTAutograd but without inductor's C++ code generation,
+    # which takes minutes on a loaded 2-core machine; train.py's compile=True adds only that.
+    from engine import generate
+    model = adaptive_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    data = torch.arange(3000) * 7 % 96  # each token fixes the next
+    losses = []
+    for i in range(20):
+        rows = torch.stack([data[s:s + 17] for s in range(i * 5, i * 5 + 320, 40)])  # (8, 17)
+        _, loss = compiled(rows[:, :-1], rows[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+    model.eval()
+    prompt = data[None, :4]
+    with torch.no_grad():
+        assert torch.allclose(compiled(prompt)[0], model(prompt)[0], atol=1e-5)
+    eager = generate(model, prompt, 8, temperature=0)
+    stepped = generate(model, prompt, 8, temperature=0, step=torch.compile(model.decode_step, backend="aot_eager"))
+    assert torch.equal(stepped, eager)
+
+
 # ---- label smoothing and activation checkpointing --------------------------------------------
 
 def tiny(**overrides):
@@ -216,14 +244,83 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_embeddings_head_norms_and_
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
     assert isinstance(optimizer, Optimizers)
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert in_muon == {f"body.blocks.{i}.{m}.weight" for i in range(2)
                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    blocks = {names[id(p)]: g["blocks"] for g in muon.param_groups for p in g["params"]}
+    assert blocks["body.blocks.0.attn.c_attn.weight"] == [(0, 32), (32, 64), (64, 96)]  # q, k, v
+    assert blocks["body.blocks.1.mlp.c_proj.weight"] == [(0, 32)]  # one matrix
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert in_adamw == set(names.values()) - in_muon
     assert {"embed.wte.weight", "embed.wpe.weight", "lm_head.weight", "body.ln_f.weight"} <= in_adamw
+
+
+def test_muon_orthogonalizes_each_block_of_a_fused_matrix_as_torchs_muon_does_each_matrix_alone():
+    # a fused (q; k; v) matrix, grouped q 32 rows, k and v 16 each (GQA's shape), against torch's Muon
+    # stepping three separate matrices: the same weights, bit for bit, step after step
+    torch.manual_seed(0)
+    fused = torch.nn.Parameter(torch.randn(64, 32))
+    apart = [torch.nn.Parameter(block.clone()) for block in fused.detach().split([32, 16, 16])]
+    ours = Muon([{"params": [fused], "blocks": [(0, 32), (32, 48), (48, 64)]}], lr=0.02, weight_decay=0.1)
+    torchs = torch.optim.Muon(apart, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    whole = torch.nn.Parameter(fused.detach().clone())  # and uncut: torch's Muon on the whole matrix
+    ours_whole = Muon([whole], lr=0.02, weight_decay=0.1)
+    torchs_whole = torch.nn.Parameter(fused.detach().clone())
+    reference_whole = torch.optim.Muon([torchs_whole], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grad = torch.randn(64, 32)
+        fused.grad, whole.grad, torchs_whole.grad = grad.clone(), grad.clone(), grad.clone()
+        for p, g in zip(apart, grad.split([32, 16, 16])):
+            p.grad = g.clone()
+        for optimizer in (ours, torchs, ours_whole, reference_whole):
+            optimizer.step()
+        assert torch.equal(fused.detach(), torch.cat([p.detach() for p in apart]))
+        assert torch.equal(whole.detach(), torchs_whole.detach())
+    assert not torch.equal(fused.detach(), whole.detach())  # cutting the matrix changes the update
+    # and each block's update alone is near-orthogonal: its singular values near 1 (Newton-Schulz's ~0.7-1.2)
+    update = Muon([{"params": [p := torch.nn.Parameter(torch.zeros(64, 32))], "blocks": [(0, 32), (32, 48),
+                                                                                          (48, 64)]}], lr=1.0)
+    p.grad = torch.randn(64, 32)
+    update.step()
+    for block, rows in zip(p.detach().split([32, 16, 16]), (32, 16, 16)):
+        singular = torch.linalg.svdvals(block / (0.2 * math.sqrt(max(rows, 32))))
+        assert singular.min() > 0.5 and singular.max() < 1.3
+
+
+def test_muon_cuts_swiglu_lstm_and_expert_matrices_into_their_linear_maps():
+    names = lambda model: {id(p): n for n, p in model.named_parameters()}  # noqa: E731
+    swiglu = tiny(mlp="swiglu", mlp_hidden=48, n_kv_head=1)
+    cut = {names(swiglu)[id(p)]: blocks for p, blocks in swiglu.hidden_matrices()}
+    assert cut["body.blocks.0.mlp.c_fc.weight"] == [(0, 48), (48, 96)]  # gate, up
+    assert cut["body.blocks.0.attn.c_attn.weight"] == [(0, 32), (32, 48), (48, 64)]  # q; one kv head of 16
+    lstm = tiny(arch="lstm")
+    cut = {names(lstm)[id(p)]: blocks for p, blocks in lstm.hidden_matrices()}
+    assert set(cut) == {f"lstm.weight_{kind}_l{i}" for kind in ("ih", "hh") for i in range(2)}
+    assert all(blocks == [(0, 32), (32, 64), (64, 96), (96, 128)] for blocks in cut.values())  # i, f, g, o
+    moe = tiny(n_expert=2, mlp="swiglu", mlp_hidden=48)
+    cut = {names(moe)[id(p)]: blocks for p, blocks in moe.hidden_matrices()}
+    assert cut["body.blocks.0.mlp.c_fc"] == [(0, 48), (48, 96)] and cut["body.blocks.0.mlp.c_proj"] == [(0, 32)]
+    # a stack of experts: each expert's matrix is stepped as torch's Muon steps it alone
+    stack = torch.nn.Parameter(torch.randn(2, 8, 16))
+    alone = [torch.nn.Parameter(m.clone()) for m in stack.detach()]
+    stack.grad = torch.randn(2, 8, 16)
+    for p, g in zip(alone, stack.grad):
+        p.grad = g.clone()
+    Muon([stack], lr=0.02).step()
+    torch.optim.Muon(alone, lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw").step()
+    assert torch.equal(stack.detach(), torch.stack([p.detach() for p in alone]))
+
+
+def test_muon_leaves_a_run_whose_hidden_matrices_are_frozen_to_adamw():
+    model = tiny()  # as a LoRA run's base is: only the adapters (here: the norms and embeddings) train
+    for p, _ in model.hidden_matrices():
+        p.requires_grad_(False)
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len([p for p in model.parameters()
+                                                                         if p.requires_grad])
 
 
 def test_lion_moves_each_weight_by_the_sign_of_its_interpolated_momentum_as_in_the_paper():
