@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clear_error, made_once, read_log, run_in_process, run_script, train_args, train_losses
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, run_script, run_torchrun,
+                      train_args, train_losses)
 from model import Lion, ModelConfig, Muon, Optimizers, build_model
 
 SHORT = ["--max_iters=20", "--lr_decay_iters=20", "--keep_last=2"]  # checkpoints at 10 and 20 (eval_interval 10)
@@ -67,6 +68,21 @@ def test_a_run_with_the_options_learns_and_resumes_on_the_same_loss_curve(run, o
     assert train_losses(resumed) == train_losses(uninterrupted)  # floats compared exactly
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in uninterrupted
                                                                    if "val_loss" in r]
+
+
+def test_two_processes_train_the_options_run_with_the_losses_of_one(options_run, tmp_path, dataset):
+    # Muon, grad_checkpoint, label smoothing, wsd and growing windows under DDP: one micro-step in each of
+    # two processes is the same global batch as the one process's two (gradient_accumulation_steps=2)
+    two = run_torchrun(2, "train.py", *train_args(dataset, tmp_path / "two", *OPTIONS, *SHORT))
+    assert two.returncode == 0, two.stdout[-1500:] + two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    one, log = read_log(options_run), read_log(tmp_path / "two")
+    assert [r["iter"] for r in log] == [r["iter"] for r in one]
+    for a, b in zip(log, one):  # not bit for bit: the gradients are summed in another order
+        assert ("val_loss" in a) == ("val_loss" in b)  # evals at the same iterations
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-3)
 
 
 def test_windows_grow_from_block_size_start_to_block_size_over_block_size_schedule(options_run):
@@ -321,6 +337,28 @@ def test_muon_leaves_a_run_whose_hidden_matrices_are_frozen_to_adamw():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len([p for p in model.parameters()
                                                                          if p.requires_grad])
+
+
+@pytest.mark.parametrize("kind, lr", [("muon", 3e-3), ("lion", 1e-3), ("sgd", 0.3)])
+def test_fp16_skips_an_overflowing_step_and_halves_the_loss_scale_with_each_unfused_optimizer(kind, lr, tmp_path,
+                                                                                             dataset):
+    # fp16 autocast and the GradScaler run on a CPU too (torch 2.13), so the path a GPU without bf16 takes
+    # (unscale, the norm, the skipped step, the shrunk scale) is the one tested. Backward call 6 is
+    # iteration 3's second micro-step: its gradients are infinite, the loss is not.
+    out_dir = tmp_path / "out"
+    done = run_script("tests/inject.py", "inf@backward:6", os.path.join(ROOT, "train.py"),
+                      *train_args(dataset, out_dir, "--dtype=float16", f"--optimizer={kind}", f"--learning_rate={lr}",
+                                  "--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=12",
+                                  "--lr_decay_iters=12", "--warmup_iters=2", "--eval_interval=12", "--eval_iters=2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dtype float16" in done.stdout
+    assert "iter 3: skipped, the gradient norm is not finite (1 in a row)" in done.stdout
+    losses = train_losses(read_log(out_dir))
+    assert sorted(losses) == [i for i in range(1, 13) if i != 3]
+    assert all(math.isfinite(loss) for loss in losses.values())  # no inf reached the weights
+    assert sum(losses[i] for i in (10, 11, 12)) < sum(losses[i] for i in (1, 2, 4)) - 0.3
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 2.0 ** 15  # from 2 ** 16: the overflow halved it
 
 
 def test_lion_moves_each_weight_by_the_sign_of_its_interpolated_momentum_as_in_the_paper():
