@@ -385,6 +385,20 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path, dataset, options_r
     assert_clear_error(done, "optimizer=muon", "not lion")
 
 
+def test_resuming_an_optimizer_state_that_does_not_fit_is_refused(tmp_path, dataset, options_run):
+    # as a Muon checkpoint from before fused matrices were cut into blocks: one group for all matrices
+    run_copy = tmp_path / "run"
+    shutil.copytree(options_run, run_copy)
+    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    muon = ckpt["optimizer"]["optimizers"][0]
+    muon["param_groups"] = [{**muon["param_groups"][0], "blocks": None,
+                             "params": [i for g in muon["param_groups"] for i in g["params"]]}]
+    torch.save(ckpt, run_copy / "ckpt.pt")
+    done = run_in_process("train.py", *train_args(dataset, run_copy, "--init_from=resume", *OPTIONS, "--max_iters=30",
+                                                  "--lr_decay_iters=30"))
+    assert_clear_error(done, "its optimizer state does not fit this code's Optimizers")
+
+
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------
 
 BAD = {
