@@ -1043,9 +1043,10 @@ class Lion(torch.optim.Optimizer):
 
 
 def orthogonalized(update, steps=5, eps=1e-7):
-    """update (rows, cols) made roughly semi-orthogonal, U S' V^T with S' near 1 where update = U S V^T:
-    Newton-Schulz's quintic iteration with Keller Jordan's coefficients, in bf16, as torch's Muon
-    does it (the coefficients trade exactness for speed; S' lands in about [0.7, 1.2])."""
+    """update (rows, cols) made roughly semi-orthogonal, U S' V^T where update = U S V^T: Newton-Schulz's
+    quintic iteration with Keller Jordan's coefficients, in bf16, as torch's Muon does it (the
+    coefficients trade exactness for speed: most of S' lands between 0.6 and 1.2, none above ~1.2,
+    and the smallest directions of a square update may stay lower)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = update.bfloat16()
     tall = x.size(0) > x.size(1)  # iterate on the wide side: the Gram matrix is the small one
