@@ -593,12 +593,13 @@ class Model(nn.Module):
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, kind="adamw", momentum=0.95):
         """kind (OPTIMIZERS) with weight decay on matrices (linear layers, embeddings) only: AdamW; SGD
         with Nesterov momentum; Lion (betas are its beta1, beta2); or Muon for the hidden matrices
-        (hidden_matrices()) and AdamW for the rest, stepped as one (Optimizers)."""
+        (hidden_matrices(), those that train) and AdamW for the rest, stepped as one (Optimizers)."""
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer={kind!r} is not one of {', '.join(OPTIMIZERS)}")
         named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
-        muon = {id(p) for p in self.hidden_matrices()} if kind == "muon" else set()
+        hidden = [(p, blocks) for p, blocks in self.hidden_matrices() if p.requires_grad] if kind == "muon" else []
+        muon = {id(p) for p, _ in hidden}
         matrix = {id(p) for name, p in named if p.dim() >= 2 and not name.endswith("bias")}  # (MoE's biases are 2-D)
         groups = [{"params": [p for p in params if id(p) in matrix and id(p) not in muon],
                    "weight_decay": weight_decay},
@@ -610,22 +611,37 @@ class Model(nn.Module):
         # one fused kernel for the whole update on CUDA and CPU; multi-tensor (foreach) elsewhere
         fused = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
-        if kind != "muon":
+        if not hidden:  # (with LoRA every hidden matrix is frozen: AdamW trains the adapters)
             return adamw
-        # Moonshot's scaling of the update (0.2 sqrt(max(rows, cols))) gives it AdamW's RMS: one
-        # learning_rate and weight_decay serve both optimizers
-        matrices = torch.optim.Muon([p for p in params if id(p) in muon], lr=learning_rate, weight_decay=weight_decay,
-                                    momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        # one group per way of cutting a matrix into blocks (q/k/v, gate/up, an LSTM's gates, whole)
+        cuts = {}
+        for p, blocks in hidden:
+            cuts.setdefault(tuple(blocks), []).append(p)
+        matrices = Muon([{"params": ps, "blocks": list(blocks)} for blocks, ps in cuts.items()], lr=learning_rate,
+                        weight_decay=weight_decay, momentum=momentum)
         return Optimizers(matrices, adamw)
 
     def hidden_matrices(self):
-        """Muon's parameters: the weight matrices inside the network (every Linear's, the LSTM's),
-        not the embeddings and not the output head (nor the embedding tied to it). A fused matrix
-        (attention's q, k, v; swiglu's gate and up) is one matrix to it: torch's Muon takes whole
-        2-D parameters, and its shape-scaled step keeps each block's share of the update."""
+        """[(parameter, its row blocks [(start, end), ...])] for Muon: the weight matrices inside the
+        network (every Linear's, the LSTM's, the MoE experts' stacks), not the embeddings and not the
+        output head (nor the embedding tied to it). A fused matrix is cut into the linear maps it
+        holds, each orthogonalized as a matrix of its own: attention's q, k, v rows, swiglu's gate and
+        up, an LSTM layer's four gates (input, forget, cell, output)."""
         head = list(self.lm_head.modules())  # (an adaptive head is several Linears)
-        return [p for m in self.modules() if isinstance(m, (nn.Linear, nn.LSTM)) and not any(m is h for h in head)
-                for p in m.parameters() if p.dim() == 2]
+        found = []
+        for name, module, parent in linear_layers(self):
+            if not any(module is h for h in head):
+                blocks = sorted(_row_blocks(name, module, parent).values())
+                found.append((module.weight, blocks or [(0, module.out_features)]))
+        for m in self.modules():
+            if isinstance(m, nn.LSTM):
+                gates = [(g * m.hidden_size, (g + 1) * m.hidden_size) for g in range(4)]
+                found += [(p, gates) for name, p in m.named_parameters() if name.startswith("weight_")]
+            if isinstance(m, MoE):  # (E, rows, cols): each expert's matrix on its own
+                half = m.c_fc.size(1) // 2
+                found.append((m.c_fc, [(0, half), (half, 2 * half)] if m.gated else [(0, m.c_fc.size(1))]))
+                found.append((m.c_proj, [(0, m.c_proj.size(1))]))
+        return found
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight a token passes through (forward + backward;
@@ -1024,6 +1040,54 @@ class Lion(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update, alpha=-group["lr"])
                 momentum.lerp_(p.grad, 1 - beta2)  # m = beta2 m + (1 - beta2) g
+
+
+def orthogonalized(update, steps=5, eps=1e-7):
+    """update (rows, cols) made roughly semi-orthogonal, U S' V^T where update = U S V^T: Newton-Schulz's
+    quintic iteration with Keller Jordan's coefficients, in bf16, as torch's Muon does it (the
+    coefficients trade exactness for speed: most of S' lands between 0.6 and 1.2, none above ~1.2,
+    and the smallest directions of a square update may stay lower)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.bfloat16()
+    tall = x.size(0) > x.size(1)  # iterate on the wide side: the Gram matrix is the small one
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): Nesterov momentum, then each matrix's update orthogonalized, with
+    decoupled weight decay; Moonshot's scaling of the step (0.2 sqrt(max(rows, cols)), "Muon is
+    Scalable for LLM Training") gives it AdamW's RMS, so one learning rate and weight decay serve
+    both. torch.optim.Muon's update, except that a group's "blocks" [(start, end), ...] cut each
+    matrix's rows into the linear maps a fused matrix holds (q, k, v), each orthogonalized and
+    scaled as a matrix of its own; and a 3-D parameter is a stack of matrices (MoE's experts)."""
+
+    def __init__(self, params, lr=2e-2, weight_decay=0.0, momentum=0.95):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "blocks": None})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            mu, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                momentum = self.state[p]["momentum_buffer"]
+                momentum.lerp_(p.grad, 1 - mu)  # m = mu m + (1 - mu) g
+                update = p.grad.lerp(momentum, mu)  # Nesterov: (1 - mu) g + mu m
+                p.mul_(1 - lr * group["weight_decay"])
+                rows, cols = p.shape[-2:]
+                for weight, change in zip(p.view(-1, rows, cols), update.view(-1, rows, cols)):
+                    for start, end in group["blocks"] or [(0, rows)]:
+                        scale = 0.2 * math.sqrt(max(end - start, cols))
+                        weight[start:end].add_(orthogonalized(change[start:end]), alpha=-lr * scale)
 
 
 class Optimizers:

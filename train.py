@@ -470,7 +470,11 @@ except ValueError as e:
 # the setting's name, now the optimizer itself (checkpoints keep the setting in their config)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, momentum)
 if checkpoint and init_from == "resume":
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:  # (a Muon run saved before Muon cut fused matrices into blocks holds one group where there are now several)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:
+        fail(f"{init_path}: its optimizer state does not fit this code's {type(optimizer).__name__} ({e}); "
+             f"fine-tune its weights with --init_from={out_dir} into another --out_dir instead")
 # fp16 has too little range for small gradients: scale the loss up, unscale before the step
 scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 if checkpoint and init_from == "resume" and checkpoint.get("scaler") and scaler.is_enabled():

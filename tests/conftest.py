@@ -64,6 +64,14 @@ def run_script(script, *args, cwd=None, timeout=240, env=None):
                           env={**os.environ, **env} if env else None)
 
 
+def run_torchrun(nproc, script, *args, timeout=240):
+    """Run a script on nproc processes as torchrun starts them on one machine (gloo on a CPU), one
+    thread each, so the processes do not spin against each other on the cores."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def run_in_process(script, *args, cwd=None):
     """Run a script as run_script does, but inside this process: torch is imported already, so a
     run that stops early takes a tenth of the time. For what fails before training; an exception

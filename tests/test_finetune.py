@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import (ROOT, assert_clear_error, made_once, prepare_dataset, read_log, run_in_process,
-                      train_args, train_losses)
+                      run_torchrun, train_args, train_losses)
 from model import LoRALinear, distillation_kl
 from runtime import Int8Linear, NF4Linear, attach_lora, load_run
 
@@ -79,6 +79,25 @@ def test_a_lora_run_resumes_on_the_same_loss_curve_bit_for_bit(tmp_path, lora_ru
     assert train_losses(read_log(out_dir)) == train_losses(read_log(lora_run))  # floats compared exactly
     assert [r["val_loss"] for r in read_log(out_dir) if "val_loss" in r] == \
         [r["val_loss"] for r in read_log(lora_run) if "val_loss" in r]
+
+
+def test_a_lora_run_on_two_processes_gives_the_losses_of_one_and_resumes(tmp_path, lora_run, trained_run, dataset):
+    # TINY_MODEL's two micro-steps: one in each process, the same global batch and adapter dropout masks
+    out_dir = tmp_path / "two"
+    two = run_torchrun(2, "train.py", *train_args(dataset, out_dir, f"--init_from={trained_run}", *LORA,
+                                                  "--keep_last=2"))
+    assert two.returncode == 0, two.stdout[-1500:] + two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout and "LoRA: " in two.stdout
+    one = train_losses(read_log(lora_run))
+    assert train_losses(read_log(out_dir)) == pytest.approx(one, rel=1e-4)
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["base"] == str(trained_run) and all(".lora_" in k for k in ckpt["model"])
+    for name in ("ckpt.pt", "ckpt-00000006.pt", "ckpt-best.pt"):  # killed after iteration 3: resume on two
+        os.remove(out_dir / name)
+    resumed = run_torchrun(2, "train.py", *train_args(dataset, out_dir, "--init_from=resume", *LORA))
+    assert resumed.returncode == 0, resumed.stdout[-1500:] + resumed.stderr[-3000:]
+    assert "ckpt-00000003.pt (iteration 3" in resumed.stdout
+    assert train_losses(read_log(out_dir)) == pytest.approx(one, rel=1e-4)
 
 
 def test_a_merged_run_gives_the_adapted_models_logits_and_sample_loads_both(tmp_path, lora_run, dataset):

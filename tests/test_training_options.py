@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_clear_error, made_once, read_log, run_in_process, run_script, train_args, train_losses
-from model import Lion, ModelConfig, Optimizers, build_model
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, run_script, run_torchrun,
+                      train_args, train_losses)
+from model import Lion, ModelConfig, Muon, Optimizers, build_model
 
 SHORT = ["--max_iters=20", "--lr_decay_iters=20", "--keep_last=2"]  # checkpoints at 10 and 20 (eval_interval 10)
 # muon, wsd, grad_checkpoint, label smoothing, windows of 16 growing to 64 over 12 iterations
@@ -67,6 +68,21 @@ def test_a_run_with_the_options_learns_and_resumes_on_the_same_loss_curve(run, o
     assert train_losses(resumed) == train_losses(uninterrupted)  # floats compared exactly
     assert [r["val_loss"] for r in resumed if "val_loss" in r] == [r["val_loss"] for r in uninterrupted
                                                                    if "val_loss" in r]
+
+
+def test_two_processes_train_the_options_run_with_the_losses_of_one(options_run, tmp_path, dataset):
+    # Muon, grad_checkpoint, label smoothing, wsd and growing windows under DDP: one micro-step in each of
+    # two processes is the same global batch as the one process's two (gradient_accumulation_steps=2)
+    two = run_torchrun(2, "train.py", *train_args(dataset, tmp_path / "two", *OPTIONS, *SHORT))
+    assert two.returncode == 0, two.stdout[-1500:] + two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout
+    one, log = read_log(options_run), read_log(tmp_path / "two")
+    assert [r["iter"] for r in log] == [r["iter"] for r in one]
+    for a, b in zip(log, one):  # not bit for bit: the gradients are summed in another order
+        assert ("val_loss" in a) == ("val_loss" in b)  # evals at the same iterations
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-3)
 
 
 def test_windows_grow_from_block_size_start_to_block_size_over_block_size_schedule(options_run):
@@ -132,6 +148,34 @@ def test_the_adaptive_heads_logits_are_log_probabilities_and_its_training_loss_i
     counted = targets != -1
     assert eval_loss.item() == pytest.approx(-logits.gather(-1, targets.clamp(min=0)[..., None])[counted].mean().item(),
                                              abs=1e-5)
+
+
+def test_an_adaptive_head_trains_and_generates_under_torch_compile():
+    # the adaptive head's training loss gathers each cluster's targets, shapes that depend on the data:
+    # torch.compile must trace it (breaking the graph where it has to) and its backward. Backend aot_eager
+    # is torch.compile with that tracing and AOTAutograd but without inductor's C++ code generation,
+    # which takes minutes on a loaded 2-core machine; train.py's compile=True adds only that.
+    from engine import generate
+    model = adaptive_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = model.configure_optimizer(0.0, 1e-2, (0.9, 0.95), "cpu")
+    data = torch.arange(3000) * 7 % 96  # each token fixes the next
+    losses = []
+    for i in range(20):
+        rows = torch.stack([data[s:s + 17] for s in range(i * 5, i * 5 + 320, 40)])  # (8, 17)
+        _, loss = compiled(rows[:, :-1], rows[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+    model.eval()
+    prompt = data[None, :4]
+    with torch.no_grad():
+        assert torch.allclose(compiled(prompt)[0], model(prompt)[0], atol=1e-5)
+    eager = generate(model, prompt, 8, temperature=0)
+    stepped = generate(model, prompt, 8, temperature=0, step=torch.compile(model.decode_step, backend="aot_eager"))
+    assert torch.equal(stepped, eager)
 
 
 # ---- label smoothing and activation checkpointing --------------------------------------------
@@ -216,14 +260,105 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_embeddings_head_norms_and_
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
     assert isinstance(optimizer, Optimizers)
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): name for name, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert in_muon == {f"body.blocks.{i}.{m}.weight" for i in range(2)
                        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    blocks = {names[id(p)]: g["blocks"] for g in muon.param_groups for p in g["params"]}
+    assert blocks["body.blocks.0.attn.c_attn.weight"] == [(0, 32), (32, 64), (64, 96)]  # q, k, v
+    assert blocks["body.blocks.1.mlp.c_proj.weight"] == [(0, 32)]  # one matrix
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert in_adamw == set(names.values()) - in_muon
     assert {"embed.wte.weight", "embed.wpe.weight", "lm_head.weight", "body.ln_f.weight"} <= in_adamw
+
+
+def test_muon_orthogonalizes_each_block_of_a_fused_matrix_as_torchs_muon_does_each_matrix_alone():
+    # a fused (q; k; v) matrix, grouped q 32 rows, k and v 16 each (GQA's shape), against torch's Muon
+    # stepping three separate matrices: the same weights, bit for bit, step after step
+    torch.manual_seed(0)
+    fused = torch.nn.Parameter(torch.randn(64, 32))
+    apart = [torch.nn.Parameter(block.clone()) for block in fused.detach().split([32, 16, 16])]
+    ours = Muon([{"params": [fused], "blocks": [(0, 32), (32, 48), (48, 64)]}], lr=0.02, weight_decay=0.1)
+    torchs = torch.optim.Muon(apart, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    whole = torch.nn.Parameter(fused.detach().clone())  # and uncut: torch's Muon on the whole matrix
+    ours_whole = Muon([whole], lr=0.02, weight_decay=0.1)
+    torchs_whole = torch.nn.Parameter(fused.detach().clone())
+    reference_whole = torch.optim.Muon([torchs_whole], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grad = torch.randn(64, 32)
+        fused.grad, whole.grad, torchs_whole.grad = grad.clone(), grad.clone(), grad.clone()
+        for p, g in zip(apart, grad.split([32, 16, 16])):
+            p.grad = g.clone()
+        for optimizer in (ours, torchs, ours_whole, reference_whole):
+            optimizer.step()
+        assert torch.equal(fused.detach(), torch.cat([p.detach() for p in apart]))
+        assert torch.equal(whole.detach(), torchs_whole.detach())
+    assert not torch.equal(fused.detach(), whole.detach())  # cutting the matrix changes the update
+    # and each block's update alone is near-orthogonal: its singular values near 1 (Newton-Schulz's 0.6-1.2 mostly)
+    update = Muon([{"params": [p := torch.nn.Parameter(torch.zeros(64, 32))], "blocks": [(0, 32), (32, 48),
+                                                                                          (48, 64)]}], lr=1.0)
+    p.grad = torch.randn(64, 32)
+    update.step()
+    for block, rows in zip(p.detach().split([32, 16, 16]), (32, 16, 16)):
+        singular = torch.linalg.svdvals(block / (0.2 * math.sqrt(max(rows, 32))))
+        assert ((singular > 0.6) & (singular < 1.25)).float().mean() > 0.9 and singular.max() < 1.3
+
+
+def test_muon_cuts_swiglu_lstm_and_expert_matrices_into_their_linear_maps():
+    names = lambda model: {id(p): n for n, p in model.named_parameters()}  # noqa: E731
+    swiglu = tiny(mlp="swiglu", mlp_hidden=48, n_kv_head=1)
+    cut = {names(swiglu)[id(p)]: blocks for p, blocks in swiglu.hidden_matrices()}
+    assert cut["body.blocks.0.mlp.c_fc.weight"] == [(0, 48), (48, 96)]  # gate, up
+    assert cut["body.blocks.0.attn.c_attn.weight"] == [(0, 32), (32, 48), (48, 64)]  # q; one kv head of 16
+    lstm = tiny(arch="lstm")
+    cut = {names(lstm)[id(p)]: blocks for p, blocks in lstm.hidden_matrices()}
+    assert set(cut) == {f"lstm.weight_{kind}_l{i}" for kind in ("ih", "hh") for i in range(2)}
+    assert all(blocks == [(0, 32), (32, 64), (64, 96), (96, 128)] for blocks in cut.values())  # i, f, g, o
+    moe = tiny(n_expert=2, mlp="swiglu", mlp_hidden=48)
+    cut = {names(moe)[id(p)]: blocks for p, blocks in moe.hidden_matrices()}
+    assert cut["body.blocks.0.mlp.c_fc"] == [(0, 48), (48, 96)] and cut["body.blocks.0.mlp.c_proj"] == [(0, 32)]
+    # a stack of experts: each expert's matrix is stepped as torch's Muon steps it alone
+    stack = torch.nn.Parameter(torch.randn(2, 8, 16))
+    alone = [torch.nn.Parameter(m.clone()) for m in stack.detach()]
+    stack.grad = torch.randn(2, 8, 16)
+    for p, g in zip(alone, stack.grad):
+        p.grad = g.clone()
+    Muon([stack], lr=0.02).step()
+    torch.optim.Muon(alone, lr=0.02, weight_decay=0.0, adjust_lr_fn="match_rms_adamw").step()
+    assert torch.equal(stack.detach(), torch.stack([p.detach() for p in alone]))
+
+
+def test_muon_leaves_a_run_whose_hidden_matrices_are_frozen_to_adamw():
+    model = tiny()  # as a LoRA run's base is: only the adapters (here: the norms and embeddings) train
+    for p, _ in model.hidden_matrices():
+        p.requires_grad_(False)
+    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len([p for p in model.parameters()
+                                                                         if p.requires_grad])
+
+
+@pytest.mark.parametrize("kind, lr", [("muon", 3e-3), ("lion", 1e-3), ("sgd", 0.3)])
+def test_fp16_skips_an_overflowing_step_and_halves_the_loss_scale_with_each_unfused_optimizer(kind, lr, tmp_path,
+                                                                                             dataset):
+    # fp16 autocast and the GradScaler run on a CPU too (torch 2.13), so the path a GPU without bf16 takes
+    # (unscale, the norm, the skipped step, the shrunk scale) is the one tested. Backward call 6 is
+    # iteration 3's second micro-step: its gradients are infinite, the loss is not.
+    out_dir = tmp_path / "out"
+    done = run_script("tests/inject.py", "inf@backward:6", os.path.join(ROOT, "train.py"),
+                      *train_args(dataset, out_dir, "--dtype=float16", f"--optimizer={kind}", f"--learning_rate={lr}",
+                                  "--n_layer=1", "--n_embd=32", "--block_size=32", "--max_iters=12",
+                                  "--lr_decay_iters=12", "--warmup_iters=2", "--eval_interval=12", "--eval_iters=2"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dtype float16" in done.stdout
+    assert "iter 3: skipped, the gradient norm is not finite (1 in a row)" in done.stdout
+    losses = train_losses(read_log(out_dir))
+    assert sorted(losses) == [i for i in range(1, 13) if i != 3]
+    assert all(math.isfinite(loss) for loss in losses.values())  # no inf reached the weights
+    assert sum(losses[i] for i in (10, 11, 12)) < sum(losses[i] for i in (1, 2, 4)) - 0.3
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == 2.0 ** 15  # from 2 ** 16: the overflow halved it
 
 
 def test_lion_moves_each_weight_by_the_sign_of_its_interpolated_momentum_as_in_the_paper():
@@ -248,6 +383,20 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path, dataset, options_r
     done = run_in_process("train.py", *train_args(dataset, run_copy, "--init_from=resume", "--max_iters=30",
                                                   "--optimizer=lion"))
     assert_clear_error(done, "optimizer=muon", "not lion")
+
+
+def test_resuming_an_optimizer_state_that_does_not_fit_is_refused(tmp_path, dataset, options_run):
+    # as a Muon checkpoint from before fused matrices were cut into blocks: one group for all matrices
+    run_copy = tmp_path / "run"
+    shutil.copytree(options_run, run_copy)
+    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    muon = ckpt["optimizer"]["optimizers"][0]
+    muon["param_groups"] = [{**muon["param_groups"][0], "blocks": None,
+                             "params": [i for g in muon["param_groups"] for i in g["params"]]}]
+    torch.save(ckpt, run_copy / "ckpt.pt")
+    done = run_in_process("train.py", *train_args(dataset, run_copy, "--init_from=resume", *OPTIONS, "--max_iters=30",
+                                                  "--lr_decay_iters=30"))
+    assert_clear_error(done, "its optimizer state does not fit this code's Optimizers")
 
 
 # ---- bad input: one line, exit 2, nothing written -------------------------------------------
