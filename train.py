@@ -410,8 +410,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if device_type == "cpu":
-    keep_freed_memory()
+if device_type == "cpu":  # FSDP frees each block's gathered weights after use to save memory: there glibc
+    keep_freed_memory(2**16 if parallelism == "fsdp" else 2**30)  # hands them back (see docs/distributed.md)
 
 
 def log(*args):
