@@ -277,7 +277,7 @@ def read_sharded(path):
             warnings.simplefilter("ignore")
             dcp_load(shards, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # a shard of another shape, a file that does not parse
-        raise ValueError(f"{path}: its shards do not fit its model_args ({str(e).strip().splitlines()[0][:160]})")
+        raise ValueError(f"{path}: its shards do not load ({str(e).strip().splitlines()[-1][:160]})")
     set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 

@@ -262,8 +262,7 @@ def gradient_sync(sync):
 def whole(norm):
     """A gradient norm as a plain tensor on the device: under FSDP, torch's norm of sharded
     gradients is a DTensor (and on the CPU with offload=params)."""
-    from torch.distributed.tensor import DTensor
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).to(device)
+    return norm.full_tensor().to(device) if parallelism == "fsdp" else norm
 
 
 def save_sharded(state, iter_num, val_loss):
@@ -330,9 +329,10 @@ def write_consolidated(path):
             there = load_checkpoint(dest)["iter_num"]
         except (ValueError, KeyError):
             there = None
-        if there is None or there > ckpt["iter_num"]:
-            fail(f"{dest} exists and is {'not a readable checkpoint' if there is None else f'of iteration {there}'}, "
-                 f"newer than {source}: move it away first")
+        if there is None:
+            fail(f"{dest} exists and does not load: move it away first")
+        if there > ckpt["iter_num"]:
+            fail(f"{dest} holds iteration {there}, newer than {source}: move it away first")
     try:
         save_checkpoint({**ckpt, "consolidated_from": os.path.abspath(source)}, dest)
     except OSError as e:

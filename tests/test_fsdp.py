@@ -118,6 +118,12 @@ def test_consolidate_writes_the_ckpt_pt_that_sample_reads(tmp_path, fsdp_run):
                         "--num_samples=1", cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("The Licensee") and len(sample.stdout.split("\n")[0]) > len("The Licensee ")
+    # an older checkpoint does not replace it; nor does a directory with no sharded checkpoint
+    assert_clear_error(run_in_process("train.py", f"--consolidate={out_dir / 'ckpt-00000008'}"),
+                       "ckpt.pt holds iteration 12, newer than")
+    assert_clear_error(run_in_process("train.py", f"--consolidate={tmp_path}"),
+                       f"consolidate={tmp_path} is neither a run with sharded checkpoints")
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == 12
 
 
 # ---- bad input: one line, exit code 2 ------------------------------------------------------------------
@@ -145,7 +151,7 @@ def test_settings_fsdp_does_not_take_are_one_clear_line(case, tmp_path, dataset,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_checkpoint_missing_a_shard_is_one_clear_line(tmp_path, dataset, fsdp_run):
+def test_a_broken_sharded_checkpoint_or_one_of_the_other_kind_is_one_clear_line(tmp_path, dataset, fsdp_run):
     out_dir = tmp_path / "out"
     shutil.copytree(fsdp_run, out_dir, ignore=shutil.ignore_patterns("ckpt-best-*", "ckpt-00000008"))
     os.remove(out_dir / "ckpt-00000012" / "__1_0.distcp")
@@ -156,3 +162,12 @@ def test_a_checkpoint_missing_a_shard_is_one_clear_line(tmp_path, dataset, fsdp_
                        "ckpt-00000012 is not a complete sharded checkpoint: __1_0.distcp is missing")
     assert_clear_error(run_in_process("train.py", *small_args(dataset, out_dir, "--init_from=resume")),
                        "holds sharded checkpoints", f"--consolidate={out_dir}")
+    shard = out_dir / "ckpt-00000008" / "__0_0.distcp"  # complete by its sizes, but bytes DCP cannot read
+    shutil.copytree(fsdp_run / "ckpt-00000008", shard.parent)
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    assert_clear_error(run_in_process("train.py", f"--consolidate={shard.parent}"), "ckpt-00000008: its shards")
+    shutil.rmtree(out_dir / "ckpt-00000008")
+    shutil.rmtree(out_dir / "ckpt-00000012")
+    torch.save({"model": {}, "model_args": {}}, out_dir / "ckpt.pt")  # a DDP run's checkpoint, as far as resume looks
+    assert_clear_error(alone(*small_args(dataset, out_dir, *FSDP, "--init_from=resume")),
+                       "holds no sharded checkpoint (ckpt-ITER/) but", "resume it with parallelism=ddp")
