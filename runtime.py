@@ -260,7 +260,7 @@ def read_sharded(path):
     """The sharded checkpoint in directory path as one single-file checkpoint, as train.py's ckpt.pt:
     its weights and optimizer state gathered in this process (DCP without a process group), the
     optimizer's in torch's own layout, so a one-device run can resume it. A ValueError if it is
-    incomplete or does not fit its model_args."""
+    incomplete or its shards do not load."""
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
