@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -168,8 +169,9 @@ def save_checkpoint(obj, path):
     save_atomically(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint with weights_only=True: tensors and plain data, never arbitrary objects."""
+def load_checkpoint(path, device="cpu", needs=("model", "model_args")):
+    """Read a checkpoint with weights_only=True: tensors and plain data, never arbitrary objects.
+    needs: the keys it must have (a sharded checkpoint's train.pt holds no weights)."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}")
     try:
@@ -178,9 +180,106 @@ def load_checkpoint(path, device="cpu"):
             ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ValueError(f"{path} is not a nanolex checkpoint (no model weights or model_args)")
+    if not isinstance(ckpt, dict) or not set(needs) <= ckpt.keys():
+        raise ValueError(f"{path} is not a nanolex checkpoint (no {' or '.join(needs)})")
     return ckpt
+
+
+# A sharded checkpoint (train.py's parallelism="fsdp") is a directory, ckpt-ITER/: each process's
+# shard of the weights and optimizer state as torch.distributed.checkpoint (DCP) writes them
+# (__RANK_0.distcp, and .metadata, DCP's index of them), train.pt (the rest of what ckpt.pt holds:
+# iteration, config, sampler...) and, written last, SHARDS_DONE: every file's name and size. It is
+# written as NAME.tmp and renamed whole, so a directory with a checkpoint's name is complete or absent.
+SHARDS_DONE = "complete.json"
+SHARDED_NAME = re.compile(r"ckpt-(best-)?(\d{8})")  # ckpt-ITER, and ckpt-best-ITER: hard links to the best one's files
+
+
+def finish_sharded(tmp, path, world_size):
+    """The checkpoint written into directory tmp, marked complete and renamed to path (an older
+    directory of that name, from a run that went back to an earlier checkpoint, is replaced)."""
+    files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    done = json.dumps({"world_size": world_size, "files": files}).encode()
+    save_atomically(os.path.join(tmp, SHARDS_DONE), lambda f: f.write(done))
+    if os.path.exists(path):
+        remove_sharded(path)
+    os.rename(tmp, path)
+    _fsync_directory(path)
+
+
+def remove_sharded(path):
+    """Delete a checkpoint directory: renamed out of the way first (NAME.old.tmp, which train.py
+    clears at its start), so a kill midway leaves no part of it under a checkpoint's name."""
+    trash = f"{path}.old.tmp"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    _fsync_directory(path)
+    shutil.rmtree(trash)
+
+
+def link_sharded(src, dst):
+    """dst, a complete checkpoint directory whose files are hard links to src's (copies where the
+    filesystem has no hard links), made as dst.tmp and renamed whole."""
+    tmp = f"{dst}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, copy_function=os.link)
+    except (OSError, shutil.Error):
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    if os.path.exists(dst):
+        remove_sharded(dst)
+    os.rename(tmp, dst)
+    _fsync_directory(dst)
+
+
+def sharded_checkpoints(out_dir, best=False):
+    """The sharded checkpoint directories in out_dir (ckpt-ITER, or with best ckpt-best-ITER), newest first."""
+    found = [(int(m.group(2)), os.path.join(out_dir, name)) for name in os.listdir(out_dir)
+             if (m := SHARDED_NAME.fullmatch(name)) and bool(m.group(1)) == best]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def load_sharded_state(path, device="cpu"):
+    """train.pt of the sharded checkpoint in directory path, once SHARDS_DONE says the directory is
+    whole: every file it lists there, at its size. A ValueError names what is wrong."""
+    try:
+        with open(os.path.join(path, SHARDS_DONE)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a complete sharded checkpoint (no readable {SHARDS_DONE}: "
+                         "its writing never finished)")
+    for name, size in files.items():
+        where = os.path.join(path, name)
+        if not os.path.isfile(where) or os.path.getsize(where) != size:
+            what = "missing" if not os.path.isfile(where) else f"{os.path.getsize(where)} bytes, not {size}"
+            raise ValueError(f"{path} is not a complete sharded checkpoint: {name} is {what}")
+    return load_checkpoint(os.path.join(path, "train.pt"), device, needs=("model_args", "iter_num"))
+
+
+def read_sharded(path):
+    """The sharded checkpoint in directory path as one single-file checkpoint, as train.py's ckpt.pt:
+    its weights and optimizer state gathered in this process (DCP without a process group), the
+    optimizer's in torch's own layout, so a one-device run can resume it. A ValueError if it is
+    incomplete or its shards do not load."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    state = load_sharded_state(path)
+    config = state["config"]
+    model = build_model(ModelConfig(**state["model_args"]))
+    optimizer = model.configure_optimizer(config["weight_decay"], config["learning_rate"],
+                                          (config["beta1"], config["beta2"]), "cpu", config["optimizer"],
+                                          config["momentum"])
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout DCP fills in
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore")
+            dcp_load(shards, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # a shard of another shape, a file that does not parse
+        raise ValueError(f"{path}: its shards do not load ({str(e).strip().splitlines()[-1][:160]})")
+    set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def check_vocab(model_vocab_size, tokenizer, where):

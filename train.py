@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ eval_iters = 200            # batches per val estimate
 eval_only = False           # evaluate once and exit
 init_from = "scratch"       # scratch | resume (out_dir's newest readable checkpoint) | a run's directory: fine-tune it
 keep_last = 1               # checkpoints kept: ckpt.pt is always the newest; > 1 also keeps the last N as ckpt-ITER.pt
+consolidate = ""            # a sharded run's directory (or one ckpt-ITER/ of it): write it as ckpt.pt there; then exit
 # seeing the run: log.jsonl always; these show the same numbers elsewhere too
 tensorboard = False         # also write TensorBoard event files to out_dir/tensorboard (needs the tensorboard package)
 wandb = False               # also log to Weights & Biases (needs wandb; WANDB_MODE=offline works without an account)
@@ -92,6 +94,8 @@ compile = True              # torch.compile the model
 seed = 1337
 max_bad_steps = 20          # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 ddp_timeout = 600           # seconds a process waits for the others (a dead or hung rank) before it gives up
+parallelism = "ddp"         # under torchrun: ddp (each process holds every weight) | fsdp (FSDP2: each holds a shard)
+offload = "none"            # fsdp on GPUs: none | params (shards, gradients and optimizer state in CPU memory)
 # fine-tuning (init_from=RUN): low-rank adapters (LoRA), on a quantized frozen base (QLoRA); distillation
 lora_rank = 0               # > 0: train adapters of this rank on the frozen init_from run instead of its weights
 lora_alpha = 16.0           # the adapters' update is scaled by lora_alpha / lora_rank
@@ -154,10 +158,12 @@ if wandb:
 
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
-from model import adapter_state, build_model, distillation_kl, fingerprint, merge_adapters  # noqa: E402
-from runtime import (append_jsonl, attach_lora, autocast, check_vocab, dequantize, from_hf,  # noqa: E402
-                     keep_freed_memory, link_atomically, load_checkpoint, load_lora_base, load_run, machine, mfu_of,
-                     peak_memory_mb, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
+from model import Block, adapter_state, build_model, distillation_kl, fingerprint, merge_adapters  # noqa: E402
+from runtime import (SHARDED_NAME, append_jsonl, attach_lora, autocast, check_vocab, dequantize,  # noqa: E402
+                     finish_sharded, from_hf, keep_freed_memory, link_atomically, link_sharded, load_checkpoint,
+                     load_lora_base, load_run, load_sharded_state, machine, mfu_of, peak_memory_mb, pick_device,
+                     pick_dtype, probe_disk, read_sharded, remove_sharded, save_atomically, save_checkpoint,
+                     sharded_checkpoints)
 
 
 # ---- merge_lora=RUN: a job of its own ------------------------------------------
@@ -198,6 +204,146 @@ if merge_lora:
     write_merged_run(merge_lora)
     sys.exit(0)
 
+
+# ---- parallelism="fsdp": FSDP2 and its sharded checkpoints (docs/distributed.md) ------------
+# Under DDP every process holds all the weights, their gradients and the optimizer's state; FSDP2
+# (torch's fully_shard) gives each process 1/world_size of each, gathers a block's weights just
+# before the block computes (forward and backward) and reduce-scatters its gradients after. Its
+# checkpoints stay sharded: each process writes its own part with torch.distributed.checkpoint
+# (DCP), which reshards them on load to any number of processes. runtime.py: the directory layout.
+
+def check_parallelism():
+    """parallelism and offload, against each other, the launch, the device and what FSDP here takes."""
+    if parallelism not in ("ddp", "fsdp"):
+        fail(f"parallelism={parallelism!r} is not one of ddp, fsdp")
+    if offload not in ("none", "params"):
+        fail(f"offload={offload!r} is not one of none, params")
+    if offload != "none" and parallelism != "fsdp":
+        fail(f"offload={offload} moves FSDP's shards to the CPU: it needs parallelism=fsdp")
+    if parallelism != "fsdp":
+        return
+    if int(os.environ.get("RANK", -1)) == -1:
+        fail("parallelism=fsdp runs under torchrun: torchrun --standalone --nproc_per_node=N train.py ... "
+             "(N=1 takes a sharded run on one process)")
+    if offload != "none" and not device.startswith("cuda"):
+        fail(f"offload={offload} moves shards from GPU memory to the CPU's; this run is on {device}, "
+             "which has nothing to offload: use offload=none")
+    if ptdtype == torch.float16:
+        fail("parallelism=fsdp computes in float32 or bfloat16 (float16 would need a GradScaler over sharded "
+             "gradients): use --dtype=bfloat16 or --dtype=float32, or parallelism=ddp")
+    if lora_rank:
+        fail("lora_rank > 0 trains small adapters on a frozen base; parallelism=fsdp shards whole models: use ddp")
+    if optimizer == "muon":
+        fail("optimizer=muon orthogonalizes whole matrices and parallelism=fsdp shards them: use adamw, sgd or "
+             "lion, or parallelism=ddp")
+
+
+def shard(model):
+    """FSDP2 over model, in place: each transformer block a unit of its own (its weights whole only
+    while it computes), then the root for the rest (embeddings, head, final norm). Weights compute
+    in the run's dtype; gradients are reduced in fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    policies = {"mp_policy": MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32),
+                "offload_policy": CPUOffloadPolicy() if offload == "params" else OffloadPolicy()}
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, **policies)
+    fully_shard(model, **policies)
+
+
+def gradient_sync(sync):
+    """The context of one micro-step: gradients are averaged over the processes (DDP's all-reduce,
+    FSDP's reduce-scatter) only when sync, in the last micro-step of a step."""
+    if parallelism == "fsdp":  # the micro-steps before keep their gradients whole: memory, not traffic
+        raw_model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync or not ddp else model.no_sync()
+
+
+def whole(norm):
+    """A gradient norm as a plain tensor on the device: under FSDP, torch's norm of sharded
+    gradients is a DTensor (and on the CPU with offload=params)."""
+    return norm.full_tensor().to(device) if parallelism == "fsdp" else norm
+
+
+def save_sharded(state, iter_num, val_loss):
+    """save() of an FSDP run, in every process: each writes its shard into ckpt-ITER.tmp/; then the
+    first adds train.pt (state: the rest of a checkpoint) and the marker, renames the directory to
+    ckpt-ITER, keeps keep_last of them, and links the files of the best into ckpt-best-ITER/."""
+    global last_checkpoint
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    path = os.path.join(out_dir, f"ckpt-{iter_num:08d}")
+    try:
+        model_state, optimizer_state = get_state_dict(raw_model, optimizer)
+        dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=f"{path}.tmp")
+        if master:
+            save_checkpoint(state, os.path.join(f"{path}.tmp", "train.pt"))
+            finish_sharded(f"{path}.tmp", path, world_size)
+            for old in [p for p in sharded_checkpoints(out_dir) if p != path][keep_last - 1:]:
+                remove_sharded(old)
+            if val_loss is not None and val_loss <= best_val_loss:
+                link_sharded(path, os.path.join(out_dir, f"ckpt-best-{iter_num:08d}"))
+                for old in sharded_checkpoints(out_dir, best=True)[1:]:
+                    remove_sharded(old)
+    except (OSError, CheckpointException) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).strip().splitlines()[-1][:160]
+        fail(f"cannot write the checkpoint of iteration {iter_num} in {out_dir} ({reason}); the checkpoints "
+             "already there are as they were: make room, then go on with --init_from=resume")
+    last_checkpoint = path
+
+
+def load_sharded(path, model, optimizer):
+    """The weights and optimizer state of the sharded checkpoint in path, into the sharded model and
+    its optimizer: DCP reads each process's part, whatever the number of processes that wrote it."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout DCP fills in
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp_load(shards, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:
+        fail(f"{path}: its shards do not load ({str(e).strip().splitlines()[-1][:160]})")
+    set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+
+
+def write_consolidated(path):
+    """consolidate=PATH: the newest sharded checkpoint of the run in PATH, or the checkpoint directory
+    PATH itself, written as one file: ckpt.pt in its run's directory, laid out as a DDP run's, which
+    sample.py, eval.py and export.py read and parallelism=ddp resumes."""
+    path = os.path.normpath(path)
+    if SHARDED_NAME.fullmatch(os.path.basename(path)) and os.path.isdir(path):
+        source, run_dir = path, os.path.dirname(path)
+    elif os.path.isdir(path) and sharded_checkpoints(path):
+        source, run_dir = sharded_checkpoints(path)[0], path
+    else:
+        fail(f"consolidate={path} is neither a run with sharded checkpoints (ckpt-ITER/ directories) nor one of them")
+    try:
+        ckpt = read_sharded(source)
+    except ValueError as e:
+        fail(str(e))
+    dest = os.path.join(run_dir, "ckpt.pt")
+    if os.path.exists(dest):  # an earlier consolidation is replaced; a newer checkpoint is not
+        try:
+            there = load_checkpoint(dest)["iter_num"]
+        except (ValueError, KeyError):
+            there = None
+        if there is None:
+            fail(f"{dest} exists and does not load: move it away first")
+        if there > ckpt["iter_num"]:
+            fail(f"{dest} holds iteration {there}, newer than {source}: move it away first")
+    try:
+        save_checkpoint({**ckpt, "consolidated_from": os.path.abspath(source)}, dest)
+    except OSError as e:
+        fail(f"cannot write {dest} ({e.strerror or e})")
+    print(f"consolidated {source} (iteration {ckpt['iter_num']}) into {dest}")
+
+
+if consolidate:
+    write_consolidated(consolidate)
+    sys.exit(0)
+
 # ---- init_from=RUN: the run to fine-tune, and the settings it passes on -------------------
 # Its shape always; and, unless the config file or command line set them, the training settings
 # that still apply to the same model on the same machine: how its batches are cut, how it computes.
@@ -234,6 +380,7 @@ try:
     ptdtype = pick_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
+check_parallelism()
 if ddp:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
@@ -243,8 +390,9 @@ if ddp:
     else:  # the processes on one machine share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     # a collective that waits longer than ddp_timeout for a dead or hung rank fails instead of hanging
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
-                            timeout=datetime.timedelta(seconds=ddp_timeout))
+    # (offloaded shards: their gradient norm is reduced on the CPU, which nccl does not do, gloo does)
+    backend = "gloo" if not device.startswith("cuda") else "cuda:nccl,cpu:gloo" if offload != "none" else "nccl"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=ddp_timeout))
 
     def fail(message):  # noqa: F811  configurator's, but with no Python teardown after it: a process group
         # whose peer is gone can abort the process as it is torn down (gloo: "terminate called without
@@ -262,8 +410,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if device_type == "cpu":
-    keep_freed_memory()
+if device_type == "cpu":  # FSDP frees each block's gathered weights after use to save memory: there glibc
+    keep_freed_memory(2**16 if parallelism == "fsdp" else 2**30)  # hands them back (see docs/distributed.md)
 
 
 def log(*args):
@@ -331,14 +479,20 @@ def kept_checkpoints():
 
 
 def newest_readable_checkpoint():
-    """(path, checkpoint) to resume from: ckpt.pt, else the newest kept one that loads, else the best.
-    Says what it skipped and why, and which one it picked."""
+    """(path, checkpoint) to resume from: ckpt.pt, else the newest kept one that loads, else the best
+    (parallelism=fsdp: the newest complete ckpt-ITER/, else ckpt-best-ITER/; checkpoint without the
+    weights and optimizer state, which load_sharded reads). Says what it skipped and why, and which
+    one it picked."""
     problems = []
-    for path in [ckpt_path] + kept_checkpoints() + [best_path]:
+    if parallelism == "fsdp":
+        paths, read = sharded_checkpoints(out_dir) + sharded_checkpoints(out_dir, best=True), load_sharded_state
+    else:
+        paths, read = [ckpt_path] + kept_checkpoints() + [best_path], load_checkpoint
+    for path in paths:
         if not os.path.exists(path):
             continue
         try:
-            found = load_checkpoint(path, device)
+            found = read(path, device)
         except ValueError as e:
             problems.append(str(e))
             continue
@@ -350,6 +504,11 @@ def newest_readable_checkpoint():
     if problems:
         others = f"; nor does any of the {len(problems) - 1} other checkpoints load" if problems[1:] else ""
         fail(problems[0] + others)
+    if parallelism == "fsdp" and os.path.exists(ckpt_path):
+        fail(f"{out_dir} holds no sharded checkpoint (ckpt-ITER/) but {ckpt_path}: resume it with parallelism=ddp")
+    if parallelism == "ddp" and sharded_checkpoints(out_dir):
+        fail(f"{out_dir} holds sharded checkpoints (ckpt-ITER/): resume them with parallelism=fsdp, or make "
+             f"ckpt.pt of the newest with --consolidate={out_dir}")
     fail(f"no checkpoint at {ckpt_path} to resume: start the run with --init_from=scratch")
 
 
@@ -393,9 +552,11 @@ def lora_settings():
 iter_num, best_val_loss, bad_steps = 0, float("inf"), 0
 seconds_before = 0.0  # the run's seconds before this process: a resumed run's clock goes on from its checkpoint's
 setup_seconds = 0.0  # of those and this process's, the first step's and first eval's (torch.compile's work)
+sharded_resume = parallelism == "fsdp" and init_from == "resume"  # weights and optimizer state: load_sharded
 if init_from == "scratch":
-    if os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} exists: continue it with --init_from=resume, or choose another --out_dir")
+    existing = ([ckpt_path] if os.path.exists(ckpt_path) else []) + sharded_checkpoints(out_dir)
+    if existing:
+        fail(f"{existing[0]} exists: continue it with --init_from=resume, or choose another --out_dir")
     # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
     model_args = {**config, "vocab_size": 64 * math.ceil(batches.tokenizer.vocab_size / 64),
                   "n_labels": batches.n_labels}
@@ -404,7 +565,7 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
     if init_from == "resume":
         init_path, checkpoint = newest_readable_checkpoint()
-        if "optimizer" not in checkpoint:
+        if "optimizer" not in checkpoint and not sharded_resume:
             fail(f"{init_path} has no training state to resume (a merged run?): fine-tune it with "
                  f"--init_from={out_dir} into another --out_dir")
     if checkpoint.get("tokenizer_fingerprint", batches.fingerprint) != batches.fingerprint:
@@ -442,7 +603,7 @@ if batches.n_labels and model_config.n_labels != batches.n_labels:
 torch.manual_seed(seed)
 model = build_model(model_config)
 lora = lora_settings()  # a LoRA run's adapters: their settings and the base they belong to; else None
-if checkpoint:
+if checkpoint and not sharded_resume:
     try:
         model.load_state_dict(load_lora_base(lora, "cpu", init_path)["model"] if lora and init_from == "resume"
                               else checkpoint["model"])
@@ -461,15 +622,22 @@ if lora:
         f"{base_params:,} ({', '.join(f'{k} {v}' for k, v in lora.items() if k != 'base_fingerprint')})")
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)}")
 log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
-    f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration")
+    f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration, {parallelism}")
+if parallelism == "fsdp" and world_size == 1:
+    log("parallelism=fsdp on 1 process: nothing is sharded, but checkpoints are read and written sharded "
+        "(a run of several processes goes on here, or this one on several)")
 
 try:
     model.set_training_options(grad_checkpoint, label_smoothing)
 except ValueError as e:
     fail(str(e))
+if parallelism == "fsdp":  # before the optimizer is made: it steps the shards
+    shard(model)
 # the setting's name, now the optimizer itself (checkpoints keep the setting in their config)
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, momentum)
-if checkpoint and init_from == "resume":
+if sharded_resume:
+    load_sharded(init_path, model, optimizer)
+elif checkpoint and init_from == "resume":
     try:  # (a Muon run saved before Muon cut fused matrices into blocks holds one group where there are now several)
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as e:
@@ -516,7 +684,7 @@ if compile:
     model = torch.compile(model)
 eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
 # buffers) that every process must join, and with eval_iters < world size some have no eval batch
-if ddp:  # the buffers are fixed tables (rope, sinusoid, alibi): nothing to broadcast at any step
+if ddp and parallelism == "ddp":  # the buffers are fixed tables (rope, sinusoid, alibi): nothing to broadcast
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
 
 if master:
@@ -525,6 +693,8 @@ if master:
         name = os.path.basename(tmp).removesuffix(".tmp")
         if name in ours or re.fullmatch(r"ckpt-\d+\.pt", name):
             os.remove(tmp)
+        elif os.path.isdir(tmp) and SHARDED_NAME.fullmatch(name.removesuffix(".old")):  # a sharded one
+            shutil.rmtree(tmp)
     # a full disk or a read-only out_dir shows now, not at the first checkpoint: room for one more
     # (weights and AdamW's two moments, fp32)
     try:
@@ -605,11 +775,15 @@ def estimate_loss():
     sums = torch.zeros(2, device=device)
     hits = torch.zeros(2, device=device)  # right guesses, targets
     nats_bytes = torch.zeros(2, device=device)  # nats of the val targets that carry bytes, their bytes
+    # under FSDP each forward gathers weights from every process: all take the same number of batches
+    rounds = -(-eval_iters // world_size) * world_size if parallelism == "fsdp" else eval_iters
     for s, split in enumerate(("train", "val")):
-        for k in range(rank, eval_iters, world_size):
-            batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k))
+        for k in range(rank, rounds, world_size):
+            batch = get_batch(split, batch_generator(EVAL_BATCHES, s, k % eval_iters))
             with ctx:
                 logits, loss = eval_model(**batch)
+            if k >= eval_iters:  # a batch past eval_iters, taken only to join the others' gathers
+                continue
             sums[s] += loss  # stays on the device: no wait for it batch by batch
             if split == "val":
                 counted = batch["targets"] != -1
@@ -666,28 +840,36 @@ def train_window(it):
     return int(grown // block_size_start) * block_size_start
 
 
+last_checkpoint = ckpt_path  # where the newest checkpoint of this process is (FSDP: ckpt-ITER/)
+
+
 def save(iter_num, val_loss=None):
     """ckpt.pt, written atomically; with keep_last > 1 also under its own name ckpt-ITER.pt (a hard
     link: the same bytes on disk), the oldest beyond keep_last dropped; and ckpt-best.pt when val_loss
-    is the best yet. A failed write stops the run and leaves every checkpoint already there as it was."""
+    is the best yet. A failed write stops the run and leaves every checkpoint already there as it was.
+    Called in every process: only the first writes, but under FSDP each writes its shard (save_sharded)."""
+    state = {
+        "lora": lora,
+        "scaler": scaler.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "val_loss": val_loss,
+        "best_val_loss": best_val_loss,
+        "bad_steps": bad_steps,
+        "seconds": time.time() - t_start,  # the time budget used (max_seconds), and where its schedule is
+        "setup_seconds": setup_seconds,
+        "config": config,
+        "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
+        "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
+                    "gradient_accumulation_steps": gradient_accumulation_steps},
+    }
+    if parallelism == "fsdp":
+        return save_sharded(state, iter_num, val_loss)
+    if not master:
+        return
     try:
-        save_checkpoint({
-            "model": adapter_state(raw_model) if lora else raw_model.state_dict(),
-            "lora": lora,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "model_args": model_args,
-            "iter_num": iter_num,
-            "val_loss": val_loss,
-            "best_val_loss": best_val_loss,
-            "bad_steps": bad_steps,
-            "seconds": time.time() - t_start,  # the time budget used (max_seconds), and where its schedule is
-            "setup_seconds": setup_seconds,
-            "config": config,
-            "tokenizer_fingerprint": batches.fingerprint,  # sample.py and resume check the tokenizer is this one
-            "sampler": {"seed": seed, "batch_size": batch_size, "block_size": block_size,
-                        "gradient_accumulation_steps": gradient_accumulation_steps},
-        }, ckpt_path)
+        save_checkpoint({"model": adapter_state(raw_model) if lora else raw_model.state_dict(),
+                         "optimizer": optimizer.state_dict(), **state}, ckpt_path)
         if keep_last > 1:
             link_atomically(ckpt_path, os.path.join(out_dir, f"ckpt-{iter_num:08d}.pt"))
             for old in kept_checkpoints()[keep_last:]:
@@ -719,8 +901,8 @@ def evaluate(iter_num, elapsed):
     if master:
         log(f"{line}, val accuracy {losses['accuracy']:.3f}")
         record(entry)
-        if not eval_only:
-            save(iter_num, losses["val"])
+    if not eval_only:
+        save(iter_num, losses["val"])
 
 
 # ---- stopping on request ------------------------------------------------------
@@ -759,9 +941,8 @@ def train_step(iter_num):
         batch = get_batch("train", batch_generator(TRAIN_BATCHES, iter_num, place))
         if window < block_size:  # the first columns of the full-length draw
             batch = {k: v[:, :window] if v.dim() == 2 else v for k, v in batch.items()}
-        # under DDP, average gradients across processes only once, after the last micro-step
-        sync = not ddp or micro_step == grad_accum - 1
-        with (nullcontext() if sync else model.no_sync()), ctx:
+        # average gradients across processes only once, after the last micro-step
+        with gradient_sync(micro_step == grad_accum - 1), ctx:
             logits, loss = model(**batch)
             if teacher_model is not None:
                 loss = distilled(loss, logits, batch)
@@ -772,9 +953,9 @@ def train_step(iter_num):
             step_balance += raw_model.balance_loss().detach() / grad_accum
     scaler.unscale_(optimizer)  # (fp16 only) the norm and the clip need the true gradients
     if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = whole(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
     fault = 2 * (~torch.isfinite(step_loss)).float() + (~torch.isfinite(grad_norm)).float()
     stopping, seconds = stop_signal is not None, time.time() - t_start
     if ddp:  # every process skips the same steps, sets the same learning rate and stops at the same step
@@ -787,7 +968,8 @@ def train_step(iter_num):
         stopping = bool(stopping)
     out_of_time = 0 < max_seconds <= seconds
     if optimizer.param_groups[0].get("fused"):  # the kernel leaves weights, moments and step count as they
-        optimizer.grad_scale, optimizer.found_inf = None, (fault > 0).float()  # were where found_inf is 1
+        optimizer.grad_scale = None  # were where found_inf is 1 (on the weights' device: offload=params, the CPU)
+        optimizer.found_inf = (fault > 0).float().to("cpu" if offload == "params" else device)
         optimizer.step()
     elif not fault.item():  # no fused kernel (SGD, Lion, Muon; MPS's foreach): ask the device
         optimizer.step()
@@ -842,9 +1024,8 @@ try:
         if last or eval_only:
             break
         if stopping:  # no eval first: pre-emption gives seconds, not minutes
-            if master:
-                save(iter_num)
-            log(f"stopped by {stop_signal or 'another process'} at iteration {iter_num}: checkpoint {ckpt_path}; "
+            save(iter_num)
+            log(f"stopped by {stop_signal or 'another process'} at iteration {iter_num}: checkpoint {last_checkpoint}; "
                 "go on with --init_from=resume")
             break
 
@@ -905,7 +1086,7 @@ except RuntimeError as e:  # with DDP: a collective failed, as another process d
 
 if master:
     log(f"done: {iter_num} iterations in {time.time() - t_begin:.1f}s, best val loss {best_val_loss:.4f}, "
-        f"checkpoint {ckpt_path}")
+        f"checkpoint {last_checkpoint}")
     if tb_writer:
         tb_writer.close()
     if wandb_run:
