@@ -144,6 +144,7 @@ nanogpt_dir = ""            # nanogpt: the checkout
 nanogpt_parts = "speed,sample,quality"  # nanogpt: which comparisons
 quality_seconds = "100,300"  # nanogpt quality: config/legal_small.py's time budgets
 speed_iters = 30            # nanogpt speed: training steps per run (the first 10 are not timed)
+recipe_overrides = ""       # nanogpt quality: more --key=value for nanoGPT's recipe (a shorter trial: "--max_iters=100")
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 from runtime import machine  # noqa: E402
@@ -1142,7 +1143,7 @@ def bench_nanogpt():
             out = os.path.join(root, "nanogpt-recipe")
             took, said = run_quietly([*theirs, os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"),
                                       *NANOGPT_RECIPE, "--dataset=legal_char", f"--out_dir={out}",
-                                      "--always_save_checkpoint=True"], cwd=nano_root)
+                                      "--always_save_checkpoint=True", *recipe_overrides.split()], cwd=nano_root)
             bpb = nanogpt_bits_per_byte(out, val_documents, stoi)
             quality["nanogpt_recipe"] = {"val_bpb": round(bpb, 4), "seconds": round(took, 1)}
             print(f"nanoGPT's CPU recipe: exact val bpb {bpb:.4f} ({took:.0f} s in all)", flush=True)
