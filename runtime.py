@@ -644,6 +644,7 @@ def layout(config):
     ValueError naming the switch that neither can express."""
     refused = [(config.arch != "gpt", f"arch={config.arch}"),
                (config.n_expert > 0, f"n_expert={config.n_expert} (mixture of experts)"),
+               (config.n_classes > 0, f"n_classes={config.n_classes} (a classification head)"),
                (config.attention != "sdpa", f"attention={config.attention}"),
                (config.pos in ("alibi", "sinusoidal"), f"pos={config.pos}"),
                (not config.norm_first, "norm_first=False (post-norm)")]

@@ -179,7 +179,7 @@ def test_bad_input_to_classification_is_one_line_and_exit_2(classifier, dataset,
                                       f"--out_dir={tmp_path / 'c'}", *TINY_MODEL, "--task=classify", "--pool=first"),
                        "pool='first'")
     assert_clear_error(run_in_process("train.py", f"--data_dir={data}", "--dataset=contracts",
-                                      f"--out_dir={tmp_path / 'd'}", f"--init_from={run}", *TINY_MODEL),
+                                      f"--out_dir={tmp_path / 'd'}", f"--init_from={run}", *TINY_MODEL, "--block_size=32"),
                        "a classifier trains with --task=classify")
     # a dataset with a class the run never saw
     other = prepare_labelled(tmp_path, "other", f"--tokenizer_from={run}", kinds=("lease", "loan"))
