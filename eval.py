@@ -659,7 +659,9 @@ def labelled_documents(run_dir, engine, config, fingerprint):
         fail(f"no dataset at {path}: give --dataset= (prepared with prepare.py --labels=True "
              f"--tokenizer_from={run_dir})")
     try:
-        data = Batches(path, engine.model.config.arch, engine.model.config.block_size, 1, 0.5, 1, "classify")
+        # documents cut as in training: to the block_size it trained with
+        block = config.get("block_size") or engine.model.config.block_size
+        data = Batches(path, engine.model.config.arch, block, 1, 0.5, 1, "classify")
         with open(os.path.join(run_dir, "meta.json")) as f:
             known = json.load(f)["labels"]
     except (OSError, ValueError, KeyError) as e:
