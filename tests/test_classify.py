@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_MODEL, assert_clear_error, read_log, run_in_process, run_script, untrained_run
 import prepare as prepare_module
 from eval import classification_metrics
+from model import ModelConfig, build_model
 from prepare import dep5_paragraphs, license_family
 from tokenizer import load_tokenizer
 
@@ -86,6 +87,31 @@ def test_a_lora_classifier_keeps_its_head_beside_the_adapters_and_evaluates_from
     done = run_in_process("eval.py", f"--out_dir={tmp_path / 'lora'}")
     assert done.returncode == 0, done.stderr
     assert "macro_f1" in done.stdout
+
+
+@pytest.mark.parametrize("arch, pool", [("gpt", "last"), ("gpt", "mean"), ("encoder", "first"), ("encoder", "mean"),
+                                        ("encdec", "first"), ("lstm", "last"), ("lstm", "mean")])
+def test_the_padding_after_a_document_does_not_change_its_class_logits(arch, pool):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                                    n_classes=3, pool=pool)).eval()
+    idx = torch.randint(60, (2, 12))
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 7:] = False  # the second document is 7 tokens long
+    with torch.no_grad():
+        padded, _ = model.classify(idx, keep)
+        alone, _ = model.classify(idx[1:, :7], keep[1:, :7])
+        other_padding, _ = model.classify(torch.where(keep, idx, 63), keep)
+    assert torch.allclose(padded[1], alone[0], atol=1e-5)
+    assert torch.allclose(padded, other_padding, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(arch="conditional", n_labels=2), "arch='conditional' reads a control label"),
+    (dict(arch="gpt", pool="first"), "pool='first'"), (dict(arch="gpt", pool="max"), "pool one of first, last, mean")])
+def test_a_classification_head_the_model_cannot_use_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(n_classes=3, **settings)
 
 
 def test_accuracy_macro_f1_and_the_confusion_matrix_of_a_hand_computed_case():
