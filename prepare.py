@@ -7,6 +7,7 @@ Raw text -> documents -> tokens -> data/<dataset>/{train.bin, val.bin, meta.json
     python prepare.py --input=qa.jsonl --dataset=qa             # prompt/response pairs -> also *_mask.bin
     python prepare.py --input=chats.jsonl --dataset=chats --tokenizer_from=out-legal-small   # conversations
     python prepare.py --input=contracts/ --labels=True          # a control label per document -> also *_label.bin
+    python prepare.py --labels=True                             # the built-in classification example -> data/licenses/
 
 Inputs: files, folders (recursive) and globs of .txt and .md (a file is a document),
 .jsonl (a line is a document: its "text" or "content" field, a "prompt" and a
