@@ -662,10 +662,11 @@ class Model(nn.Module):
 
     def hidden_matrices(self):
         """Muon's parameters: the weight matrices inside the network (every Linear's, the LSTM's),
-        not the embeddings and not the output head (nor the embedding tied to it). A fused matrix
+        not the embeddings and not the output heads (nor the embedding tied to one). A fused matrix
         (attention's q, k, v; swiglu's gate and up) is one matrix to it: torch's Muon takes whole
         2-D parameters, and its shape-scaled step keeps each block's share of the update."""
-        head = list(self.lm_head.modules())  # (an adaptive head is several Linears)
+        # the heads: an adaptive one is several Linears; a classifier's is one too
+        head = list(self.lm_head.modules()) + [getattr(self, "classifier", None)]
         return [p for m in self.modules() if isinstance(m, (nn.Linear, nn.LSTM)) and not any(m is h for h in head)
                 for p in m.parameters() if p.dim() == 2]
 

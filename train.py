@@ -162,9 +162,9 @@ if wandb:
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
 from model import Classify, adapter_state, build_model, distillation_kl, fingerprint, merge_adapters  # noqa: E402
-from runtime import (append_jsonl, attach_lora, autocast, check_vocab, classifier_state, dequantize, from_hf,  # noqa: E402
-                     keep_freed_memory, link_atomically, load_checkpoint, load_lora_base, load_run, machine, mfu_of,
-                     peak_memory_mb, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
+from runtime import (append_jsonl, attach_lora, autocast, check_vocab, classifier_state, dequantize,  # noqa: E402
+                     from_hf, keep_freed_memory, link_atomically, load_checkpoint, load_lora_base, load_run, machine,
+                     mfu_of, peak_memory_mb, pick_device, pick_dtype, probe_disk, save_atomically, save_checkpoint)
 
 
 # ---- merge_lora=RUN: a job of its own ------------------------------------------

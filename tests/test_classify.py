@@ -78,7 +78,8 @@ def test_a_lora_classifier_keeps_its_head_beside_the_adapters_and_evaluates_from
     data = prepare_labelled(tmp_path, "contracts", "--tokenizer=byte")
     base = untrained_run(tmp_path / "base", (data, "contracts"), "encoder")
     done = run_in_process("train.py", f"--data_dir={data}", "--dataset=contracts", f"--out_dir={tmp_path / 'lora'}",
-                          f"--init_from={base}", "--arch=encoder", "--lora_rank=2", "--lora_targets=q,v", "--pool=first",
+                          f"--init_from={base}", "--arch=encoder", "--lora_rank=2", "--lora_targets=q,v",
+                          "--pool=first",
                           *TINY_MODEL, *CLASSIFIER, "--max_iters=4", "--eval_interval=4")
     assert done.returncode == 0, done.stderr
     ckpt = torch.load(tmp_path / "lora" / "ckpt.pt", weights_only=True)
@@ -205,7 +206,8 @@ def test_bad_input_to_classification_is_one_line_and_exit_2(classifier, dataset,
                                       f"--out_dir={tmp_path / 'c'}", *TINY_MODEL, "--task=classify", "--pool=first"),
                        "pool='first'")
     assert_clear_error(run_in_process("train.py", f"--data_dir={data}", "--dataset=contracts",
-                                      f"--out_dir={tmp_path / 'd'}", f"--init_from={run}", *TINY_MODEL, "--block_size=32"),
+                                      f"--out_dir={tmp_path / 'd'}", f"--init_from={run}", *TINY_MODEL,
+                                      "--block_size=32"),
                        "a classifier trains with --task=classify")
     # a dataset with a class the run never saw
     other = prepare_labelled(tmp_path, "other", f"--tokenizer_from={run}", kinds=("lease", "loan"))
