@@ -11,6 +11,7 @@ The objectives, one method each:
                 prompt/response data windows of whole documents, the loss only on responses
 - masked_lm     encoder: BERT's masked-language modelling
 - seq2seq       encdec: T5's span corruption, or the prompt as source and the response as target
+- classified    task="classify", any arch: whole documents and their labels as classes
 
 Every random draw comes from the generator the caller passes, in a fixed order: the same
 generator gives the same batch. A dataset that is missing, damaged, or does not fit the
@@ -62,8 +63,8 @@ def read_windows(array, starts, length):
 class Batches:
     """A prepared dataset, read and checked once, and the batches of arch's objective from it."""
 
-    def __init__(self, data_path, arch, block_size, batch_size, mask_prob, span_length):
-        self.arch, self.block_size, self.batch_size = arch, block_size, batch_size
+    def __init__(self, data_path, arch, block_size, batch_size, mask_prob, span_length, task="lm"):
+        self.arch, self.block_size, self.batch_size, self.task = arch, block_size, batch_size, task
         self.mask_prob, self.span_length = mask_prob, span_length
         try:
             with open(os.path.join(data_path, "meta.json")) as f:
@@ -85,7 +86,7 @@ class Batches:
             # prompt/response data: 1 where a target token counts in the loss (the responses)
             self.masks = read("_mask", np.uint8, 2) if meta.get("loss_mask") else None
             # conditional: the control label of every token, and the labels' names
-            labelled = arch == "conditional" and meta.get("labels")
+            labelled = (arch == "conditional" or task == "classify") and meta.get("labels")
             self.labels = read("_label", np.uint16, len(meta["labels"])) if labelled else None
         except DatasetError:
             raise
@@ -95,9 +96,20 @@ class Batches:
         if arch == "conditional" and not self.labels:
             raise DatasetError(f"arch='conditional' needs a control label per document: prepare {data_path} with "
                                "--labels=True")
-        self.n_labels = len(meta["labels"]) if self.labels else 0
+        if task == "classify" and not self.labels:
+            raise DatasetError(f"task='classify' needs a label per document: prepare {data_path} with --labels=True")
+        self.n_labels = len(meta["labels"]) if self.labels and arch == "conditional" else 0
+        self.n_classes = len(meta["labels"]) if self.labels and task == "classify" else 0
+        if task == "classify":  # each document ends in its end-of-text; its label is its class
+            self.documents = {}
+            for split, data in self.bins.items():
+                ends = np.flatnonzero(data == tokenizer.eot_id)
+                starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+                self.documents[split] = (starts, ends, self.labels[split][starts].astype(np.int64))
+                if not len(ends):
+                    raise DatasetError(f"{data_path}/{split}.bin holds no whole document to classify")
         for split, data in self.bins.items():
-            if len(data) <= block_size and not self.masks:
+            if len(data) <= block_size and not self.masks and task != "classify":
                 raise DatasetError(f"{data_path}/{split}.bin has {len(data)} tokens, fewer than "
                                    f"block_size+1={block_size + 1}")
         if self.masks:  # windows start where a document starts
@@ -111,6 +123,9 @@ class Batches:
 
     def get(self, split, generator):
         """A batch of split for arch's objective: {argument of the model's forward: tensor}."""
+        if self.task == "classify":
+            n = len(self.documents[split][0])
+            return self.classified(split, torch.randint(n, (self.batch_size,), generator=generator).tolist())
         if self.arch == "encoder":
             return self.masked_lm(split, generator)
         if self.arch == "encdec":
@@ -157,6 +172,23 @@ class Batches:
         if len(ends):
             counts[ends[-1] + 1:] = False
         return window, counts
+
+    # ---- classification: task="classify" --------------------------------------------------
+
+    def classified(self, split, rows, width=None):
+        """The documents rows (indices) of split, each read as <|endoftext|>, its first block_size - 2
+        tokens, <|endoftext|>, and padded on the right to width (default block_size): idx, keep (its
+        tokens, not the padding) and targets (its class)."""
+        starts, ends, classes = self.documents[split]
+        eot, data = self.tokenizer.eot_id, self.bins[split]
+        docs = [data[starts[r]:min(ends[r], starts[r] + self.block_size - 2)].astype(np.int64) for r in rows]
+        width = width or self.block_size
+        idx = torch.full((len(rows), width), self.tokenizer.pad_id)
+        keep = torch.zeros(len(rows), width, dtype=torch.bool)
+        for row, doc in enumerate(docs):
+            idx[row, :len(doc) + 2] = torch.from_numpy(np.concatenate([[eot], doc, [eot]]))
+            keep[row, :len(doc) + 2] = True
+        return {"idx": idx, "keep": keep, "targets": torch.from_numpy(classes[list(rows)])}
 
     # ---- masked-language modelling: encoder --------------------------------------------
 

@@ -34,6 +34,11 @@ the run's embeddings and by BM25 (recall@1/@10); --cloze_items= masks uses of le
 (Licensee, Software, the text's own "defined" terms) and asks the run to rank the right one
 among --cloze_choices terms (accuracy).
 
+A classification run (train.py --task=classify) is evaluated on a labelled dataset (prepared
+with --labels=True; by default its own, val split): accuracy, macro-F1 and the confusion
+matrix, beside always answering the train split's most common class; --tfidf_baseline=True
+adds TF-IDF + logistic regression (scikit-learn) fit on the train split, on the same input.
+
 eval.json holds one entry per text (the dataset and split, the --input, or the task
 file); evaluating the same text again replaces its entry and keeps the others.
 """
@@ -77,6 +82,8 @@ retrieval_queries = 0       # > 0: hold out up to this many paragraphs, find eac
 retrieval_among = "text"    # the documents searched: text (the text's own) | dataset (both splits of the dataset)
 cloze_items = 0             # > 0: this many fill-in items (a legal term masked) from the text
 cloze_choices = 4           # candidates per cloze item: its own term and others the text uses
+# classification runs (train.py --task=classify), on a labelled dataset
+tfidf_baseline = False      # also TF-IDF + logistic regression (scikit-learn), fit on the dataset's train split
 # system
 device = "auto"
 dtype = "float32"           # float32: the numbers do not depend on the machine's bf16 units; auto = train.py's choice
@@ -627,6 +634,116 @@ def cloze_numbers(engine, documents, n, choices, seed):
 
 
 # ----------------------------------------------------------------------------------
+# classification: a classifier run's classes of a labelled dataset's documents
+
+def classification_metrics(truth, predicted, n):
+    """Accuracy, macro-F1 and the confusion matrix (n x n, rows: the true class, columns: the
+    predicted one) of class ids. Macro-F1 is the mean F1 = 2 TP / (2 TP + FP + FN) over the
+    classes that occur as truth or as prediction (a class that does neither has no F1)."""
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    tp, fp, fn = np.diag(confusion), confusion.sum(0) - np.diag(confusion), confusion.sum(1) - np.diag(confusion)
+    present = confusion.sum(0) + confusion.sum(1) > 0
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    return {"accuracy": float(tp.sum() / len(truth)), "macro_f1": float(f1[present].mean()),
+            "confusion": confusion.tolist()}
+
+
+def labelled_documents(run_dir, engine, config, fingerprint):
+    """(what the text is, the dataset's Batches, {split: class ids in the run's classes, -1 for a class the
+    run does not know}, the run's class names). A class of the evaluated split that the run does not
+    know is an error."""
+    from batches import Batches
+    path = dataset_path(config)
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        fail(f"no dataset at {path}: give --dataset= (prepared with prepare.py --labels=True "
+             f"--tokenizer_from={run_dir})")
+    try:
+        # documents cut as in training: to the block_size it trained with
+        block = config.get("block_size") or engine.model.config.block_size
+        data = Batches(path, engine.model.config.arch, block, 1, 0.5, 1, "classify")
+        with open(os.path.join(run_dir, "meta.json")) as f:
+            known = json.load(f)["labels"]
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{path}: {e}" if isinstance(e, ValueError) else f"{run_dir}/meta.json has no class names ({e})")
+    if data.fingerprint != fingerprint:
+        fail(f"{path} is in the ids of another tokenizer than the run {run_dir}'s: prepare it with "
+             f"prepare.py --labels=True --tokenizer_from={run_dir}")
+    names = data.meta["labels"]
+    unknown = [names[i] for i in np.unique(data.documents[split][2]) if names[i] not in known]
+    if unknown:
+        fail(f"the {split} split of {path} has labels the run {run_dir} was not trained on: "
+             f"{', '.join(unknown[:5])} (it knows {', '.join(known)})")
+    to_run = np.array([known.index(name) if name in known else -1 for name in names])
+    classes = {s: to_run[data.documents[s][2]] for s in SPLITS}
+    return f"dataset {path}, {split}", data, classes, known
+
+
+def classify_documents(engine, data, rows):
+    """The run's class for each document (rows) of the evaluated split, batch_size at a time."""
+    import torch
+    starts, ends, _ = data.documents[split]
+    lengths = np.minimum(ends - starts, data.block_size - 2) + 2
+    predicted = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        inputs = data.classified(split, batch, width=int(lengths[batch].max()))
+        with torch.no_grad(), engine.autocast():
+            logits, _ = engine.model.classify(inputs["idx"].to(engine.device), inputs["keep"].to(engine.device))
+        predicted.append(logits.argmax(-1).cpu().numpy())
+    return np.concatenate(predicted)
+
+
+def document_text(data, which, row):
+    """A document's text as the classifier reads it: its first block_size - 2 tokens."""
+    start, end = data.documents[which][0][row], data.documents[which][1][row]
+    return data.tokenizer.decode(data.bins[which][start:min(end, start + data.block_size - 2)].tolist())
+
+
+def tfidf_predictions(data, classes, rows):
+    """TF-IDF (words and word pairs, sublinear tf) + logistic regression, scikit-learn's defaults
+    otherwise, fit on the train split's documents of the run's classes; its class for each row."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        fail("--tfidf_baseline needs scikit-learn: pip install scikit-learn==1.9.1")
+    train = np.flatnonzero(classes["train"] >= 0)
+    if len(np.unique(classes["train"][train])) < 2:
+        fail("--tfidf_baseline needs documents of at least two of the run's classes in the train split")
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    features = vectorizer.fit_transform([document_text(data, "train", r) for r in train])
+    fitted = LogisticRegression(max_iter=2000).fit(features, classes["train"][train])
+    return fitted.predict(vectorizer.transform([document_text(data, split, r) for r in rows]))
+
+
+def classification_numbers(run_dir, engine, config, fingerprint):
+    """(what the text is, {number: value}) of a classification run: accuracy, macro-F1 and the
+    confusion matrix, the majority class's accuracy, and the TF-IDF baseline's when asked for."""
+    name, data, classes, known = labelled_documents(run_dir, engine, config, fingerprint)
+    rows = np.arange(len(classes[split]))
+    truth, n = classes[split], len(known)
+    counts = np.bincount(classes["train"][classes["train"] >= 0], minlength=n)
+    majority = int(counts.argmax())
+    numbers = {"examples": len(rows), "classes": known, **classification_metrics(truth, classify_documents(
+        engine, data, rows), n), "majority_class": known[majority],
+        "majority_accuracy": float((truth == majority).mean())}
+    if tfidf_baseline:
+        numbers |= {f"tfidf_{k}": v for k, v in classification_metrics(truth, tfidf_predictions(
+            data, classes, rows), n).items()}
+    return name, numbers
+
+
+def confusion_table(title, names, matrix):
+    """The confusion matrix as text: a row per true class, a column per predicted class."""
+    rows = [["true \\ predicted", *names]] + [[name, *map(str, row)] for name, row in zip(names, matrix)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(names) + 1)]
+    return f"confusion matrix of {title}:\n" + "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows)
+
+
+# ----------------------------------------------------------------------------------
 # one run: load it, evaluate, report
 
 def load(run_dir):
@@ -840,12 +957,24 @@ def main():
             fail(f"{run_dir} is a conditional run: cloze needs --condition=, one of {', '.join(engine.labels)}")
         if task_file and arch == "conditional" and condition not in engine.labels:
             fail(f"{run_dir} is a conditional run: --task_file needs --condition=, one of {', '.join(engine.labels)}")
+        if engine.model.config.n_classes and (input or task_file or retrieval_queries or cloze_items):
+            fail(f"{run_dir} is a classification run: it is evaluated on a dataset prepared with --labels=True "
+                 "(--dataset=, or its own), with no --input, --task_file, retrieval or cloze")
+        if tfidf_baseline and not engine.model.config.n_classes:
+            fail(f"--tfidf_baseline is compared with a classification run (train.py --task=classify); {run_dir} "
+                 "is not one")
         runs.append((run_dir, engine, config, fingerprint, previous_results(run_dir)))
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    shown, signature = [], None
+    shown, signature, confusions = [], None, []
     for run_dir, engine, config, fingerprint, results in runs:
         numbers = {}
-        if input or dataset or not task_file:
+        if engine.model.config.n_classes:
+            name, found = classification_numbers(run_dir, engine, config, fingerprint)
+            results[name] = {"arch": engine.model.config.arch, **found, "evaluated": when}
+            numbers = {"text": name, **{k: v for k, v in found.items() if not isinstance(v, list)}}
+            confusions += [confusion_table(title, found["classes"], found[key]) for key, title in
+                           (("confusion", run_dir), ("tfidf_confusion", "the TF-IDF baseline")) if key in found]
+        elif input or dataset or not task_file:
             name, ids, counted, labels = the_text(run_dir, engine, config, fingerprint)
             found = evaluate_text(run_dir, engine, name, ids, counted, labels)
             results[name] = {"arch": engine.model.config.arch, **found, "evaluated": when}
@@ -866,6 +995,8 @@ def main():
     print(table(run_dirs, shown))
     if signature:
         print(f"BLEU signature (sacrebleu): {signature}")
+    for confusion in confusions:
+        print(confusion)
     for run_dir, _, _, _, results in runs:
         text = json.dumps(results, indent=2) + "\n"
         save_atomically(results_path(run_dir), lambda f: f.write(text.encode()))

@@ -24,6 +24,10 @@ The variants come after the core, each built from the same blocks:
 - encdec               encoder + decoder with cross-attention, one shared embedding (T5-style)
 - lstm                 embedding -> LSTM layers -> head (no blocks, no positions)
 
+Any of them but conditional may also carry a classification head (n_classes > 0): a Linear
+from one pooled final state of a document (pool: its first token, its last, or the mean of
+its tokens) to class logits; train.py --task=classify trains it.
+
 Last, LoRA: low-rank adapters on a trained model's Linear layers, for cheap fine-tuning.
 
 Generation state (keys/values, linear-attention sums, the encoder's output, the LSTM's
@@ -44,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
 OPTIMIZERS = ("adamw", "sgd", "lion", "muon")  # Model.configure_optimizer's kinds
+POOLS = ("first", "last", "mean")  # the state a classification head reads
 
 
 @dataclass
@@ -73,6 +78,8 @@ class ModelConfig:
     rope_theta: float = 10000.0    # rope: the base of its rotation frequencies
     head: str = "softmax"      # softmax | adaptive (adaptive softmax: rarer tokens in smaller clusters; untied)
     adaptive_cutoffs: str = ""  # adaptive: token ids where the clusters start, e.g. "2000,10000"; "" = V/25, V/5
+    n_classes: int = 0         # > 0: a classification head on a pooled final state (train.py --task=classify)
+    pool: str = "mean"         # the state the classification head reads: first | last (token) | mean (of the tokens)
 
     def __post_init__(self):
         if self.n_kv_head == 0:
@@ -101,6 +108,15 @@ class ModelConfig:
             if self.tie_embeddings:
                 raise ValueError("head='adaptive' has its own output matrices, one per cluster: "
                                  "set tie_embeddings=False")
+        if self.n_classes < 0 or self.pool not in POOLS:
+            raise ValueError(f"need n_classes >= 0 and pool one of {', '.join(POOLS)}, got n_classes={self.n_classes}, "
+                             f"pool={self.pool!r}")
+        if self.n_classes and self.arch == "conditional":
+            raise ValueError("arch='conditional' reads a control label with every token; classify with a gpt, "
+                             "encoder, encdec or lstm model")
+        if self.n_classes and self.pool == "first" and self.arch in ("gpt", "lstm"):
+            raise ValueError(f"pool='first' reads the first token's state, which in a causal arch={self.arch!r} "
+                             "model has seen only that token: use pool='last' or 'mean'")
         if self.arch == "conditional" and self.n_labels <= 0:
             raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
                              "dataset prepared with --labels=True)")
@@ -537,6 +553,8 @@ class Model(nn.Module):
             nn.init.zeros_(module.bias)
 
     def make_head(self, wte):
+        if self.config.n_classes:  # beside the language-model head, which a classifier leaves unused
+            self.classifier = nn.Linear(self.config.n_embd, self.config.n_classes)
         if self.config.head == "adaptive":  # frequent tokens and one row per cluster, then a smaller head each
             self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(self.config.n_embd, self.config.vocab_size,
                                                          self.config.cutoffs(), div_value=4.0)
@@ -568,6 +586,30 @@ class Model(nn.Module):
         logits = self.logits(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1,
                                label_smoothing=self.label_smoothing if self.training else 0.0)
+        return logits, self.with_balance_loss(loss)
+
+    def classify(self, idx, keep, targets=None):
+        """Documents idx (B, T), padded on the right, keep (B, T) True at their tokens -> class logits
+        (B, n_classes), and the mean loss if targets (B,) are given. The head reads config.pool of
+        the final states; a causal model's states never see the padding after them, and a
+        bidirectional one's attention is masked off it."""
+        if self.config.arch == "lstm":
+            x = self.hidden(idx)
+        elif self.config.arch == "encdec":
+            x = self.encode(idx, keep)
+        else:
+            pos = positions(0, idx.size(1), self.config.block_size, device=idx.device)
+            x = self.body(self.embed(idx, pos), pos, keep=None if self.causal else keep)  # (B, T, C)
+        if self.config.pool == "first":
+            pooled = x[:, 0]
+        elif self.config.pool == "last":
+            pooled = x[torch.arange(x.size(0), device=x.device), keep.sum(1) - 1]
+        else:
+            pooled = (x * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        logits = self.classifier(pooled)  # (B, n_classes)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing if self.training else 0.0)
         return logits, self.with_balance_loss(loss)
 
     def with_balance_loss(self, loss):
@@ -624,10 +666,10 @@ class Model(nn.Module):
     def hidden_matrices(self):
         """[(parameter, its row blocks [(start, end), ...])] for Muon: the weight matrices inside the
         network (every Linear's, the LSTM's, the MoE experts' stacks), not the embeddings and not the
-        output head (nor the embedding tied to it). A fused matrix is cut into the linear maps it
-        holds, each orthogonalized as a matrix of its own: attention's q, k, v rows, swiglu's gate and
-        up, an LSTM layer's four gates (input, forget, cell, output)."""
-        head = list(self.lm_head.modules())  # (an adaptive head is several Linears)
+        output heads (nor the embedding tied to one; a classifier's head is one too). A fused matrix
+        is cut into the linear maps it holds, each orthogonalized as a matrix of its own: attention's
+        q, k, v rows, swiglu's gate and up, an LSTM layer's four gates (input, forget, cell, output)."""
+        head = list(self.lm_head.modules()) + [getattr(self, "classifier", None)]  # (an adaptive head: several)
         found = []
         for name, module, parent in linear_layers(self):
             if not any(module is h for h in head):
@@ -1117,6 +1159,17 @@ class Optimizers:
             optimizer.load_state_dict(its_state)
 
 
+class Classify(nn.Module):
+    """model.classify() as a module's forward(), for train.py to compile and wrap in DDP."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, keep, targets=None):
+        return self.model.classify(idx, keep, targets)
+
+
 def build_model(config, state=None):
     """The architecture config.arch names, freshly initialized; or, given state (a state_dict),
     with its weights. Then it is built on the meta device, which allocates nothing and skips the
@@ -1272,6 +1325,8 @@ def add_lora(model, targets, rank, alpha, dropout):
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
+    if getattr(model, "classifier", None) is not None:  # a new head has nothing to adapt: it trains whole
+        model.classifier.requires_grad_(True)
     for name, blocks in chosen.items():
         module = modules[name]
         smallest = min(min(end - start, module.in_features) for start, end in blocks)
@@ -1285,8 +1340,9 @@ def add_lora(model, targets, rank, alpha, dropout):
 
 
 def adapter_state(model):
-    """The adapters' weights alone: what a LoRA run's checkpoint keeps as its "model"."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """The adapters' weights alone (and a classification head's): what a LoRA run's checkpoint keeps as its "model"."""
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k or k.startswith("classifier.")}
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ Raw text -> documents -> tokens -> data/<dataset>/{train.bin, val.bin, meta.json
     python prepare.py --input=qa.jsonl --dataset=qa             # prompt/response pairs -> also *_mask.bin
     python prepare.py --input=chats.jsonl --dataset=chats --tokenizer_from=out-legal-small   # conversations
     python prepare.py --input=contracts/ --labels=True          # a control label per document -> also *_label.bin
+    python prepare.py --labels=True                             # the built-in classification example -> data/licenses/
 
 Inputs: files, folders (recursive) and globs of .txt and .md (a file is a document),
 .jsonl (a line is a document: its "text" or "content" field, a "prompt" and a
@@ -33,12 +34,20 @@ response and its end-of-text are 1, as is all plain text. A conversation is writ
 the chat template (tokenizer.chat_segments: role tokens, each message ending in an
 end-of-text), with 1 only on the assistants' messages and the end-of-text of each.
 
-With --labels=True every document also gets a control label (for arch="conditional"):
-the "label" field of its record in .jsonl, .csv, .parquet and .arrow (a number is taken
-as text), else the name of the folder that holds its file (the dataset's name for
---hf_dataset=). {split}_label.bin (uint16) holds for every token the id of its
-document's label, the document's end-of-text included; meta.json's "labels" lists the
-names, index = id, in the order first seen. At most 65535 labels.
+With --labels=True every document also gets a label (a control label for
+arch="conditional", a class for train.py --task=classify): the "label" field of its record
+in .jsonl, .csv, .parquet and .arrow (a number is taken as text), else the name of the
+folder that holds its file (the dataset's name for --hf_dataset=). {split}_label.bin
+(uint16) holds for every token the id of its document's label, the document's end-of-text
+included; meta.json's "labels" lists the names, index = id, in the order first seen. At
+most 65535 labels.
+
+--labels=True with no input is the built-in classification example (dataset "licenses"
+unless --dataset= names another): every paragraph of a machine-readable (DEP-5)
+/usr/share/doc/*/copyright file that has a License field with a text under it becomes a
+document, that text, labelled with the family of the field's short name (LICENSE_FAMILIES;
+a name joining licenses of different families, "GPL-1+ or Artistic", is left out). Val is
+whole packages, val_fraction of them, so no package is on both sides.
 
 The token files are raw uint16 (uint32 for vocabularies over 65536), read with
 np.memmap(path, dtype, mode="r"). Everything is written to a temporary folder and moved
@@ -75,7 +84,8 @@ dedup = True         # drop paragraphs (whitespace-normalized) already seen in a
 # output
 dataset = "legal"    # writes data_dir/dataset/
 data_dir = "data"
-labels = False       # True: a label per document for arch="conditional": its record's "label", else its folder's name
+labels = False       # True: a label per document (conditional, task=classify): its record's "label", else its folder's
+                     # name; with no input, the built-in license-family example (dataset "licenses")
 # tokenizer
 tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
 vocab_size = 8192    # special tokens included
@@ -99,6 +109,11 @@ PARAGRAPH_BREAK = re.compile(r"(\n(?:[^\S\n]*\n)+)")  # one or more blank lines,
 SURROGATE = re.compile("[\ud800-\udfff]")
 READ_CHARS = 1 << 20  # a .txt file is read (and deduplicated, and encoded) in segments of about this size
 MAX_LABELS = 65535   # {split}_label.bin holds uint16 ids
+LICENSE_FAMILIES = ("GPL", "LGPL", "BSD", "MIT/Expat", "Apache", "MPL", "public domain", "other")
+# a License short name's start, lowercased -> its family (the first that matches; else "other")
+FAMILY_NAMES = (("LGPL", r"lgpl"), ("GPL", r"a?gpl\b"), ("BSD", r"0?bsd\b"), ("MIT/Expat", r"(mit|expat|x11)\b"),
+                ("Apache", r"apache\b"), ("MPL", r"mpl\b"), ("public domain", r"(public[-_ ]?domain|pd|cc0)\b"))
+DEP5_FORMAT = re.compile(r"Format:[^\n]*(copyright-format|dep5)", re.IGNORECASE)
 
 # Bytes that are not UTF-8 become U+FFFD, as with errors="replace", and are counted.
 _replaced_bytes = 0
@@ -415,6 +430,61 @@ def file_documents(paths, progress, stats):
             yield label or folder, doc
 
 
+def license_family(name):
+    """A DEP-5 License short name (its field's first line) -> its family in LICENSE_FAMILIES, or None
+    for a name that joins licenses of different families ("GPL-1+ or Artistic"). An exception
+    ("GPL-2+ with OpenSSL exception") keeps the family; CC0 is a public-domain dedication."""
+    families = set()
+    for part in re.split(r"\s+(?:or|and)\s+|\s*,\s*", name.strip(), flags=re.IGNORECASE):
+        part = re.sub(r"\s+with\s.*", "", part, flags=re.IGNORECASE).strip().lower()
+        if not part:
+            continue
+        families.add(next((family for family, pattern in FAMILY_NAMES if re.match(pattern, part)), "other"))
+    return families.pop() if len(families) == 1 else None
+
+
+def dep5_paragraphs(text):
+    """(License short name, license text) of each paragraph of a DEP-5 copyright file whose License
+    field has text under it; nothing for a file that is not DEP-5 (no Format: line naming it).
+    The text is the field's continuation lines unfolded: the leading space gone, " ." a blank line."""
+    if not DEP5_FORMAT.match(text.lstrip()):
+        return
+    for paragraph in re.split(r"\n[^\S\n]*\n", text):
+        lines, name, body = paragraph.splitlines(), None, []
+        for line in lines:
+            if name is not None and line[:1] in (" ", "\t"):
+                body.append("" if line.strip() == "." else line[1:].rstrip())
+            elif name is not None:
+                break  # the next field
+            elif line.lower().startswith("license:"):
+                name = line[len("license:"):].strip()
+        body = "\n".join(body).strip()
+        if name and body:
+            yield name, body
+
+
+def license_documents(paths, progress, stats):
+    """The built-in classification example: ((family, package), document) for each License
+    paragraph (dep5_paragraphs) of the copyright files among paths; the package is the file's folder."""
+    for path in paths:
+        if os.path.basename(path) != "copyright":
+            continue
+        with reading(path, progress, stats) as f:
+            text = f.read()
+        package = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        for name, body in dep5_paragraphs(text):
+            family = license_family(name)
+            if family is None:
+                stats["mixed_licenses"] = stats.get("mixed_licenses", 0) + 1
+                continue
+            yield (family, package), [(body, True)]
+
+
+def license_example():
+    """Is this run the built-in classification example (--labels=True, no input)?"""
+    return labels and not input and not hf_dataset
+
+
 def hf_documents():
     """(label, document) for each row of a Hugging Face dataset, streamed; unlabelled rows get the dataset's name."""
     try:
@@ -593,7 +663,7 @@ def ones(f, n, block=1 << 24):
 
 def corpus_documents(paths, progress, stats):
     """The training input as a stream of deduplicated documents; each pass calls this anew."""
-    docs = file_documents(paths, progress, stats)
+    docs = license_documents(paths, progress, stats) if license_example() else file_documents(paths, progress, stats)
     if hf_dataset:
         docs = itertools.chain(docs, hf_documents())
     return deduplicated(docs, set(), stats, dedup)
@@ -605,16 +675,21 @@ def held_out(index):
     return hash((seed, index)) % 1_000_003 < val_fraction * 1_000_003
 
 
+def split_unit(index, label):
+    """What val holds out whole: a document (its index), or in the license example its package."""
+    return label[1] if license_example() else index
+
+
 def tokenizer_sample(paths):
     """Pass 1: the first tokenizer_train_bytes of train text, and the val documents' indices if
     this pass saw the whole corpus (None if not)."""
     texts, size, complete = [], 0, True
     docs = corpus_documents(paths, Progress(0), new_stats())
-    for index, (_, segments) in enumerate(docs):
+    for index, (label, segments) in enumerate(docs):
         for text, _ in segments:
             if isinstance(text, SpecialToken):  # a role token: not text to learn a tokenizer from
                 continue
-            texts.append((index, text))
+            texts.append((split_unit(index, label), text))
             size += len(text)
             if size >= tokenizer_train_bytes:
                 break
@@ -626,14 +701,20 @@ def tokenizer_sample(paths):
     if val_input:
         return [text for _, text in texts], set()
     if not complete:
-        return [text for index, text in texts if not held_out(index)], None
-    n = texts[-1][0] + 1 if texts else 0
+        return [text for unit, text in texts if not held_out_unit(unit)], None
+    units = list(dict.fromkeys(unit for unit, _ in texts)) if license_example() else range(texts[-1][0] + 1)
+    n = len(units)
     if n < 2:
-        fail(f"need at least 2 documents to hold out a val split, got {n}: "
+        what = "packages with License paragraphs" if license_example() else "documents"
+        fail(f"need at least 2 {what} to hold out a val split, got {n}: "
              "give more documents, or the val documents with --val_input=...")
     n_val = min(max(1, round(n * val_fraction)), n - 1)
-    val = set(random.Random(seed).sample(range(n), n_val))
-    return [text for index, text in texts if index not in val], val
+    val = set(random.Random(seed).sample(units, n_val))
+    return [text for unit, text in texts if unit not in val], val
+
+
+def held_out_unit(unit):
+    return held_out(zlib.crc32(unit.encode()) if isinstance(unit, str) else unit)
 
 
 def main():
@@ -700,14 +781,21 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
     total = sum(os.path.getsize(p) for p in paths + val_paths) if not hf_dataset else 0
     progress = Progress(total)
     pool = concurrent.futures.ThreadPoolExecutor(workers)  # tokenizers release the GIL: threads are enough
-    label_ids = {} if labels else None
+    # the license example's classes are all there, in their order, whichever it finds
+    label_ids = ({name: i for i, name in enumerate(LICENSE_FAMILIES)} if license_example() else {}) if labels else None
     writers = {name: SplitWriter(tmp, name, tok, dtype, pool, workers, progress, label_ids)
                for name in ("train", "val")}
+    val_packages = set()
     for index, (label, segments) in enumerate(corpus_documents(paths, progress, stats)):
+        unit = split_unit(index, label)
         if val_input:
             split = "train"
         else:
-            split = "val" if (index in val_ids if val_ids is not None else held_out(index)) else "train"
+            split = "val" if (unit in val_ids if val_ids is not None else held_out_unit(unit)) else "train"
+        if license_example():
+            label = label[0]
+            if split == "val":
+                val_packages.add(unit)
         writers[split].add(segments, label)
     if val_input:
         for label, segments in deduplicated(file_documents(val_paths, progress, stats), None, stats, False):
@@ -732,6 +820,8 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
         print(f"paragraphs: {stats['paragraphs']} kept, {stats['repeats']} repeats dropped"
               + (f"; {stats['repeated_pairs']} repeated prompt/response pairs or conversations dropped"
                  if stats["repeated_pairs"] else ""))
+    if stats.get("mixed_licenses"):
+        print(f"{stats['mixed_licenses']} License paragraphs left out: their names join licenses of different families")
     if stats["replaced_bytes"]:
         print(f"warning: {stats['replaced_bytes']} bytes that are not UTF-8 in {stats['replaced_files']} "
               f"files were replaced by U+FFFD")
@@ -753,6 +843,9 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
         "splits": splits,
         "source": ",".join(filter(None, [input, hf_dataset])) or "built-in legal corpus",
     }
+    if license_example():
+        meta["source"] = "built-in license classification example: DEP-5 License paragraphs -> license family"
+        meta["val_packages"] = sorted(val_packages)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     optional = {"train_mask.bin": masked, "val_mask.bin": masked, "train_label.bin": labels, "val_label.bin": labels}
@@ -769,5 +862,8 @@ def prepare_into(tmp, out_dir, paths, val_paths, stats, workers, start):
 
 
 if __name__ == "__main__":
-    configure(globals())
+    given = set()
+    configure(globals(), given=given)
+    if license_example() and "dataset" not in given:  # not over the built-in corpus the language models train on
+        dataset = "licenses"
     main()

@@ -306,7 +306,8 @@ def load_run(out_dir, device="cpu"):
     if ckpt.get("tokenizer_fingerprint", tokenizer_fingerprint(out_dir)) != tokenizer_fingerprint(out_dir):
         raise ValueError(f"{out_dir}: the tokenizer files are not the ones ckpt.pt was trained with")
     lora = ckpt.get("lora")
-    weights = load_lora_base(lora, device, out_dir)["model"] if lora else ckpt["model"]
+    weights = {**load_lora_base(lora, device, out_dir)["model"], **classifier_state(ckpt["model"])} if lora \
+        else ckpt["model"]
     try:
         model = build_model(config, weights)
     except RuntimeError as e:
@@ -315,6 +316,11 @@ def load_run(out_dir, device="cpu"):
     if lora:
         attach_lora(model, lora, ckpt["model"], out_dir)
     return model.eval(), tokenizer, ckpt
+
+
+def classifier_state(state):
+    """A state dict's classification head (a LoRA run keeps its own beside the adapters)."""
+    return {k: v for k, v in state.items() if k.startswith("classifier.")}
 
 
 def load_lora_base(lora, device, where):
@@ -664,6 +670,8 @@ def quantize(model, kind="int8", training=False):
         make = lambda linear: Int8Linear(linear, backend)  # noqa: E731
     keep_float = {id(m.c_attn) for m in model.modules() if isinstance(m, CrossAttention)}
     keep_float |= {id(m.router) for m in model.modules() if isinstance(m, MoE)}
+    if training and getattr(model, "classifier", None) is not None:  # trained in full under the adapters
+        keep_float.add(id(model.classifier))
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.Linear) and id(child) not in keep_float:
@@ -735,6 +743,7 @@ def layout(config):
     ValueError naming the switch that neither can express."""
     refused = [(config.arch != "gpt", f"arch={config.arch}"),
                (config.n_expert > 0, f"n_expert={config.n_expert} (mixture of experts)"),
+               (config.n_classes > 0, f"n_classes={config.n_classes} (a classification head)"),
                (config.attention != "sdpa", f"attention={config.attention}"),
                (config.pos in ("alibi", "sinusoidal"), f"pos={config.pos}"),
                (not config.norm_first, "norm_first=False (post-norm)")]

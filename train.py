@@ -60,9 +60,12 @@ data_dir = "data"
 dataset = "legal"           # data_dir/dataset/ from prepare.py; "legal": the built-in ~1.2M tokens, prepared on demand
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, summed over all processes
 batch_size = 12             # sequences per micro-step per process, block_size tokens each (a model setting)
-# model: every field of model.ModelConfig but the two the dataset decides (vocab_size, n_labels)
+task = "lm"                 # lm: arch's own objective | classify: each document's label as its class (a dataset
+                            # prepared with --labels=True), by a head on the pooled final state (pool); val accuracy
+# model: every field of model.ModelConfig but those the dataset decides (vocab_size, n_labels, n_classes)
 from model import ModelConfig  # noqa: E402
-globals().update({f.name: f.default for f in fields(ModelConfig) if f.name not in ("vocab_size", "n_labels")})
+globals().update({f.name: f.default for f in fields(ModelConfig)
+                  if f.name not in ("vocab_size", "n_labels", "n_classes")})
 # objectives of the encoder (masked-language modelling) and encdec (span corruption)
 mask_prob = 0.15            # share of tokens masked (encoder: 80% <|mask|>, 10% random, 10% kept) or cut out (encdec)
 span_length = 3             # encdec: tokens per cut-out span
@@ -142,6 +145,10 @@ def check_training_options():
         fail(f"block_size_start={block_size_start} is longer than block_size={block_size}")
     if block_size_schedule and arch == "encdec":
         fail("block_size_schedule shortens windows of one sequence; arch='encdec' pairs a source with a target")
+    if task not in ("lm", "classify"):
+        fail(f"task={task!r} is not one of lm, classify")
+    if task == "classify" and teacher:
+        fail("teacher= distills a language model's next tokens; task='classify' has none to distill")
 
 
 check_training_options()
@@ -158,12 +165,13 @@ if wandb:
 
 from batches import Batches  # noqa: E402
 from tokenizer import token_bytes  # noqa: E402
-from model import Block, adapter_state, build_model, distillation_kl, fingerprint, merge_adapters  # noqa: E402
-from runtime import (SHARDED_NAME, append_jsonl, attach_lora, autocast, check_vocab, dequantize,  # noqa: E402
-                     finish_sharded, from_hf, keep_freed_memory, link_atomically, link_sharded, load_checkpoint,
-                     load_lora_base, load_run, load_sharded_state, machine, mfu_of, peak_memory_mb, pick_device,
-                     pick_dtype, probe_disk, read_sharded, remove_sharded, save_atomically, save_checkpoint,
-                     sharded_checkpoints)
+from model import (Block, Classify, adapter_state, build_model, distillation_kl, fingerprint,  # noqa: E402
+                   merge_adapters)
+from runtime import (SHARDED_NAME, append_jsonl, attach_lora, autocast, check_vocab, classifier_state,  # noqa: E402
+                     dequantize, finish_sharded, from_hf, keep_freed_memory, link_atomically, link_sharded,
+                     load_checkpoint, load_lora_base, load_run, load_sharded_state, machine, mfu_of, peak_memory_mb,
+                     pick_device, pick_dtype, probe_disk, read_sharded, remove_sharded, save_atomically,
+                     save_checkpoint, sharded_checkpoints)
 
 
 # ---- merge_lora=RUN: a job of its own ------------------------------------------
@@ -433,7 +441,7 @@ if not os.path.isfile(os.path.join(data_path, "meta.json")):
     if ddp:
         dist.barrier()
 try:  # meta.json, the tokenizer and the .bin files, read and checked once
-    batches = Batches(data_path, arch, block_size, batch_size, mask_prob, span_length)
+    batches = Batches(data_path, arch, block_size, batch_size, mask_prob, span_length, task)
 except ValueError as e:
     fail(str(e))
 
@@ -559,7 +567,7 @@ if init_from == "scratch":
         fail(f"{existing[0]} exists: continue it with --init_from=resume, or choose another --out_dir")
     # round the vocabulary up to a multiple of 64: friendlier matrix shapes, unused rows are never targets
     model_args = {**config, "vocab_size": 64 * math.ceil(batches.tokenizer.vocab_size / 64),
-                  "n_labels": batches.n_labels}
+                  "n_labels": batches.n_labels, "n_classes": batches.n_classes}
 else:  # resume this run, or fine-tune another: its weights, shape and architecture
     if init_from != "resume" and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} exists: fine-tune into another --out_dir, or continue it with --init_from=resume")
@@ -588,6 +596,8 @@ else:  # resume this run, or fine-tune another: its weights, shape and architect
                 "the batch stream will too")
     else:  # fine-tuning starts its own count, optimizer and schedule, and may change the dropout
         model_args = {**model_args, "dropout": dropout}
+        if task == "classify" and not model_args.get("n_classes"):  # a language model gets a classification head
+            model_args = {**model_args, "n_classes": batches.n_classes, "pool": pool}
         log(f"fine-tuning {init_path} (trained {checkpoint['iter_num']} iterations) on {data_path}"
             + "".join(f", {k}={v}" for k, v in inherited.items()) + (" as it was trained" if inherited else ""))
 try:
@@ -600,13 +610,21 @@ if model_config.block_size < block_size:
     fail(f"block_size={block_size} is longer than the model's context ({model_config.block_size})")
 if batches.n_labels and model_config.n_labels != batches.n_labels:
     fail(f"{init_path} knows {model_config.n_labels} labels but {data_path} has {batches.n_labels}")
+if checkpoint and ((task == "classify") != bool(model_config.n_classes)
+                   or model_config.n_classes != batches.n_classes):
+    fail(f"{init_path} is a classifier of {model_config.n_classes} classes, and {data_path} has "
+         f"{batches.n_classes} with task={task}: a classifier trains with --task=classify on a dataset of its classes"
+         if model_config.n_classes else f"{init_path} has no classification head: fine-tune it with --task=classify")
 torch.manual_seed(seed)
 model = build_model(model_config)
 lora = lora_settings()  # a LoRA run's adapters: their settings and the base they belong to; else None
 if checkpoint and not sharded_resume:
     try:
-        model.load_state_dict(load_lora_base(lora, "cpu", init_path)["model"] if lora and init_from == "resume"
-                              else checkpoint["model"])
+        weights = load_lora_base(lora, "cpu", init_path)["model"] if lora and init_from == "resume" \
+            else checkpoint["model"]
+        if model_config.n_classes:  # the run's own head (a LoRA run keeps it with its adapters), else a new one
+            weights = {**classifier_state(model.state_dict()), **weights, **classifier_state(checkpoint["model"])}
+        model.load_state_dict(weights)
     except RuntimeError as e:
         fail(f"{init_path}: its weights do not fit its model_args ({str(e).splitlines()[0]})")
     except ValueError as e:
@@ -680,6 +698,8 @@ def distilled(loss, logits, batch):
     return (1 - distill_weight) * loss + distill_weight * distill_temperature ** 2 * kl
 
 raw_model = model
+if task == "classify":  # forward() is the classification head's
+    model = Classify(model)
 if compile:
     model = torch.compile(model)
 eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
@@ -759,7 +779,7 @@ def record(entry):
 
 
 ctx = autocast(device, ptdtype)
-predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm")
+predicts_next_token = model_config.arch in ("gpt", "conditional", "lstm") and task == "lm"
 target_bytes = None  # bits per byte: the UTF-8 bytes of each id, 0 for special tokens (they are not counted)
 if predicts_next_token and batches.tokenizer.kind != "wordpiece":  # a wordpiece's text depends on its neighbours
     target_bytes = torch.tensor([len(piece or b"") for piece in token_bytes(batches.tokenizer)[0]], device=device)

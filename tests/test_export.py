@@ -311,7 +311,7 @@ def test_a_target_that_exists_and_is_not_empty_needs_force_and_is_replaced_whole
     ("gpt", {"attention": "linear"}, "attention=linear"), ("gpt", {"pos": "alibi"}, "pos=alibi"),
     ("gpt", {"pos": "sinusoidal"}, "pos=sinusoidal"), ("gpt", {"norm_first": False}, "norm_first=False"),
     ("gpt", {"pos": "rope"}, "pos=rope, norm=layernorm, mlp=gelu"),
-    ("gpt", {"n_kv_head": 1}, "n_kv_head=1")])
+    ("gpt", {"n_kv_head": 1}, "n_kv_head=1"), ("gpt", {"n_classes": 3}, "n_classes=3")])
 def test_a_run_neither_gpt2_nor_llama_can_express_is_refused_naming_the_switch(arch, settings, switch, dataset,
                                                                                tmp_path):
     run = untrained_run(tmp_path / "run", dataset, arch, labels=["a", "b"] if arch == "conditional" else None,
