@@ -39,6 +39,7 @@ import fnmatch
 import hashlib
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -1170,6 +1171,21 @@ class Classify(nn.Module):
         return self.model.classify(idx, keep, targets)
 
 
+@contextmanager
+def no_init():
+    """torch.nn.init's functions do nothing inside: on the meta device they would draw nothing
+    anyway, but the first one called imports torch._dynamo (2.5 s of a sample.py start-up)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def build_model(config, state=None):
     """The architecture config.arch names, freshly initialized; or, given state (a state_dict),
     with its weights. Then it is built on the meta device, which allocates nothing and skips the
@@ -1178,7 +1194,7 @@ def build_model(config, state=None):
     kind = LSTM if config.arch == "lstm" else EncoderDecoder if config.arch == "encdec" else GPT
     if state is None:
         return kind(config)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         model = kind(config)
     model.load_state_dict(state, assign=True)  # the parameters become state's tensors
     if config.tie_embeddings:  # and the head and the embedding got one each: one matrix again

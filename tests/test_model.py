@@ -1,5 +1,7 @@
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,3 +351,15 @@ def test_a_model_built_from_a_state_dict_is_the_model_that_was_saved(arch, switc
     labels = {"labels": torch.tensor([0, 1])} if arch == "conditional" else {}
     with torch.no_grad():
         assert torch.equal(saved(*inputs, **labels)[0], loaded(*inputs, **labels)[0])
+
+
+def test_loading_a_model_leaves_torch_init_as_it_was_and_does_not_import_the_compiler():
+    # drawing a random init on the meta device imports torch._dynamo (seconds of a sample.py
+    # start-up); build_model turns torch.nn.init off while it builds, and on again after
+    code = ("import sys, torch; from model import ModelConfig, build_model; "
+            "c = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32); "
+            "state = build_model(c).state_dict(); assert 'torch._dynamo' not in sys.modules; "
+            "build_model(c, state); assert 'torch._dynamo' not in sys.modules, 'loading imported torch._dynamo'; "
+            "w = torch.zeros(3, 3); torch.nn.init.ones_(w); assert w.sum() == 9, 'torch.nn.init left off'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
