@@ -1007,16 +1007,14 @@ def nanogpt_datasets(nano_root, data_path):
     return texts["val"], stoi
 
 
-def run_quietly(args, cwd=None):
-    """A command's wall seconds and its output; a failure stops the benchmark with its output shown."""
-    print(f"$ {shlex.join(args)}", flush=True)
+def run_timed(args, cwd=None):
+    """run_logged with no time limit: a command's wall seconds and its output; a failure stops the
+    benchmark (its output is shown above)."""
     t0 = time.time()
-    done = subprocess.run(args, capture_output=True, text=True, cwd=cwd)
-    seconds = time.time() - t0
-    if done.returncode:
-        sys.stderr.write((done.stdout + done.stderr)[-3000:])
-        fail(f"{os.path.basename(args[1])} failed (exit code {done.returncode}; its output is above)")
-    return seconds, done.stdout
+    code, out = run_logged(args, None, cwd)
+    if code:
+        fail(f"{os.path.basename(args[1])} failed (exit code {code}; its output is above)")
+    return time.time() - t0, out
 
 
 def nanogpt_bits_per_byte(run, documents, stoi):
@@ -1082,7 +1080,7 @@ def bench_nanogpt():
     seconds_list = [float(x) for x in quality_seconds.split(",")] if "quality" in parts else []
     data_path = os.path.join(data_dir, "legal")
     if not os.path.isfile(os.path.join(data_path, "meta.json")):
-        run_quietly([sys.executable, script("prepare.py"), f"--data_dir={data_dir}"])
+        run_timed([sys.executable, script("prepare.py"), f"--data_dir={data_dir}"])
     root = work_dir or tempfile.mkdtemp(prefix="nanogpt-")
     nano_root = os.path.join(root, "nanogpt")
     theirs = [sys.executable, os.path.join(nanogpt_dir, "train.py")]
@@ -1101,10 +1099,10 @@ def bench_nanogpt():
                     out = os.path.join(root, f"speed-{name}")
                     shutil.rmtree(out, ignore_errors=True)
                     if name.startswith("ours"):
-                        run_quietly([*ours, *SPEED_SHAPE, *steps, *extra, f"--out_dir={out}", "--max_seconds=0"])
+                        run_timed([*ours, *SPEED_SHAPE, *steps, *extra, f"--out_dir={out}", "--max_seconds=0"])
                         speeds[name].append(median_log_speed(os.path.join(out, "log.jsonl")))
                     else:
-                        _, said = run_quietly([*theirs, *SPEED_SHAPE, *steps, *extra, "--dataset=legal_bpe", "--device=cpu",
+                        _, said = run_timed([*theirs, *SPEED_SHAPE, *steps, *extra, "--dataset=legal_bpe", "--device=cpu",
                                                "--dtype=float32", f"--out_dir={out}"], cwd=nano_root)
                         speeds[name].append(median_nanogpt_speed(said, 16 * 256))
                     print(f"{name}: {speeds[name][-1]:,.0f} tok/s", flush=True)
@@ -1123,7 +1121,7 @@ def bench_nanogpt():
             took = {name: [] for name in commands}
             for _ in range(rounds):
                 for name, command in commands.items():
-                    took[name].append(run_quietly(command, cwd=nano_root)[0])
+                    took[name].append(run_timed(command, cwd=nano_root)[0])
                     print(f"{name}: {new} new tokens, whole process {took[name][-1]:.1f} s", flush=True)
             middle = {k: statistics.median(v) for k, v in took.items()}
             summary["sample"] = {"new_tokens": new, "seconds": {k: round(v, 2) for k, v in middle.items()},
@@ -1134,14 +1132,14 @@ def bench_nanogpt():
             for budget_s in seconds_list:
                 out = os.path.join(root, f"legal-small-{budget_s:g}s")
                 shutil.rmtree(out, ignore_errors=True)
-                took, _ = run_quietly([*ours, script("config/legal_small.py"), f"--out_dir={out}", f"--max_seconds={budget_s:g}"])
-                run_quietly([sys.executable, script("eval.py"), f"--out_dir={out}", f"--data_dir={data_dir}"])
+                took, _ = run_timed([*ours, script("config/legal_small.py"), f"--out_dir={out}", f"--max_seconds={budget_s:g}"])
+                run_timed([sys.executable, script("eval.py"), f"--out_dir={out}", f"--data_dir={data_dir}"])
                 with open(os.path.join(out, "eval.json")) as f:
                     bpb = next(iter(json.load(f).values()))["bits_per_byte"]
                 quality[f"legal_small_{budget_s:g}s"] = {"val_bpb": round(bpb, 4), "seconds": round(took, 1)}
                 print(f"legal_small --max_seconds={budget_s:g}: exact val bpb {bpb:.4f} ({took:.0f} s in all)", flush=True)
             out = os.path.join(root, "nanogpt-recipe")
-            took, said = run_quietly([*theirs, os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"),
+            took, said = run_timed([*theirs, os.path.join(nanogpt_dir, "config", "train_shakespeare_char.py"),
                                       *NANOGPT_RECIPE, "--dataset=legal_char", f"--out_dir={out}",
                                       "--always_save_checkpoint=True", *recipe_overrides.split()], cwd=nano_root)
             bpb = nanogpt_bits_per_byte(out, val_documents, stoi)
@@ -1158,12 +1156,12 @@ def bench_nanogpt():
 
 # ---- gpu: one check of the GPU paths ------------------------------------------------------------------
 
-def run_logged(args, timeout):
-    """A command of the check, its output passed through; (its exit code, its output). A command
+def run_logged(args, timeout, cwd=None):
+    """A command, the tail of its output passed through; (its exit code, its output). A command
     that runs past timeout seconds is stopped and counts as failed (exit code None)."""
     print(f"$ {shlex.join(args)}", flush=True)
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=script("."))
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd or script("."))
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         print(out[-3000:] + f"\nstopped after {timeout} s", flush=True)

@@ -261,25 +261,32 @@ def read_sharded(path):
     its weights and optimizer state gathered in this process (DCP without a process group), the
     optimizer's in torch's own layout, so a one-device run can resume it. A ValueError if it is
     incomplete or its shards do not load."""
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     state = load_sharded_state(path)
     config = state["config"]
     model = build_model(ModelConfig(**state["model_args"]))
     optimizer = model.configure_optimizer(config["weight_decay"], config["learning_rate"],
                                           (config["beta1"], config["beta2"]), "cpu", config["optimizer"],
                                           config["momentum"])
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        load_shards(path, model, optimizer)
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def load_shards(path, model, optimizer):
+    """The weights and optimizer state of the sharded checkpoint in directory path, into model and
+    optimizer (sharded or whole): DCP reads each process's part, whatever the number of processes
+    that wrote it. A ValueError if the shards do not load."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout DCP fills in
     shards = {"model": model_state, "optimizer": optimizer_state}
     try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore")
-            dcp_load(shards, checkpoint_id=path)
+        dcp_load(shards, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # a shard of another shape, a file that does not parse
         raise ValueError(f"{path}: its shards do not load ({str(e).strip().splitlines()[-1][:160]})")
     set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
-    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def check_vocab(model_vocab_size, tokenizer, where):

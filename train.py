@@ -169,9 +169,9 @@ from model import (Block, Classify, adapter_state, build_model, distillation_kl,
                    merge_adapters)
 from runtime import (SHARDED_NAME, append_jsonl, attach_lora, autocast, check_vocab, classifier_state,  # noqa: E402
                      dequantize, finish_sharded, from_hf, keep_freed_memory, link_atomically, link_sharded,
-                     load_checkpoint, load_lora_base, load_run, load_sharded_state, machine, mfu_of, peak_memory_mb,
-                     pick_device, pick_dtype, probe_disk, read_sharded, remove_sharded, save_atomically,
-                     save_checkpoint, sharded_checkpoints)
+                     load_checkpoint, load_lora_base, load_run, load_sharded_state, load_shards, machine, mfu_of,
+                     peak_memory_mb, pick_device, pick_dtype, probe_disk, read_sharded, remove_sharded,
+                     save_atomically, save_checkpoint, sharded_checkpoints)
 
 
 # ---- merge_lora=RUN: a job of its own ------------------------------------------
@@ -302,18 +302,11 @@ def save_sharded(state, iter_num, val_loss):
 
 
 def load_sharded(path, model, optimizer):
-    """The weights and optimizer state of the sharded checkpoint in path, into the sharded model and
-    its optimizer: DCP reads each process's part, whatever the number of processes that wrote it."""
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout DCP fills in
-    shards = {"model": model_state, "optimizer": optimizer_state}
+    """runtime.load_shards into the sharded model and its optimizer, or one line and exit 2."""
     try:
-        dcp_load(shards, checkpoint_id=path)
-    except (Exception, CheckpointException) as e:
-        fail(f"{path}: its shards do not load ({str(e).strip().splitlines()[-1][:160]})")
-    set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+        load_shards(path, model, optimizer)
+    except ValueError as e:
+        fail(str(e))
 
 
 def write_consolidated(path):
@@ -903,10 +896,10 @@ def save(iter_num, val_loss=None):
 
 def evaluate(iter_num, elapsed):
     global best_val_loss, setup_seconds, evaluated
-    took = time.time()
+    t0 = time.time()
     losses = estimate_loss()
     if not evaluated and iter_num < max_iters:  # the first eval compiles the eval graph: not the schedule's time
-        took = torch.tensor(time.time() - took, dtype=torch.float64)
+        took = torch.tensor(time.time() - t0, dtype=torch.float64)
         if ddp:  # every process leaves out the same seconds, so they keep one learning rate
             dist.all_reduce(took, op=dist.ReduceOp.MAX)
         setup_seconds += took.item()
