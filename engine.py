@@ -79,6 +79,13 @@ class Completion:
     draft_acceptance: float = None  # speculative decoding: the share of the draft's tokens the model kept
 
 
+# On a CPU with dtype "auto" (bf16 where it has bf16 units), a decoding loop of fewer rows than this
+# runs in float32: the products of a few rows are bound by reading the weights, and oneDNN's bf16
+# kernels for them ran ~3x slower than float32's (machine D, a 256-wide layer: 85 against 28 us for
+# 1 row). A whole step of a 4 x 256 model with an 8192-token head, side by side: 2.9 against 4.3 ms
+# for 1 row, 3.6 against 4.4 for 2, even at 4, bf16 ahead at 8 (5.6 against 6.1).
+FP32_DECODE_ROWS = 8
+
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                 frequency_penalty=0.0, presence_penalty=0.0, stop=(), ignore_eos=False, seed=None,
                 num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0, choices=None, regex=None, draft_tokens=4,
@@ -155,7 +162,7 @@ def check_constraint_options(o):
 def probabilities(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """The distribution sampling draws from (B, vocab): logits (B, vocab) over temperature (> 0),
     restricted to the top_k likeliest / the nucleus of mass top_p / the tokens at least min_p
-    times as likely as the likeliest (unnormalized after min_p: multinomial does not mind)."""
+    times as likely as the likeliest (unnormalized after min_p: draw() does not mind)."""
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -178,8 +185,21 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min
         return logits.argmax(dim=-1, keepdim=True)
     probs = probabilities(logits, temperature, top_k, top_p, min_p)
     if isinstance(generator, list):  # each row its own stream: a row draws the same alone or in a batch
-        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        return torch.cat([draw(probs[i:i + 1], g) for i, g in enumerate(generator)])
+    return draw(probs, generator)
+
+
+def draw(probs, generator=None):
+    """One token per row of probs (B, vocab), each with its probability (the rows need not sum
+    to 1): one uniform number per row, found in the running sum of the row (the inverse of its
+    distribution function). The same law as torch.multinomial, which draws a random number per
+    token of the vocabulary (~0.3 ms a token on a CPU at vocab 8192, this ~0.02 ms)."""
+    cdf = probs.double().cumsum(dim=-1)  # (B, vocab); float64: no token's share lost to rounding
+    total = cdf[:, -1:]
+    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device)
+    u = torch.minimum(u * total, total * (1 - 1e-12))  # strictly below the total, whatever the rounding
+    # the first token whose running sum passes u: never one of probability 0 (its sum equals the one before)
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def penalize(logits, seen, counts, o):
@@ -416,8 +436,8 @@ def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, 
         probs = probabilities(logits, o["temperature"], o["top_k"], o["top_p"], o["min_p"])
         return probs / probs.sum(dim=-1, keepdim=True)
 
-    def draw(probs):
-        return int(torch.multinomial(probs[None], 1, generator=generator))
+    def pick(probs):
+        return int(draw(probs[None], generator))
 
     while row.generated < max_new:
         n = len(seq)
@@ -436,7 +456,7 @@ def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, 
                     drafted.append(int(logits.argmax()))
                 else:
                     q.append(dist(logits)[0])
-                    drafted.append(draw(q[-1]))
+                    drafted.append(pick(q[-1]))
             logits = read(model, cache, inputs, drafted)[-(k + 1):]  # (k + 1, V): after seq, after each draft
             j = 0  # drafts accepted
             if greedy:
@@ -449,7 +469,7 @@ def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, 
                 while j < k and float(torch.rand(1, generator=generator)) * q[j][drafted[j]] < p[j, drafted[j]]:
                     j += 1
                 residual = (p[j] - q[j]).clamp(min=0) if j < k else p[k]
-                new = drafted[:j] + [draw(residual if residual.sum() > 0 else p[j])]
+                new = drafted[:j] + [pick(residual if residual.sum() > 0 else p[j])]
             cache.rollback(n + j, saved)
             draft_cache.rollback(n + j, draft_saved)
             row.drafted, row.accepted = row.drafted + k, row.accepted + j
@@ -781,6 +801,7 @@ class Engine:
         if the batch shrinks (rows that finish leave it), never per token. On CUDA its mode is
         "reduce-overhead": CUDA graphs replay the whole step."""
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        self.auto_dtype = False  # dtype was picked for the machine (Engine.load with dtype "auto")
         self.labels = list(labels)  # conditional: the names of the control labels
         self.draft = draft
         self.step = None
@@ -825,11 +846,17 @@ class Engine:
         if model.config.arch == "conditional":
             with open(os.path.join(out_dir, "meta.json")) as f:
                 labels = json.load(f)["labels"]
-        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile)
+        engine = cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile)
+        engine.auto_dtype = dtype == "auto"
+        return engine
 
-    def autocast(self):
+    def autocast(self, rows=0):
+        """The precision of the model's passes. rows: the batch of a decoding loop; with dtype
+        "auto" on a CPU, fewer than FP32_DECODE_ROWS rows decode in float32, as a product of so few
+        rows runs faster there in float32 than in bf16 (bench.py --what=decode)."""
         from runtime import autocast
-        return autocast(self.device, self.dtype)
+        fp32 = self.auto_dtype and self.device == "cpu" and 0 < rows < FP32_DECODE_ROWS
+        return autocast(self.device, torch.float32 if fp32 else self.dtype)
 
     def prompt_ids(self, prompt):
         """A prompt's ids. A prompt is a text, whose special tokens (<|endoftext|>, <|mask|>) are
@@ -904,7 +931,7 @@ class Engine:
             return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows, steps = self.steps(prompts, condition, use_cache, **options)
-        with self.autocast():
+        with self.autocast(len(prompts)):
             run_to_end(steps)
         done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores,
                            r.accepted / r.drafted if r.drafted else None) for r in rows]
@@ -915,7 +942,7 @@ class Engine:
         if check_options(options)["num_beams"] > 1:
             raise ValueError("beam search (num_beams > 1) knows its text only at the end: it does not stream")
         _, steps = self.steps([prompt], condition, use_cache, **options)
-        with self.autocast():
+        with self.autocast(1):
             for _, piece in steps:
                 yield piece
 
@@ -931,7 +958,7 @@ class Engine:
         done = []
         for text in [prompt] if isinstance(prompt, str) else prompt:
             ids, idx, inputs = self.batch([text], condition)
-            with self.autocast():
+            with self.autocast(o["num_beams"]):
                 _, new, ended = beam_search(self.model, idx, inputs, o, use_cache, self.tokenizer.vocab_size, eot)
             row = Row(self.tokenizer, ids[0], o["stop"])
             for t in new:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine import Engine, Row, check_options, penalize, sample_next
+from engine import FP32_DECODE_ROWS, Engine, Row, check_options, draw, penalize, sample_next
 from model import ModelConfig, build_model
 from tokenizer import train_tokenizer
 
@@ -126,6 +126,35 @@ def test_min_p_keeps_only_tokens_near_the_likeliest():
     g = torch.Generator().manual_seed(0)
     picked = {sample_next(logits, 1.0, generator=g, min_p=0.5).item() for _ in range(200)}
     assert picked == {0, 1}  # 0.15 < 0.5 * 0.5
+
+
+def test_draw_picks_each_token_as_often_as_its_probability_and_never_an_impossible_one():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])  # row 2: unnormalized
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    picks = torch.cat([draw(probs, g) for _ in range(n)], dim=1)  # (2, n)
+    counts = torch.bincount(picks[0], minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0 and set(picks[1].tolist()) == {5}
+    expected = probs[0].double() * n
+    chi2 = ((counts - expected)[[1, 3, 4]] ** 2 / expected[[1, 3, 4]]).sum().item()
+    assert chi2 < 13.8  # 2 degrees of freedom: p = 0.001
+
+
+def test_a_cpu_engine_with_the_auto_dtype_decodes_few_rows_in_float32(monkeypatch):
+    engine = engine_of()
+    engine.dtype, engine.auto_dtype = torch.bfloat16, True
+    seen = []
+    step = engine.model.next_logits
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(engine.model, "next_logits", spy)
+    engine.generate(["ab"] * (FP32_DECODE_ROWS - 1), max_new_tokens=2, ignore_eos=True)
+    engine.generate(["ab"] * FP32_DECODE_ROWS, max_new_tokens=2, ignore_eos=True)
+    engine.auto_dtype = False  # bf16 asked for by name: kept for one row too
+    engine.generate("ab", max_new_tokens=2, ignore_eos=True)
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 4
 
 
 @pytest.mark.parametrize("options,message", [
