@@ -1325,11 +1325,16 @@ def train_timed(out, baseline):
 
 def bench_train():
     if iters < 1 or warmup_iters < 0 or rounds < 1 or gradient_accumulation_steps < 1:
-        fail("iters, rounds and gradient_accumulation_steps must be at least 1, warmup_iters at least 0")
+        fail("iters and rounds must be at least 1, warmup_iters at least 0, gradient_accumulation_steps at least 1")
     decided = [name for name in DATASET_DECIDES if name in given]
     if decided:
         fail(f"{', '.join(decided)}: train mode runs train.py, which takes these from the dataset "
              f"(data_dir/train_dataset); leave them out")
+    try:  # a device that is not here, or a model that cannot be, fails before any data is prepared
+        device_and_dtype()
+        ModelConfig.from_settings({**config, "n_labels": int(arch == "conditional")})  # (the dataset's count, later)
+    except ValueError as e:
+        fail(str(e))
     train_dataset_path()
     root = os.path.abspath(work_dir) if work_dir else tempfile.mkdtemp(prefix="nanolex-train-")
     try:
