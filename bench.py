@@ -1,13 +1,15 @@
 """
 Speed and memory numbers. The last line printed is one JSON object.
 
-Training speed of a model shape: forward + backward + optimizer step on random batches,
-timed after warm-up. The model settings are model.ModelConfig's fields, so every
-architecture and variant is timed the same way (--help lists them):
+Training speed of a model shape: train.py itself (a process of its own) for warmup_iters +
+iters steps on the built-in corpus (train_dataset), each step's time read from its log.jsonl,
+the median of the steps after the warm-up: batches from the memmap, gradient accumulation,
+clipping, the optimizer step, as a run pays them. The model settings are model.ModelConfig's
+fields, so every architecture and variant is timed the same way (--help lists them):
 
     python bench.py --n_layer=4 --n_head=4 --n_embd=256 --block_size=256 --batch_size=16
     python bench.py ... --compare     # also the same model in plain fp32 eager mode, and the ratio
-    python bench.py ... --arch=encdec  # or lstm, encoder, conditional (with --n_labels=4)
+    python bench.py ... --arch=encdec  # or lstm, encoder; conditional on labels (--train_dataset=licenses)
     python bench.py ... --n_expert=4   # a mixture of experts; likewise --attention=linear, --pos=rope ...
 
 The data pipeline:
@@ -55,14 +57,13 @@ val bits per byte:
     python bench.py --what=nanogpt --nanogpt_dir=../nanoGPT
 
 One check of the GPU paths, under 8 minutes on one GPU (bench_gpu): the GPU-marked tests, GPT-2
-small's shape trained in bf16 + compile + flash attention (tokens/s, MFU against the data sheet
+small's shape trained by train.py in bf16 + compile (tokens/s, MFU against the data sheet
 and against the measured matmul peak), train.py under torchrun with DDP on every GPU here, and
 decoding with and without CUDA graphs; one JSON summary last:
 
     python bench.py --what=gpu
 """
 
-import contextlib
 import glob
 import json
 import math
@@ -81,26 +82,27 @@ from dataclasses import fields
 
 import torch
 
-from model import ModelConfig, build_model
+from model import ModelConfig
 
 # -----------------------------------------------------------------------------
-# model: every field of model.ModelConfig, at its default
+# model: every field of model.ModelConfig, at its default; those set are given to train.py. In train
+# mode vocab_size (and n_labels, n_classes) come from the dataset, as train.py decides: setting them fails
 globals().update({f.name: f.default for f in fields(ModelConfig)})
-# batch
-batch_size = 12             # rows of random tokens per step, each block_size long
-# training options (train: how the step computes)
+# train: train.py's steps on a prepared dataset, timed by train.py's own log
+train_dataset = "legal"     # data_dir/train_dataset; "legal": the built-in corpus, prepared here when missing
+                            # (arch=conditional needs labels: python prepare.py --labels=True makes "licenses")
+batch_size = 12             # sequences per micro-step, each block_size long
+gradient_accumulation_steps = 1  # micro-steps per timed step
 optimizer = "adamw"         # adamw | sgd | lion | muon
 grad_checkpoint = False     # recompute each block's activations in the backward pass
-# timing
-warmup_iters = 3            # not timed: torch.compile and allocator warm-up happen here
-iters = 10                  # timed; the median is reported
+warmup_iters = 3            # steps not timed: torch.compile and allocator warm-up happen here
+iters = 10                  # steps timed; the median step is reported
 # system
 device = "auto"
 dtype = "auto"
 compile = True
 fp32_eager = False          # the plain baseline: float32, no compile
 compare = False             # run the configured path and the fp32 eager baseline, report both
-flash_only = False          # attention only on the flash kernels (CUDA): a model they cannot run fails
 rounds = 3                  # with compare: the two paths take turns this many times
 seed = 1337
 # what to measure
@@ -108,7 +110,7 @@ what = "train"              # train | tokenizers | prepare | attention | study |
 kinds = "bpe,wordpiece,unigram,sentencepiece,byte,char,gpt2"  # tokenizers: which kinds (at vocab_size)
 repeats = 3                 # tokenizers, attention, study: timed repeats after a warm-up; the median is reported
 corpus_mb = 1000            # prepare: size of the generated corpus
-work_dir = ""               # prepare: the corpus and dataset; study: the runs ("" = a temporary folder, removed)
+work_dir = ""               # prepare: the corpus and dataset; study, train: the runs ("" = a temporary folder, removed)
 # attention: one causal self-attention layer (model.Attention), sdpa and linear, at each length
 lengths = "64,128,256,512,1024,2048,4096,8192"
 attention_batch = 2
@@ -148,7 +150,8 @@ recipe_overrides = ""       # nanogpt quality: more --key=value for nanoGPT's re
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
 from runtime import machine  # noqa: E402
-config = configure(globals())
+given = set()  # the settings the command line (or a config file) set
+config = configure(globals(), given=given)
 
 
 def script(name):
@@ -1170,23 +1173,23 @@ def run_logged(args, timeout, cwd=None):
     return done.returncode, done.stdout
 
 
-def gpu_training(name):
-    """GPT-2 small's shape (12 x 768, 12 heads, 1024 tokens, vocabulary 50304) trained on random
-    tokens for a few hundred steps by this script's train mode (bf16 autocast, torch.compile, the
-    fused AdamW), attention held to the flash kernels: tokens/s and MFU against the data sheet
-    (train mode's) and against the measured bf16 matmul peak."""
+def gpu_training(name, root):
+    """GPT-2 small's shape (12 x 768, 12 heads, 1024 tokens) trained for a few hundred steps by
+    this script's train mode (train.py, bf16 autocast, torch.compile, the fused AdamW) on the
+    built-in corpus, prepared into root (its vocabulary: 8192): tokens/s and MFU against the data
+    sheet (train.py's) and against the measured bf16 matmul peak."""
     from runtime import measure_matmul_peak
-    shape = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--vocab_size=50304"]
+    shape = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024"]
     code, out = run_logged([sys.executable, script("bench.py"), *shape, f"--batch_size={batch_size}",
-                            "--dtype=bfloat16", "--compile=True", "--warmup_iters=20", "--iters=200",
-                            "--flash_only=True"], timeout=240)
+                            f"--data_dir={root}/data", "--dtype=bfloat16", "--compile=True", "--warmup_iters=20",
+                            "--iters=200"], timeout=300)
     if code != 0:
         return {"error": "the training run failed or ran out of time (its output is above)"}
     row = json.loads(out.strip().splitlines()[-1])
-    model = build_model(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304))
     measured = measure_matmul_peak("cuda", torch.bfloat16)
     row["measured_peak_tflops"] = round(measured / 1e12, 1)
-    row["mfu_of_measured_peak"] = round(model.flops_per_token() * row["tok_per_s"] / measured, 4)
+    if row["mfu"] is not None:  # the model's FLOP/s, as train.py counted them against the data sheet's peak
+        row["mfu_of_measured_peak"] = round(row["mfu"] * row["peak_tflops"] * 1e12 / measured, 4)
     row["gpu"] = name
     return row
 
@@ -1240,9 +1243,9 @@ def bench_gpu():
     code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                             script("tests/test_gpu.py")], timeout=300)
     summary["gpu_tests"] = {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
-    summary["training"] = gpu_training(name)
     root = work_dir or tempfile.mkdtemp(prefix="nanolex-gpu-")
     try:
+        summary["training"] = gpu_training(name, root)
         summary["ddp"] = gpu_ddp(root)
         summary["decoding"] = gpu_decoding(os.path.join(root, "ddp")) if "error" not in summary["ddp"] else \
             {"error": "no run to decode with: the DDP run failed"}
@@ -1255,111 +1258,110 @@ def bench_gpu():
     sys.exit(1 if failed else 0)
 
 
-MODES = {"tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
-         "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu,
-         "optimizers": bench_optimizers, "nanogpt": bench_nanogpt}
-if what != "train" and what not in MODES:
-    fail(f"what={what!r} is not one of train, {', '.join(MODES)}")
-if what in MODES:
-    MODES[what]()
-    sys.exit(0)
+# ---- train: train.py's own steps, timed by its own log ---------------------------------------------
 
-from runtime import autocast, keep_freed_memory, mfu_of, peak_flops, peak_memory_mb  # noqa: E402
+DATASET_DECIDES = ("vocab_size", "n_labels", "n_classes")  # train.py reads these from the dataset
 
 
-def random_batch(config, where):
-    """Random inputs for one training step, as config.arch's forward takes them."""
-    def tokens():
-        return torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=where)  # (B, T)
-    batch = {"idx": tokens(), "targets": tokens()}
-    if config.arch == "conditional":
-        batch["labels"] = torch.randint(0, config.n_labels, (batch_size,), device=where)  # one per row (B,)
-    if config.arch == "encdec":  # a source as long as the target, no padding
-        batch["src"] = tokens()
-        batch["src_mask"] = torch.ones(batch_size, config.block_size, dtype=torch.bool, device=where)  # (B, S)
-    return batch
+def train_dataset_path():
+    """data_dir/train_dataset, prepared here when it is the built-in corpus and missing; a dataset
+    arch cannot train on is a clear error before anything runs."""
+    path = os.path.join(data_dir, train_dataset)
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        if train_dataset != "legal":
+            fail(f"no dataset at {path}: prepare it with python prepare.py --input=YOUR_FILES "
+                 f"--dataset={train_dataset} --data_dir={data_dir}, or leave --train_dataset=legal")
+        run_timed([sys.executable, script("prepare.py"), f"--data_dir={os.path.abspath(data_dir)}"])
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            labelled = bool(json.load(f).get("labels"))
+    except (OSError, ValueError, AttributeError) as e:
+        fail(f"cannot read {path}/meta.json ({e}): prepare it again with prepare.py")
+    if arch == "conditional" and not labelled:
+        fail(f"arch='conditional' trains on a control label per document and {path} has none: python prepare.py "
+             "--labels=True makes the built-in labelled corpus (then --train_dataset=licenses), or prepare your "
+             "own with --labels=True")
+    return path
 
 
-if iters < 1 or warmup_iters < 0 or rounds < 1:
-    fail("iters and rounds must be at least 1, warmup_iters at least 0")
-if compare:
-    # Each path runs in its own process, so neither's memory peak or compiled code leaks into the
-    # other; they take turns for `rounds` rounds so that a noisy neighbour slows both alike.
-    args = [f"--{k}={v}" for k, v in config.items() if k not in ("compare", "fp32_eager", "rounds")]
-    results = {"default": [], "fp32_eager": []}
-    for _ in range(rounds):
-        for name, extra in (("default", []), ("fp32_eager", ["--fp32_eager=True"])):
-            done = subprocess.run([sys.executable, __file__, *args, *extra], capture_output=True, text=True)
-            if done.returncode:
-                sys.stderr.write(done.stderr)
-                fail(f"the {name} run failed")
-            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"{name}: {json.dumps(results[name][-1])}")
+def train_timed(out, baseline):
+    """train.py for warmup_iters + iters steps of this shape into out, as a user runs it (baseline: fp32
+    eager), its output passed through; the median of its logged steps past the warm-up. With
+    log_interval=1 each log line's tok/s is one step's wall time in train.py: batches from the
+    memmap, every micro-step, clipping, the optimizer step and its host syncs. Its one eval (and the
+    checkpoint it writes) comes after the last logged step, outside the timed steps."""
+    steps = warmup_iters + iters
+    model_args = [f"--{f.name}={config[f.name]}" for f in fields(ModelConfig) if f.name in given]
+    run_timed([sys.executable, script("train.py"), *model_args, f"--batch_size={batch_size}",
+               f"--gradient_accumulation_steps={gradient_accumulation_steps}", f"--optimizer={optimizer}",
+               f"--grad_checkpoint={grad_checkpoint}", f"--device={device}",
+               f"--dtype={'float32' if baseline else dtype}", f"--compile={compile and not baseline}",
+               f"--seed={seed}", f"--data_dir={os.path.abspath(data_dir)}", f"--dataset={train_dataset}", f"--out_dir={out}",
+               f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
+               "--report=False", "--max_seconds=0"])
+    from runtime import peak_flops
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        logged = [r for r in map(json.loads, f) if "tok_per_s" in r]
+    timed = [r for r in logged if r["iter"] > warmup_iters]
+    if not timed:
+        fail(f"train.py logged none of the {iters} steps after the warm-up: every one was skipped (non-finite)")
+    middle = sorted(timed, key=lambda r: r["tok_per_s"])[(len(timed) - 1) // 2]  # one step's own line
+    peak = peak_flops(run["device"].split(":")[0], getattr(torch, run["dtype"]))
+    print(f"{run['parameters'] / 1e6:.2f}M parameters, median of {len(timed)} of train.py's steps: "
+          f"{1000 * run['tokens_per_iter'] / middle['tok_per_s']:.1f} ms", flush=True)
+    return {
+        "tok_per_s": middle["tok_per_s"],
+        "ms_per_iter": round(1000 * run["tokens_per_iter"] / middle["tok_per_s"], 2),
+        "mfu": middle["mfu"],  # of the measured peak in this dtype (None: a GPU without a known peak)
+        "peak_tflops": None if peak is None else round(peak / 1e12, 3),
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in logged),
+        "device": run["device"],
+        "dtype": run["dtype"],
+        "compile": run["compile"],
+    }
+
+
+def bench_train():
+    if iters < 1 or warmup_iters < 0 or rounds < 1 or gradient_accumulation_steps < 1:
+        fail("iters and rounds must be at least 1, warmup_iters at least 0, gradient_accumulation_steps at least 1")
+    decided = [name for name in DATASET_DECIDES if name in given]
+    if decided:
+        fail(f"{', '.join(decided)}: train mode runs train.py, which takes these from the dataset "
+             f"(data_dir/train_dataset); leave them out")
+    try:  # a device that is not here, or a model that cannot be, fails before any data is prepared
+        device_and_dtype()
+        ModelConfig.from_settings({**config, "n_labels": int(arch == "conditional")})  # (the dataset's count, later)
+    except ValueError as e:
+        fail(str(e))
+    train_dataset_path()
+    root = os.path.abspath(work_dir) if work_dir else tempfile.mkdtemp(prefix="nanolex-train-")
+    try:
+        if not compare:
+            print(json.dumps(train_timed(os.path.join(root, "train"), fp32_eager)))
+            return
+        # Each path is a train.py process of its own, so neither's memory peak or compiled code leaks
+        # into the other; they take turns for `rounds` rounds so that a noisy neighbour slows both alike.
+        results = {"default": [], "fp32_eager": []}
+        for i in range(rounds):
+            for name in results:
+                results[name].append(train_timed(os.path.join(root, f"{name}-{i + 1}"), name == "fp32_eager"))
+                print(f"{name}: {json.dumps(results[name][-1])}", flush=True)
+    finally:
+        if not work_dir:
+            shutil.rmtree(root, ignore_errors=True)
     speedups = sorted(d["tok_per_s"] / b["tok_per_s"] for d, b in zip(results["default"], results["fp32_eager"]))
     middle = {name: sorted(runs, key=lambda r: r["tok_per_s"])[rounds // 2] for name, runs in results.items()}
     speedup = statistics.median_high(speedups)
     print(f"speedup of the default path over fp32 eager, median of {rounds} rounds: {speedup:.2f}x")
     print(json.dumps({**middle["default"], "fp32_eager": middle["fp32_eager"], "speedup": round(speedup, 3),
                       "speedups": [round(s, 3) for s in speedups]}))
-    sys.exit(0)
-
-try:
-    device, ptdtype = device_and_dtype()
-    model_config = ModelConfig.from_settings(config)
-except ValueError as e:
-    fail(str(e))
-use_compile = compile and not fp32_eager
-device_type = device.split(":")[0]
-if device_type == "cpu":
-    keep_freed_memory()  # as train.py does, for both paths
-torch.manual_seed(seed)
-model = build_model(model_config).to(device)
-try:
-    model.set_training_options(grad_checkpoint)
-except ValueError as e:
-    fail(str(e))
-optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
-step_model = torch.compile(model) if use_compile else model
-batch = random_batch(model_config, device)
 
 
-
-
-def step_context():
-    """autocast, and with flash_only attention held to the flash kernels (no silent slower path)."""
-    if not flash_only:
-        return autocast(device, ptdtype)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    stack = contextlib.ExitStack()
-    stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
-    stack.enter_context(autocast(device, ptdtype))
-    return stack
-
-
-def train_step():
-    with step_context():
-        _, loss = step_model(**batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    loss.item()
-    sync(device)
-
-
-sync(device)  # the model and the batch are on the device before the first call
-dt = median_seconds(train_step, iters, warmup=warmup_iters)
-tok_per_s = batch_size * block_size / dt
-peak_mem_mb = peak_memory_mb(device)
-print(f"{model.num_params() / 1e6:.2f}M parameters, median of {iters} iterations: {1000 * dt:.1f} ms")
-mfu = mfu_of(model.flops_per_token() * tok_per_s, device_type, ptdtype)  # of the peak in this dtype (None: unknown GPU)
-peak = peak_flops(device_type, ptdtype)
-print(json.dumps({
-    "tok_per_s": round(tok_per_s, 1),
-    "ms_per_iter": round(1000 * dt, 2),
-    "mfu": None if mfu is None else round(mfu, 4),
-    "peak_tflops": None if peak is None else round(peak / 1e12, 3),
-    "peak_mem_mb": round(peak_mem_mb, 1),
-    "device": device,
-    "dtype": str(ptdtype).removeprefix("torch."),
-    "compile": use_compile,
-}))
+MODES = {"train": bench_train, "tokenizers": bench_tokenizers, "prepare": bench_prepare, "attention": bench_attention,
+         "study": bench_study, "decode": bench_decode, "serve": bench_serve, "gpu": bench_gpu,
+         "optimizers": bench_optimizers, "nanogpt": bench_nanogpt}
+if what not in MODES:
+    fail(f"what={what!r} is not one of {', '.join(MODES)}")
+MODES[what]()

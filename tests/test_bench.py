@@ -8,33 +8,44 @@ import pytest
 from conftest import ROOT, assert_clear_error, run_in_process, run_script
 from model import ModelConfig
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--vocab_size=128",
-        "--warmup_iters=1", "--iters=3", "--compile=False"]
-FIELDS = {"tok_per_s", "ms_per_iter", "mfu", "peak_mem_mb", "device", "dtype", "compile"}
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=2", "--warmup_iters=1",
+        "--iters=3", "--compile=False", "--device=cpu"]
+FIELDS = {"tok_per_s", "ms_per_iter", "mfu", "peak_tflops", "peak_mem_mb", "device", "dtype", "compile"}
 
 
 def last_json(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_bench_prints_one_json_object_last():
-    done = run_script("bench.py", *TINY, "--device=cpu")
-    assert done.returncode == 0, done.stderr
-    result = last_json(done.stdout)
-    assert FIELDS <= result.keys()
-    assert result["device"] == "cpu" and result["tok_per_s"] > 0 and result["peak_mem_mb"] > 0
-    assert abs(result["tok_per_s"] * result["ms_per_iter"] / 1000 - 2 * 32) < 1
+def on(dataset):
+    """bench.py's settings for training on a prepared (data_dir, name)."""
+    return [f"--data_dir={dataset[0]}", f"--train_dataset={dataset[1]}"]
 
 
-def test_compare_runs_the_fp32_eager_baseline_beside_the_default_path():
-    done = run_script("bench.py", *TINY, "--compare", "--rounds=3")
+def test_compare_times_train_py_and_its_fp32_eager_baseline_by_their_own_logs(dataset, tmp_path):
+    done = run_script("bench.py", *TINY, *on(dataset), "--compare", "--rounds=2", f"--work_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     baseline = result["fp32_eager"]
+    assert FIELDS <= result.keys() and FIELDS <= baseline.keys()
     assert baseline["dtype"] == "float32" and baseline["compile"] is False
-    assert result["compile"] is False and result["device"] == baseline["device"]
-    assert len(result["speedups"]) == 3 and result["speedup"] == result["speedups"][1]
-    assert sum(line.startswith("fp32_eager: ") for line in done.stdout.splitlines()) == 3
+    assert result["compile"] is False and result["device"] == baseline["device"] == "cpu"
+    assert len(result["speedups"]) == 2 and result["speedup"] == result["speedups"][1]
+    runs = {name: [json.loads(line.split(": ", 1)[1]) for line in done.stdout.splitlines()
+                   if line.startswith(f"{name}: ")] for name in ("default", "fp32_eager")}
+    assert [len(r) for r in runs.values()] == [2, 2]
+    for name, rows in runs.items():
+        for i, row in enumerate(rows):
+            # what was reported is train.py's log of that run: its steps after the warm-up, the median one
+            log = [json.loads(line) for line in open(tmp_path / f"{name}-{i + 1}" / "log.jsonl")]
+            steps = [r for r in log if "tok_per_s" in r]
+            assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+            assert [r["iter"] for r in log if "val_loss" in r] == [4]  # the one eval: after the last timed step
+            middle = sorted(r["tok_per_s"] for r in steps[1:])[1]
+            assert row["tok_per_s"] == middle
+            assert row["ms_per_iter"] == round(1000 * 2 * 32 / middle, 2)
+            assert row["mfu"] == next(r["mfu"] for r in steps[1:] if r["tok_per_s"] == middle)
+            assert row["peak_mem_mb"] == max(r["peak_mem_mb"] for r in steps) > 0
 
 
 def test_every_model_config_field_is_a_bench_setting_listed_by_help():
@@ -46,17 +57,30 @@ def test_every_model_config_field_is_a_bench_setting_listed_by_help():
         assert f"--{field.name}={default}" in flags
 
 
-# each architecture and variant, with the inputs its forward takes
-VARIANTS = {"encdec": ["--arch=encdec"], "moe": ["--n_expert=4", "--expert_top_k=2"],
-            "linear_attention": ["--attention=linear"], "conditional": ["--arch=conditional", "--n_labels=3"],
-            "encoder": ["--arch=encoder"], "lstm": ["--arch=lstm"]}
+# each architecture and variant train.py trains, two at a time where they combine (as tests/conftest.py's ARCHS)
+VARIANTS = {"encdec_linear_attention": ["--arch=encdec", "--attention=linear"],
+            "encoder_moe": ["--arch=encoder", "--n_expert=4", "--expert_top_k=2"],
+            "conditional": ["--arch=conditional"], "lstm": ["--arch=lstm"]}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_train_mode_times_every_architecture_and_variant(variant):
-    done = run_script("bench.py", *TINY, "--warmup_iters=0", "--iters=1", "--device=cpu", *VARIANTS[variant])
+def test_train_mode_times_every_architecture_and_variant(variant, request):
+    data = request.getfixturevalue("labelled_dataset" if variant == "conditional" else "dataset")
+    done = run_script("bench.py", *TINY, "--warmup_iters=0", "--iters=1", *on(data), *VARIANTS[variant])
     assert done.returncode == 0, done.stderr
-    assert last_json(done.stdout)["tok_per_s"] > 0
+    result = last_json(done.stdout)
+    assert FIELDS <= result.keys() and result["tok_per_s"] > 0
+    assert f"--arch={VARIANTS[variant][0].split('=')[1]}" in done.stdout  # given to train.py
+
+
+def test_train_mode_needs_a_dataset_that_fits_and_takes_its_vocabulary_from_it(dataset, tmp_path):
+    assert_clear_error(run_in_process("bench.py", *TINY, *on(dataset), "--arch=conditional"),
+                       "arch='conditional' trains on a control label per document", "--labels=True")
+    assert_clear_error(run_in_process("bench.py", *TINY, *on(dataset), "--vocab_size=128"),
+                       "vocab_size: train mode runs train.py, which takes these from the dataset")
+    assert_clear_error(run_in_process("bench.py", *TINY, f"--data_dir={tmp_path}", "--train_dataset=mine"),
+                       f"no dataset at {tmp_path}/mine: prepare it with python prepare.py")
+    assert not list(tmp_path.iterdir())  # nothing was trained or prepared
 
 
 # both data benchmarks draw on the built-in legal corpus
