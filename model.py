@@ -248,6 +248,31 @@ def repeat_kv(x, n_head):
     return x.repeat_interleave(n_head // x.size(1), dim=1)
 
 
+# Up to this context, compiled training on a CPU writes causal attention out (two batched matmuls and
+# a softmax that inductor fuses) instead of calling the CPU flash kernel, whose backward pass took
+# ~6x its forward: machine D, legal_small's shape (16 x 256 tokens), bf16: attention ~65 against
+# ~135 ms a step (torch.profiler), the step ~1.05-1.25x faster. The (T, T) scores it keeps for the
+# backward pass grow as T^2, hence the limit.
+WRITTEN_OUT_ATTENTION_MAX_T = 512
+
+
+def compiled_cpu_training(q):
+    """Whether attention on q (B, nh, T, hs) is traced by torch.compile for a CPU training step
+    (gradients on) with a context short enough for causal_attention."""
+    return (q.device.type == "cpu" and q.size(-2) <= WRITTEN_OUT_ATTENTION_MAX_T and torch.is_grad_enabled()
+            and torch.compiler.is_compiling())
+
+
+def causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(hs) + causal mask) v, written out: q, k, v (B, nh, T, hs) -> (B, nh, T, hs).
+    The softmax runs in float32 under autocast, as the flash kernel's does."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
+    return weights.to(v.dtype) @ v
+
+
 def compute_dtype(device_type, default):
     """The dtype matmuls (and so attention) compute in: autocast's while it is on, else default."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else default
@@ -349,9 +374,11 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every token so far
-        # enable_gqa: each key/value head serves its group of query heads without being copied
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        if is_causal and mask is None and not (self.training and self.dropout) and compiled_cpu_training(q):
+            y = causal_attention(q, repeat_kv(k, self.n_head), repeat_kv(v, self.n_head))
+        else:  # enable_gqa: each key/value head serves its group of query heads without being copied
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

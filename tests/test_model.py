@@ -363,3 +363,38 @@ def test_loading_a_model_leaves_torch_init_as_it_was_and_does_not_import_the_com
             "w = torch.zeros(3, 3); torch.nn.init.ones_(w); assert w.sum() == 9, 'torch.nn.init left off'")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_written_out_causal_attention_is_sdpas_causal_attention_with_its_gradients():
+    import torch.nn.functional as F
+
+    from model import causal_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    ours = causal_attention(q, k, v)
+    ours_grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    theirs_grads = torch.autograd.grad(theirs.square().sum(), (q, k, v))
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours_grads, theirs_grads))
+
+
+def test_compiled_cpu_training_writes_causal_attention_out_and_learns_as_eager(monkeypatch):
+    import model as models
+    calls = []
+    written = models.causal_attention
+    monkeypatch.setattr(models, "causal_attention", lambda *a: calls.append(1) or written(*a))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    _, eager = model(idx, targets)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    assert not calls  # eager: the sdpa kernel
+    _, compiled = torch.compile(model, backend="aot_eager")(idx, targets)
+    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
+    assert len(calls) == 2  # traced once per layer
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(compiled_grads, eager_grads))
+    with torch.no_grad():  # no gradients (evaluation): the sdpa kernel again
+        torch.compile(model, backend="aot_eager")(idx, targets)
+    assert len(calls) == 2
