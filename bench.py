@@ -1176,7 +1176,7 @@ def run_logged(args, timeout, cwd=None):
 def gpu_training(name, root):
     """GPT-2 small's shape (12 x 768, 12 heads, 1024 tokens) trained for a few hundred steps by
     this script's train mode (train.py, bf16 autocast, torch.compile, the fused AdamW) on the
-    built-in corpus, prepared into root (its vocabulary: 8192): tokens/s and MFU against the data
+    built-in corpus, prepared into root (prepare.py's default vocabulary): tokens/s and MFU against the data
     sheet (train.py's) and against the measured bf16 matmul peak."""
     from runtime import measure_matmul_peak
     shape = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024"]

@@ -88,7 +88,7 @@ labels = False       # True: a label per document (conditional, task=classify): 
                      # name; with no input, the built-in license-family example (dataset "licenses")
 # tokenizer
 tokenizer = "bpe"    # bpe | wordpiece | unigram | sentencepiece | byte | char | gpt2
-vocab_size = 8192    # special tokens included
+vocab_size = 4096    # special tokens included
 tokenizer_train_bytes = 20_000_000  # learn the tokenizer from about this much train text
 tokenizer_from = ""  # a dataset or run directory (or hf:DIR) whose tokenizer to use instead (data to fine-tune it)
 # split

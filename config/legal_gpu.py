@@ -1,7 +1,7 @@
 # A model the size of the built-in legal corpus (~1.2M tokens), for one GPU:
 #   python train.py config/legal_gpu.py
 #   python sample.py --out_dir=out-legal-gpu --start="The Licensee shall"
-# A 6-layer, 6-head, 384-wide GPT (~14M parameters at the default 8192-token vocabulary) on
+# A 6-layer, 6-head, 384-wide GPT (~12M parameters at prepare.py's default 4096-token vocabulary) on
 # 64 x 256 = 16,384 tokens per step: 1500 steps are ~25M tokens, ~20 passes over the corpus.
 # Twenty passes are many for a model this size: dropout 0.2 against overfitting, and
 # ckpt-best.pt keeps the checkpoint of the best val loss should a later one be worse.

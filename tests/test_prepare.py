@@ -219,7 +219,7 @@ def test_the_built_in_legal_corpus_is_read_and_deduplicated(tmp_path):
     result = prepare(tmp_path)
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "data" / "legal" / "meta.json").read_text())
-    assert meta["source"] == "built-in legal corpus" and meta["vocab_size"] == 8192
+    assert meta["source"] == "built-in legal corpus" and meta["vocab_size"] == 4096
     assert meta["splits"]["val"]["documents"] >= 1 and meta["splits"]["train"]["tokens"] > 100_000
     assert "repeats dropped" in result.stdout
     out = tmp_path / "data" / "legal"
