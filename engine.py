@@ -931,7 +931,9 @@ class Engine:
             return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows, steps = self.steps(prompts, condition, use_cache, **options)
-        with self.autocast(len(prompts)):
+        # inference_mode, not only no_grad: no version counters or views to track for autograd,
+        # 1,000 tokens ~15% faster on a CPU (machine D, 4 x 256, alternating: 2.07-2.88 s against 2.45-3.40 s)
+        with self.autocast(len(prompts)), torch.inference_mode():
             run_to_end(steps)
         done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores,
                            r.accepted / r.drafted if r.drafted else None) for r in rows]
