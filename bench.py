@@ -1058,11 +1058,15 @@ def nanogpt_bits_per_byte(run, documents, stoi):
     return nats / weight[1:].sum().item() / math.log(2)
 
 
-def median_log_speed(log_path, skip=10):
-    """Median training tokens/s of a train.py log past its first `skip` steps (compiling)."""
+def logged_steps(log_path):
+    """The lines of a train.py log.jsonl that report steps (with log_interval=1, each one step's tok/s)."""
     with open(log_path) as f:
-        speeds = [r["tok_per_s"] for r in map(json.loads, f) if "tok_per_s" in r and r["iter"] > skip]
-    return statistics.median(speeds)
+        return [r for r in map(json.loads, f) if "tok_per_s" in r]
+
+
+def middle_step(steps):
+    """The median step's own line (of an even count, the lower middle one)."""
+    return sorted(steps, key=lambda r: r["tok_per_s"])[(len(steps) - 1) // 2]
 
 
 def median_nanogpt_speed(output, tokens_per_iter, skip=10):
@@ -1103,7 +1107,8 @@ def bench_nanogpt():
                     shutil.rmtree(out, ignore_errors=True)
                     if name.startswith("ours"):
                         run_timed([*ours, *SPEED_SHAPE, *steps, *extra, f"--out_dir={out}", "--max_seconds=0"])
-                        speeds[name].append(median_log_speed(os.path.join(out, "log.jsonl")))
+                        logged = logged_steps(os.path.join(out, "log.jsonl"))
+                        speeds[name].append(middle_step([r for r in logged if r["iter"] > 10])["tok_per_s"])  # compiled
                     else:
                         _, said = run_timed([*theirs, *SPEED_SHAPE, *steps, *extra, "--dataset=legal_bpe", "--device=cpu",
                                                "--dtype=float32", f"--out_dir={out}"], cwd=nano_root)
@@ -1302,12 +1307,11 @@ def train_timed(out, baseline):
     from runtime import peak_flops
     with open(os.path.join(out, "run.json")) as f:
         run = json.load(f)
-    with open(os.path.join(out, "log.jsonl")) as f:
-        logged = [r for r in map(json.loads, f) if "tok_per_s" in r]
+    logged = logged_steps(os.path.join(out, "log.jsonl"))
     timed = [r for r in logged if r["iter"] > warmup_iters]
     if not timed:
         fail(f"train.py logged none of the {iters} steps after the warm-up: every one was skipped (non-finite)")
-    middle = sorted(timed, key=lambda r: r["tok_per_s"])[(len(timed) - 1) // 2]  # one step's own line
+    middle = middle_step(timed)
     peak = peak_flops(run["device"].split(":")[0], getattr(torch, run["dtype"]))
     print(f"{run['parameters'] / 1e6:.2f}M parameters, median of {len(timed)} of train.py's steps: "
           f"{1000 * run['tokens_per_iter'] / middle['tok_per_s']:.1f} ms", flush=True)

@@ -80,10 +80,8 @@ class Completion:
 
 
 # On a CPU with dtype "auto" (bf16 where it has bf16 units), a decoding loop of fewer rows than this
-# runs in float32: the products of a few rows are bound by reading the weights, and oneDNN's bf16
-# kernels for them ran ~3x slower than float32's (machine D, a 256-wide layer: 85 against 28 us for
-# 1 row). A whole step of a 4 x 256 model with an 8192-token head, side by side: 2.9 against 4.3 ms
-# for 1 row, 3.6 against 4.4 for 2, even at 4, bf16 ahead at 8 (5.6 against 6.1).
+# runs in float32: the products of so few rows are bound by reading the weights, and oneDNN's bf16
+# kernels for them are slower than float32's (figures: docs/generation.md)
 FP32_DECODE_ROWS = 8
 
 DEFAULTS = dict(max_new_tokens=256, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -193,7 +191,7 @@ def draw(probs, generator=None):
     """One token per row of probs (B, vocab), each with its probability (the rows need not sum
     to 1): one uniform number per row, found in the running sum of the row (the inverse of its
     distribution function). The same law as torch.multinomial, which draws a random number per
-    token of the vocabulary (~0.3 ms a token on a CPU at vocab 8192, this ~0.02 ms)."""
+    entry of the vocabulary: on a CPU that cost more than a layer of a small model."""
     cdf = probs.double().cumsum(dim=-1)  # (B, vocab); float64: no token's share lost to rounding
     total = cdf[:, -1:]
     u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device)
@@ -793,15 +791,17 @@ def spell_after(text, data):
 class Engine:
     """A trained run loaded once, ready to generate, embed and score texts."""
 
-    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=(), draft=None, compile=False):
+    def __init__(self, model, tokenizer, device="cpu", dtype=torch.float32, labels=(), draft=None, compile=False,
+                 auto_dtype=False):
         """draft: an Engine of a smaller run with the same tokenizer, for speculative decoding
         (Engine.load checks the tokenizer; here it is the caller's word). compile: decode each
         new token with GPT.decode_step compiled by torch.compile (gpt and conditional runs with
         softmax attention): compiled on the first call (seconds to a minute), then once more
         if the batch shrinks (rows that finish leave it), never per token. On CUDA its mode is
-        "reduce-overhead": CUDA graphs replay the whole step."""
+        "reduce-overhead": CUDA graphs replay the whole step. auto_dtype: dtype was picked for the
+        machine (Engine.load's dtype "auto"), so autocast() may pick float32 for a few rows instead."""
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
-        self.auto_dtype = False  # dtype was picked for the machine (Engine.load with dtype "auto")
+        self.auto_dtype = auto_dtype
         self.labels = list(labels)  # conditional: the names of the control labels
         self.draft = draft
         self.step = None
@@ -846,9 +846,7 @@ class Engine:
         if model.config.arch == "conditional":
             with open(os.path.join(out_dir, "meta.json")) as f:
                 labels = json.load(f)["labels"]
-        engine = cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile)
-        engine.auto_dtype = dtype == "auto"
-        return engine
+        return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile, dtype == "auto")
 
     def autocast(self, rows=0):
         """The precision of the model's passes. rows: the batch of a decoding loop; with dtype
@@ -931,8 +929,7 @@ class Engine:
             return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows, steps = self.steps(prompts, condition, use_cache, **options)
-        # inference_mode, not only no_grad: no version counters or views to track for autograd,
-        # 1,000 tokens ~15% faster on a CPU (machine D, 4 x 256, alternating: 2.07-2.88 s against 2.45-3.40 s)
+        # inference_mode, not only no_grad: no version counters or views for autograd to track per operation
         with self.autocast(len(prompts)), torch.inference_mode():
             run_to_end(steps)
         done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores,

@@ -249,9 +249,8 @@ def repeat_kv(x, n_head):
 
 
 # Up to this context, compiled training on a CPU writes causal attention out (two batched matmuls and
-# a softmax that inductor fuses) instead of calling the CPU flash kernel, whose backward pass took
-# ~6x its forward: machine D, legal_small's shape (16 x 256 tokens), bf16: attention ~65 against
-# ~135 ms a step (torch.profiler), the step ~1.05-1.25x faster. The (T, T) scores it keeps for the
+# a softmax that inductor fuses) instead of calling the CPU flash kernel, whose backward pass is
+# several times its forward (figures: docs/performance.md). The (T, T) scores it keeps for the
 # backward pass grow as T^2, hence the limit.
 WRITTEN_OUT_ATTENTION_MAX_T = 512
 
@@ -263,14 +262,22 @@ def compiled_cpu_training(q):
             and torch.compiler.is_compiling())
 
 
+def attention_weights(q, k, mask=None, is_causal=False):
+    """softmax(q k^T / sqrt(hs)) over the keys each query may see: q (B, nh, T, hs), k (B, nh, S, hs)
+    -> (B, nh, T, S), in float32 (under autocast too, as the flash kernel's softmax). mask: keys to
+    see (bool), or alibi's biases (float, -inf where unseen); is_causal: none after the query's own."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    elif is_causal:
+        T = q.size(-2)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.float().softmax(dim=-1)
+
+
 def causal_attention(q, k, v):
-    """softmax(q k^T / sqrt(hs) + causal mask) v, written out: q, k, v (B, nh, T, hs) -> (B, nh, T, hs).
-    The softmax runs in float32 under autocast, as the flash kernel's does."""
-    T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    weights = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1)
-    return weights.to(v.dtype) @ v
+    """Causal attention written out: q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
+    return attention_weights(q, k, is_causal=True).to(v.dtype) @ v
 
 
 def compute_dtype(device_type, default):
@@ -386,13 +393,7 @@ class Attention(nn.Module):
         """The attention weights forward() would use on x (B, T, C), without dropout: (B, nh, T, T).
         For looking at (plot.py); scaled_dot_product_attention computes them inside and keeps them."""
         q, k, _ = self.project(x, rope)
-        scores = q @ repeat_kv(k, self.n_head).transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, T)
-        if mask is not None:  # keys to see (bool), or alibi's biases (float, -inf where unseen)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        elif is_causal:
-            T = x.size(1)
-            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-        return scores.float().softmax(dim=-1)
+        return attention_weights(q, repeat_kv(k, self.n_head), mask, is_causal)
 
 
 def mlp_hidden_size(config):
