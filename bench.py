@@ -100,7 +100,7 @@ iters = 10                  # steps timed; the median step is reported
 # system
 device = "auto"
 dtype = "auto"
-compile = True
+compile = "auto"            # train mode: torch.compile as train.py does: auto | True | False
 fp32_eager = False          # the plain baseline: float32, no compile
 compare = False             # run the configured path and the fp32 eager baseline, report both
 rounds = 3                  # with compare: the two paths take turns this many times
@@ -1300,7 +1300,7 @@ def train_timed(out, baseline):
     run_timed([sys.executable, script("train.py"), *model_args, f"--batch_size={batch_size}",
                f"--gradient_accumulation_steps={gradient_accumulation_steps}", f"--optimizer={optimizer}",
                f"--grad_checkpoint={grad_checkpoint}", f"--device={device}",
-               f"--dtype={'float32' if baseline else dtype}", f"--compile={compile and not baseline}",
+               f"--dtype={'float32' if baseline else dtype}", f"--compile={False if baseline else compile}",
                f"--seed={seed}", f"--data_dir={os.path.abspath(data_dir)}", f"--dataset={train_dataset}", f"--out_dir={out}",
                f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
                "--report=False", "--max_seconds=0"])

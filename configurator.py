@@ -7,7 +7,8 @@ module globals at the top, then calls configure(globals()). That applies, in ord
 a config file (Python, run with the script's settings in scope: config files are
 code, so only run ones you trust), then each --key=value. A key that the script
 does not have, or a value of the wrong type, ends the program with one clear line
-and exit code 2 -- a typo never silently trains the wrong model.
+and exit code 2 -- a typo never silently trains the wrong model. A setting whose
+default is "auto" (train.py's compile) also takes True and False.
 
 --help (or -h) prints every setting with its value after the config file and flags
 before it, and the comment beside it in the script, grouped as in the script; then exits 0.
@@ -42,12 +43,16 @@ def _coerce(key, value, default, source):
     """Check value against the type of the setting's default; ints are fine for floats."""
     if default is None or type(value) is type(default):
         return value
+    if default == "auto" and type(value) is bool:
+        return value
     if type(default) is float and type(value) is int:
         return float(value)
     fail(f"{source}: {key} must be {type(default).__name__}, got {value!r} ({type(value).__name__})")
 
 
 def _parse_value(raw, default):
+    if default == "auto" and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     if isinstance(default, str):
         return raw  # strings are taken as typed: --start=123 is the text "123"
     if isinstance(default, bool) and raw.lower() in ("true", "false"):
@@ -70,6 +75,11 @@ def configure(settings, argv=None, given=None):
     known = sorted(k for k, v in settings.items()
                    if not k.startswith("_") and isinstance(v, SETTING_TYPES))
     wants_help = any(arg in ("--help", "-h") for arg in argv)
+    auto = {k for k in known if settings[k] == "auto"}  # these stay "auto" or a bool, whatever was set before
+
+    def typed_like(key):  # what a new value of key is checked against
+        return "auto" if key in auto else settings[key]
+
     for arg in argv:
         if arg in ("--help", "-h"):
             continue
@@ -92,17 +102,17 @@ def configure(settings, argv=None, given=None):
                     if isinstance(value, SETTING_TYPES):
                         fail(f"{arg}: unknown setting '{key}'{_nearest(key, known)}")
                     continue  # imports and helper objects in a config file are fine
-                settings[key] = _coerce(key, value, settings[key], arg)
+                settings[key] = _coerce(key, value, typed_like(key), arg)
         else:
             key, eq, raw = arg[2:].partition("=")
             key = key.replace("-", "_")
             if key not in known:
                 fail(f"unknown setting '--{key}'{_nearest(key, known)}")
             if not eq:
-                if not isinstance(settings[key], bool):
+                if not isinstance(typed_like(key), bool):
                     fail(f"--{key} needs a value: --{key}=...")
                 raw = "True"
-            settings[key] = _coerce(key, _parse_value(raw, settings[key]), settings[key], f"--{key}")
+            settings[key] = _coerce(key, _parse_value(raw, typed_like(key)), typed_like(key), f"--{key}")
             given.add(key)
     for key in known:
         if isinstance(settings[key], str) and "\0" in settings[key]:

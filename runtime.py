@@ -34,6 +34,8 @@ from tokenizer import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, UNK, load_token
 
 def pick_device(name):
     """'auto' -> cuda, then mps, then cpu. An explicit device that is not here is a ValueError."""
+    if not isinstance(name, str):
+        raise ValueError(f"device={name!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -76,6 +78,19 @@ def pick_dtype(device, name):
     if device == "cpu" and cpu_has_bf16_units():
         return torch.bfloat16
     return torch.float32
+
+
+def pick_compile(device, dtype, setting):
+    """Whether to torch.compile the model for training. 'auto' -> on a GPU; on a CPU only in bf16
+    (or fp16), where fusing autocast's casts and the elementwise work around the matmuls pays;
+    in fp32 on a CPU it buys little or nothing and costs the compile (docs/performance.md)."""
+    if setting not in ("auto", True, False):
+        raise ValueError(f"compile={setting!r} is not one of auto, True, False")
+    if setting != "auto":
+        return setting
+    if device.startswith("cuda"):
+        return True
+    return device == "cpu" and dtype != torch.float32
 
 
 def autocast(device, dtype):

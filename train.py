@@ -93,7 +93,7 @@ block_size_start = 64       # block_size_schedule: the first window, and the ste
 # system
 device = "auto"             # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16
-compile = True              # torch.compile the model
+compile = "auto"            # torch.compile the model: auto (on a GPU; on a CPU in bf16) | True | False
 seed = 1337
 max_bad_steps = 20          # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 ddp_timeout = 600           # seconds a process waits for the others (a dead or hung rank) before it gives up
@@ -170,7 +170,7 @@ from model import (Block, Classify, adapter_state, build_model, distillation_kl,
 from runtime import (SHARDED_NAME, append_jsonl, attach_lora, autocast, check_vocab, classifier_state,  # noqa: E402
                      dequantize, finish_sharded, from_hf, keep_freed_memory, link_atomically, link_sharded,
                      load_checkpoint, load_lora_base, load_run, load_sharded_state, load_shards, machine, mfu_of,
-                     peak_memory_mb, pick_device, pick_dtype, probe_disk, read_sharded, remove_sharded,
+                     peak_memory_mb, pick_compile, pick_device, pick_dtype, probe_disk, read_sharded, remove_sharded,
                      save_atomically, save_checkpoint, sharded_checkpoints)
 
 
@@ -379,6 +379,7 @@ rank, local_rank, world_size = 0, 0, 1
 try:
     device = pick_device(device)
     ptdtype = pick_dtype(device, dtype)
+    compiled = pick_compile(device, ptdtype, compile)
 except ValueError as e:
     fail(str(e))
 check_parallelism()
@@ -632,7 +633,7 @@ if lora:
     log(f"LoRA: {trainable:,} trainable parameters, {100 * trainable / base_params:.2f}% of the base's "
         f"{base_params:,} ({', '.join(f'{k} {v}' for k, v in lora.items() if k != 'base_fingerprint')})")
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {json.dumps(model_args)}")
-log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compile}, "
+log(f"device {device}, dtype {str(ptdtype).removeprefix('torch.')}, compile {compiled}, "
     f"{world_size} process(es), {tokens_per_iter:,} tokens per iteration, {parallelism}")
 if parallelism == "fsdp" and world_size == 1:
     log("parallelism=fsdp on 1 process: nothing is sharded, but checkpoints are read and written sharded "
@@ -693,7 +694,7 @@ def distilled(loss, logits, batch):
 raw_model = model
 if task == "classify":  # forward() is the classification head's
     model = Classify(model)
-if compile:
+if compiled:
     model = torch.compile(model)
 eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
 # buffers) that every process must join, and with eval_iters < world size some have no eval batch
@@ -737,7 +738,7 @@ if master:
         "changed": {k: v for k, v in config.items() if v != defaults[k]},
         "parameters": raw_model.num_params(), "parameters_with_embeddings": raw_model.num_params(non_embedding=False),
         "model_args": model_args, "tokens_per_iter": tokens_per_iter, "world_size": world_size, "device": device,
-        "dtype": str(ptdtype).removeprefix("torch."), "compile": compile, "machine": machine(device),
+        "dtype": str(ptdtype).removeprefix("torch."), "compile": compiled, "machine": machine(device),
         "torch": torch.__version__, "python": platform.python_version(),
         "wandb_id": previous.get("wandb_id") or uuid.uuid4().hex[:8],
     }

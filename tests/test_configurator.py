@@ -60,6 +60,24 @@ def test_a_bare_boolean_flag_means_true():
     assert s["compile"] is True
 
 
+def test_a_setting_that_defaults_to_auto_also_takes_true_and_false(tmp_path):
+    cfg = tmp_path / "run.py"
+    cfg.write_text("compile = False\n")
+    s = settings(compile="auto")
+    configure(s, [str(cfg)])
+    assert s["compile"] is False
+    s = settings(compile="auto")
+    configure(s, [str(cfg), "--compile=auto"])  # back to auto after a config file's bool
+    assert s["compile"] == "auto"
+    s = settings(compile="auto")
+    configure(s, ["--compile=true"])
+    assert s["compile"] is True
+    with pytest.raises(SystemExit):  # a number is neither
+        configure(s, ["--compile=1"])
+    with pytest.raises(SystemExit):  # nor a bare flag: auto is no bool
+        configure(settings(compile="auto"), ["--compile"])
+
+
 def test_a_config_file_may_compute_values_and_import_things(tmp_path):
     cfg = tmp_path / "run.py"
     cfg.write_text("import math\nn_layer = 2 * 3\n")
@@ -99,7 +117,8 @@ def test_bad_config_files_end_with_one_clear_line_and_exit_code_2(script, body, 
 
 # ---- fuzzing: any argument or config file ends in settings of the right types, or in the clear error --
 
-SETTINGS = {"learning_rate": 6e-4, "n_layer": 12, "compile": True, "out_dir": "out", "init_from": None}
+SETTINGS = {"learning_rate": 6e-4, "n_layer": 12, "compile": True, "out_dir": "out", "init_from": None,
+            "dtype": "auto"}
 
 
 def configure_or_exit(argv, capsys):
@@ -112,9 +131,9 @@ def configure_or_exit(argv, capsys):
         err = capsys.readouterr().err
         assert e.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         return None
-    for key, default in SETTINGS.items():  # every value keeps its setting's type
+    for key, default in SETTINGS.items():  # every value keeps its setting's type ("auto": or a bool)
         if default is not None:
-            assert type(s[key]) is type(default), (key, s[key])
+            assert type(s[key]) is type(default) or default == "auto" and type(s[key]) is bool, (key, s[key])
     return s
 
 

@@ -321,6 +321,9 @@ BAD_INPUTS = {
     # settings and config files
     "mistyped key": ("train.py", lambda w: w.train("--n_layr=2"), ["did you mean 'n_layer'"]),
     "wrong type": ("train.py", lambda w: w.train("--max_iters=ten"), ["max_iters must be int"]),
+    "compile not a choice": ("train.py", lambda w: w.train("--compile=maybe"),
+                             ["compile='maybe' is not one of auto, True, False"]),
+    "device a bool": ("train.py", lambda w: w.train("--device=True"), ["device=True is not one of"]),
     "config file missing": ("train.py", lambda w: [str(w.tmp / "nope.py")], ["config file not found"]),
     "config file raises": ("train.py", lambda w: [str(w.write("c.py", "x = 1 / 0").tmp / "c.py")],
                            ["config file", "ZeroDivisionError"]),

@@ -7,8 +7,8 @@ import torch
 
 from engine import generate
 from model import CrossAttention, ModelConfig, MoE, build_model
-from runtime import (Int8Linear, cpu_has_bf16_units, int8_backend, load_checkpoint, pick_device, pick_dtype,
-                     quantize, save_checkpoint)
+from runtime import (Int8Linear, cpu_has_bf16_units, int8_backend, load_checkpoint, pick_compile, pick_device,
+                     pick_dtype, quantize, save_checkpoint)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path):
@@ -32,6 +32,15 @@ def test_dtype_auto_follows_the_hardware_and_names_are_checked():
     assert pick_dtype("cpu", "float32") == torch.float32
     with pytest.raises(ValueError, match="dtype='fp8' is not one of"):
         pick_dtype("cpu", "fp8")
+
+
+def test_compile_auto_compiles_on_a_gpu_and_on_a_cpu_only_in_bf16():
+    assert pick_compile("cuda", torch.bfloat16, "auto") and pick_compile("cuda:1", torch.float32, "auto")
+    assert pick_compile("cpu", torch.bfloat16, "auto") and not pick_compile("cpu", torch.float32, "auto")
+    assert not pick_compile("mps", torch.float32, "auto")
+    assert pick_compile("cpu", torch.float32, True) is True and pick_compile("cuda", torch.bfloat16, False) is False
+    with pytest.raises(ValueError, match="compile='yes' is not one of auto, True, False"):
+        pick_compile("cpu", torch.float32, "yes")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -136,14 +136,21 @@ def broken_dataset(tmp_path, dataset, breakage):
 
 
 def test_the_compiled_path_trains_like_eager(tmp_path, dataset, trained_run):
-    # torch.compile is the default; it must give the same training within bf16 rounding. trained_run is
-    # the same training in eager mode: a step's batch, dropout and learning rate do not depend on max_iters
+    # torch.compile must give the same training within bf16 rounding. trained_run is the same training
+    # in eager mode: a step's batch, dropout and learning rate do not depend on max_iters
     out_dir = tmp_path / "out"
     done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=5", "--compile=True"))
     assert done.returncode == 0, done.stderr[-2000:]
     compiled, eager = train_losses(read_log(out_dir)), train_losses(read_log(trained_run))
     assert sorted(compiled) == [1, 2, 3, 4, 5]
     assert all(abs(compiled[i] - eager[i]) < 0.05 for i in range(1, 6))
+    assert json.loads((out_dir / "run.json").read_text())["compile"] is True
+    # compile=auto (the default) does not compile on a CPU in fp32: the run says what it did
+    done = run_in_process("train.py", *train_args(dataset, tmp_path / "fp32", "--max_iters=1", "--compile=auto",
+                                                  "--dtype=float32"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "fp32" / "run.json").read_text())["compile"] is False
+    assert "dtype float32, compile False" in done.stdout
 
 
 @pytest.fixture(scope="module")
