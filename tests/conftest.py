@@ -74,8 +74,9 @@ def run_torchrun(nproc, script, *args, timeout=240):
 
 def run_in_process(script, *args, cwd=None):
     """Run a script as run_script does, but inside this process: torch is imported already, so a
-    run that stops early takes a tenth of the time. For what fails before training; an exception
-    other than the script's own exit (a traceback a user would see) fails the test that called it."""
+    run that stops early takes a tenth of the time. For what fails before training, and for
+    sample.py, whose start would take longer than its sampling; an exception other than the
+    script's own exit (a traceback a user would see) fails the test that called it."""
     argv, here = sys.argv, os.getcwd()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train.py sets its own
     out, err, code = io.StringIO(), io.StringIO(), 0

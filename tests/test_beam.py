@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import assert_clear_error, run_in_process, run_script
+from conftest import assert_clear_error, run_in_process
 from engine import batch_of, beam_search, check_options
 from model import ModelConfig, build_model
 from test_engine import ARCHS, BYTES, PROMPTS, engine_of, forced_to_end
@@ -173,8 +173,8 @@ def test_sample_refuses_bad_beam_settings_in_one_line(args, message):
 def test_sample_prints_one_beam_search_result_per_prompt(trained_run):
     args = [f"--out_dir={trained_run}", "--start=The Licensee shall", "--num_beams=3", "--max_new_tokens=20",
             "--no_repeat_ngram_size=3", "--dtype=float32"]
-    done = run_script("sample.py", *args)  # num_samples is 3: beam search has one result
+    done = run_in_process("sample.py", *args)  # num_samples is 3: beam search has one result
     assert done.returncode == 0, done.stderr
     texts = done.stdout.split("-" * 40)[:-1]
     assert len(texts) == 1 and texts[0].startswith("The Licensee shall")
-    assert run_script("sample.py", *args, "--use_cache=False").stdout == done.stdout
+    assert run_in_process("sample.py", *args, "--use_cache=False").stdout == done.stdout

@@ -2,7 +2,7 @@ import regex
 import pytest
 import torch
 
-from conftest import assert_clear_error, run_in_process, run_script
+from conftest import assert_clear_error, run_in_process
 from engine import RegexMask, Row
 from test_engine import BYTES, engine_of
 from tokenizer import train_tokenizer
@@ -146,12 +146,12 @@ def test_regex_and_choices_of_no_tokens_are_refused_where_the_tokenizer_cannot_s
 
 def test_sample_answers_with_a_choice_and_writes_to_a_pattern(trained_run):
     args = [f"--out_dir={trained_run}", "--start=The Licensee shall", "--max_new_tokens=20", "--dtype=float32"]
-    chose = run_script("sample.py", *args, '--choices=[" pay", " indemnify", " notify"]', "--num_samples=2")
+    chose = run_in_process("sample.py", *args, '--choices=[" pay", " indemnify", " notify"]', "--num_samples=2")
     assert chose.returncode == 0, chose.stderr
     answer, scores, _ = chose.stdout.split("\n", 2)
     assert answer in ("The Licensee shall pay", "The Licensee shall indemnify", "The Licensee shall notify")
     assert scores.startswith("log-likelihoods: ' pay' -") and chose.stdout.count("-" * 40) == 1
-    wrote = run_script("sample.py", *args, f"--regex=, {SECTION}", "--temperature=0", "--num_samples=1")
+    wrote = run_in_process("sample.py", *args, f"--regex=, {SECTION}", "--temperature=0", "--num_samples=1")
     assert wrote.returncode == 0, wrote.stderr
     text = wrote.stdout.split("\n" + "-" * 40)[0][len("The Licensee shall"):]
     assert regex.fullmatch(", " + SECTION, text, partial=True), text

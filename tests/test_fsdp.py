@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_clear_error, read_log, run_in_process, run_script, train_losses
+from conftest import ROOT, assert_clear_error, read_log, run_in_process, train_losses
 from test_reliability import INJECT, ONE_THREAD, TRAIN, small_args
 
 # 12 iterations of 2 micro-steps (1 per process), evals and checkpoints at 4, 8 and 12; 3 eval
@@ -114,7 +114,7 @@ def test_consolidate_writes_the_ckpt_pt_that_sample_reads(tmp_path, fsdp_run):
     sharded = torch.load(out_dir / "ckpt-00000012" / "train.pt", weights_only=True)
     assert ckpt["iter_num"] == 12 and ckpt["model_args"] == sharded["model_args"]
     assert set(ckpt["optimizer"]["state"]) == set(range(len(ckpt["model"]) - 1))  # one per weight (the head is tied)
-    sample = run_script("sample.py", f"--out_dir={out_dir}", "--start=The Licensee", "--max_new_tokens=30",
+    sample = run_in_process("sample.py", f"--out_dir={out_dir}", "--start=The Licensee", "--max_new_tokens=30",
                         "--num_samples=1", cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("The Licensee") and len(sample.stdout.split("\n")[0]) > len("The Licensee ")

@@ -23,13 +23,13 @@ def samples(stdout):
 
 
 def test_with_no_start_samples_are_new_documents(run_alone):
-    done = run_script("sample.py", f"--out_dir={run_alone}", "--num_samples=2", "--max_new_tokens=40")
+    done = run_in_process("sample.py", f"--out_dir={run_alone}", "--num_samples=2", "--max_new_tokens=40")
     assert done.returncode == 0, done.stderr
     assert len(samples(done.stdout)) == 2 and all(len(t) > 10 for t in samples(done.stdout))
 
 
 def test_sample_prints_new_text_from_the_run_directory_alone(run_alone, tmp_path):
-    done = run_script("sample.py", f"--out_dir={run_alone}", "--start=The Licensee shall",
+    done = run_in_process("sample.py", f"--out_dir={run_alone}", "--start=The Licensee shall",
                       "--num_samples=2", "--max_new_tokens=40", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     texts = samples(done.stdout)
@@ -41,21 +41,22 @@ def test_sample_prints_new_text_from_the_run_directory_alone(run_alone, tmp_path
 def test_greedy_sampling_is_the_same_with_and_without_the_kv_cache(run_alone):
     args = [f"--out_dir={run_alone}", "--start=The Tenant", "--temperature=0", "--num_samples=1",
             "--max_new_tokens=80", "--dtype=float32"]
-    cached = run_script("sample.py", *args)
-    uncached = run_script("sample.py", *args, "--use_cache=False")
+    cached = run_in_process("sample.py", *args)
+    uncached = run_in_process("sample.py", *args, "--use_cache=False")
     assert cached.returncode == 0 and uncached.returncode == 0
     assert cached.stdout == uncached.stdout
 
 
 def test_the_same_seed_gives_the_same_samples(run_alone):
     args = [f"--out_dir={run_alone}", "--num_samples=2", "--max_new_tokens=30", "--seed=7"]
-    assert run_script("sample.py", *args).stdout == run_script("sample.py", *args).stdout
+    # one run in a process of its own: the seed alone, not what a process has drawn before, makes the samples
+    assert run_script("sample.py", *args).stdout == run_in_process("sample.py", *args).stdout
 
 
 def test_a_prompt_can_come_from_a_file(run_alone, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("SECTION 3. The Contractor")
-    done = run_script("sample.py", f"--out_dir={run_alone}", f"--start=FILE:{prompt}", "--num_samples=1",
+    done = run_in_process("sample.py", f"--out_dir={run_alone}", f"--start=FILE:{prompt}", "--num_samples=1",
                       "--max_new_tokens=10")
     assert done.returncode == 0 and done.stdout.startswith("SECTION 3. The Contractor")
 
@@ -85,7 +86,7 @@ def test_runs_with_other_tokenizer_kinds_train_and_sample(tmp_path, corpus, kind
     done = run_script("train.py", *train_args((tmp_path, "k"), tmp_path / "out", "--max_iters=3", "--eval_interval=3"))
     assert done.returncode == 0, done.stderr[-2000:]
     # an untrained model: any id may come up, the vocabulary's padding rows must not
-    done = run_script("sample.py", f"--out_dir={tmp_path / 'out'}", "--start=the Premises shall",
+    done = run_in_process("sample.py", f"--out_dir={tmp_path / 'out'}", "--start=the Premises shall",
                       "--num_samples=3", "--max_new_tokens=60")
     assert done.returncode == 0, done.stderr
     assert all(s.startswith("the Premises shall") for s in samples(done.stdout))
@@ -99,13 +100,13 @@ def test_runs_with_other_tokenizer_kinds_train_and_sample(tmp_path, corpus, kind
 def test_greedy_output_is_the_same_with_and_without_each_architectures_cache(arch, args, arch_run):
     args = [f"--out_dir={arch_run(arch)}", *args, "--temperature=0", "--num_samples=1", "--max_new_tokens=40",
             "--dtype=float32"]
-    cached, uncached = run_script("sample.py", *args), run_script("sample.py", *args, "--use_cache=False")
+    cached, uncached = run_in_process("sample.py", *args), run_in_process("sample.py", *args, "--use_cache=False")
     assert cached.returncode == 0, cached.stderr
     assert cached.stdout == uncached.stdout and len(samples(cached.stdout)[0]) > 0
 
 
 def test_an_encoder_prints_the_likeliest_fillers_of_each_mask(arch_run):
-    done = run_script("sample.py", f"--out_dir={arch_run('encoder')}",
+    done = run_in_process("sample.py", f"--out_dir={arch_run('encoder')}",
                       "--start=The <|mask|> shall indemnify the <|mask|>", "--fill_top_k=3")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -115,14 +116,14 @@ def test_an_encoder_prints_the_likeliest_fillers_of_each_mask(arch_run):
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1
     assert lines[2].startswith("The") and "<|mask|>" not in lines[2]  # the sentence with the best fillers
-    many = run_script("sample.py", f"--out_dir={arch_run('encoder')}", "--start=The <|mask|> shall", "--fill_top_k=60")
+    many = run_in_process("sample.py", f"--out_dir={arch_run('encoder')}", "--start=The <|mask|> shall", "--fill_top_k=60")
     assert many.returncode == 0 and "<|" not in many.stdout.splitlines()[0]  # no special token among 60 fillers
     assert_clear_error(run_in_process("sample.py", f"--out_dir={arch_run('encoder')}", "--start=No mask here"),
                        "put <|mask|> where a word is missing (in --start)")
 
 
 def test_a_conditional_run_needs_one_of_its_labels(arch_run):
-    done = run_script("sample.py", f"--out_dir={arch_run('conditional')}", "--condition=statute")
+    done = run_in_process("sample.py", f"--out_dir={arch_run('conditional')}", "--condition=statute")
     assert_clear_error(done, "--condition='statute' is not one of this run's labels: lease, license")
 
 
@@ -140,7 +141,7 @@ def test_the_label_steers_what_a_conditional_model_writes(tmp_path, labelled_dat
     assert done.returncode == 0, done.stderr
     counts = {}
     for label in ("lease", "license"):
-        done = run_script("sample.py", f"--out_dir={out_dir}", f"--condition={label}", "--start=The",
+        done = run_in_process("sample.py", f"--out_dir={out_dir}", f"--condition={label}", "--start=The",
                           "--num_samples=8", "--max_new_tokens=40", "--temperature=1", "--top_k=0")
         assert done.returncode == 0, done.stderr
         counts[label] = (len(re.findall(r"Tenant|Landlord|rent|Premises|deposit", done.stdout)),
@@ -161,7 +162,7 @@ def test_a_licenses_own_text_ranks_it_first_among_the_built_in_licenses(run_alon
     for name in ("Apache-2.0", "MPL-2.0"):
         if name not in names:
             continue
-        done = run_script("sample.py", f"--out_dir={run_alone}", f"--embed={LICENSES}",
+        done = run_in_process("sample.py", f"--out_dir={run_alone}", f"--embed={LICENSES}",
                           f"--query=FILE:{LICENSES}/{name}", "--num_results=3", f"--embed_out={out}")
         assert done.returncode == 0, done.stderr
         ranking = [line.split()[-1] for line in done.stdout.splitlines() if re.match(r"\d+\. ", line)]
@@ -177,9 +178,9 @@ def test_a_licenses_own_text_ranks_it_first_among_the_built_in_licenses(run_alon
 def test_a_stop_string_ends_each_sample_before_it(run_alone):
     args = [f"--out_dir={run_alone}", "--start=The Licensee shall", "--temperature=0", "--num_samples=1",
             "--max_new_tokens=40", "--ignore_eos=True", "--dtype=float32"]
-    free = samples(run_script("sample.py", *args).stdout)[0]
+    free = samples(run_in_process("sample.py", *args).stdout)[0]
     stop = free[len("The Licensee shall") + 4:][:3]
-    cut = run_script("sample.py", *args, f"--stop={stop}")
+    cut = run_in_process("sample.py", *args, f"--stop={stop}")
     assert cut.returncode == 0, cut.stderr
     assert samples(cut.stdout)[0] == free[:free.index(stop, len("The Licensee shall"))]
 
@@ -189,15 +190,15 @@ def test_prompts_of_a_file_in_one_batch_give_what_each_gives_alone(run_alone, tm
     (tmp_path / "p.jsonl").write_text('"The Licensee shall"\n{"prompt": "SECTION 3. The"}\n'
                                       '"In witness whereof the parties"\n')
     args = [f"--out_dir={run_alone}", "--temperature=0", "--num_samples=1", "--max_new_tokens=30", "--dtype=float32"]
-    batch = run_script("sample.py", *args, f"--prompts={tmp_path / 'p.jsonl'}")
+    batch = run_in_process("sample.py", *args, f"--prompts={tmp_path / 'p.jsonl'}")
     assert batch.returncode == 0, batch.stderr
-    alone = [samples(run_script("sample.py", *args, f"--start={t}").stdout)[0] for t in texts]
+    alone = [samples(run_in_process("sample.py", *args, f"--start={t}").stdout)[0] for t in texts]
     assert samples(batch.stdout) == alone
 
 
 def test_streamed_samples_are_the_samples_printed_at_once(run_alone):
     args = [f"--out_dir={run_alone}", "--start=The Tenant", "--num_samples=2", "--max_new_tokens=40", "--seed=3"]
-    at_once, streamed = run_script("sample.py", *args), run_script("sample.py", *args, "--stream=True")
+    at_once, streamed = run_in_process("sample.py", *args), run_in_process("sample.py", *args, "--stream=True")
     assert streamed.returncode == 0, streamed.stderr
     assert samples(streamed.stdout) == samples(at_once.stdout)
 
@@ -205,6 +206,6 @@ def test_streamed_samples_are_the_samples_printed_at_once(run_alone):
 def test_int8_weights_write_what_float32_writes_greedily(run_alone):
     args = [f"--out_dir={run_alone}", "--start=The Tenant", "--temperature=0", "--num_samples=1", "--max_new_tokens=30",
             "--dtype=float32"]
-    full, int8 = run_script("sample.py", *args), run_script("sample.py", *args, "--quantize=int8")
+    full, int8 = run_in_process("sample.py", *args), run_in_process("sample.py", *args, "--quantize=int8")
     assert int8.returncode == 0, int8.stderr
     assert int8.stdout == full.stdout  # a tiny model's greedy choices are far apart enough for int8's rounding

@@ -256,7 +256,7 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
     with open(tmp_path / "ask.jsonl", "w") as f:
         for party in asked:
             f.write(json.dumps(f"Clause 7: the {party} shall keep records. Who shall keep records?") + "\n")
-    done = run_script("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1",
+    done = run_in_process("sample.py", f"--out_dir={out_dir}", "--temperature=0", "--num_samples=1",
                       f"--prompts={tmp_path / 'ask.jsonl'}")
     answers = done.stdout.split("-" * 40 + "\n")[:-1]  # each answer is followed by a line of dashes
     assert len(answers) == 2 and all(a.startswith(f" The {p}.\n") for a, p in zip(answers, asked)), done.stdout
