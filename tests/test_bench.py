@@ -23,7 +23,7 @@ def on(dataset):
 
 
 def test_compare_times_train_py_and_its_fp32_eager_baseline_by_their_own_logs(dataset, tmp_path):
-    done = run_script("bench.py", *TINY, *on(dataset), "--compare", "--rounds=2", f"--work_dir={tmp_path}")
+    done = run_in_process("bench.py", *TINY, *on(dataset), "--compare", "--rounds=2", f"--work_dir={tmp_path}")
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     baseline = result["fp32_eager"]
@@ -66,7 +66,7 @@ VARIANTS = {"encdec_linear_attention": ["--arch=encdec", "--attention=linear"],
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_train_mode_times_every_architecture_and_variant(variant, request):
     data = request.getfixturevalue("labelled_dataset" if variant == "conditional" else "dataset")
-    done = run_script("bench.py", *TINY, "--warmup_iters=0", "--iters=1", *on(data), *VARIANTS[variant])
+    done = run_in_process("bench.py", *TINY, "--warmup_iters=0", "--iters=1", *on(data), *VARIANTS[variant])
     assert done.returncode == 0, done.stderr
     result = last_json(done.stdout)
     assert FIELDS <= result.keys() and result["tok_per_s"] > 0
@@ -90,7 +90,7 @@ needs_legal_corpus = pytest.mark.skipif(not os.path.isdir("/usr/share/common-lic
 
 @needs_legal_corpus
 def test_tokenizer_bench_measures_every_kind_asked_for():
-    done = run_script("bench.py", "--what=tokenizers", "--kinds=byte,char,bpe", "--vocab_size=300", "--repeats=1")
+    done = run_in_process("bench.py", "--what=tokenizers", "--kinds=byte,char,bpe", "--vocab_size=300", "--repeats=1")
     assert done.returncode == 0, done.stderr
     rows = last_json(done.stdout)
     assert list(rows) == ["byte", "char", "bpe"]
@@ -146,7 +146,7 @@ def study_args(dataset, tmp_path, *more):
 
 
 def study(dataset, tmp_path, *more, cwd=None):
-    return run_script("bench.py", *study_args(dataset, tmp_path, *more), cwd=cwd)
+    return run_in_process("bench.py", *study_args(dataset, tmp_path, *more), cwd=cwd)
 
 
 def test_study_trains_each_recipe_and_writes_the_table_between_the_markers(dataset, tmp_path):
@@ -211,7 +211,7 @@ def test_bad_attention_and_study_settings_give_one_clear_line(dataset, tmp_path)
 
 
 def test_decode_bench_times_the_cache_batches_and_precisions_of_a_run(trained_run):
-    done = run_script("bench.py", "--what=decode", f"--out_dir={trained_run}", "--decode_prompt_tokens=48",
+    done = run_in_process("bench.py", "--what=decode", f"--out_dir={trained_run}", "--decode_prompt_tokens=48",
                       "--decode_batch_sizes=1,3", "--repeats=1", "--device=cpu", f"--draft_out_dir={trained_run}",
                       "--decode_compile=False")  # inductor's compile takes ~30 s per batch size on 2 cores
     assert done.returncode == 0, done.stderr
@@ -232,7 +232,7 @@ def test_decode_bench_needs_a_run_that_writes(trained_run):
 
 
 def test_serve_bench_times_batched_and_one_at_a_time_serving_under_clients(trained_run):
-    done = run_script("bench.py", "--what=serve", f"--out_dir={trained_run}", "--serve_clients=3",
+    done = run_in_process("bench.py", "--what=serve", f"--out_dir={trained_run}", "--serve_clients=3",
                       "--serve_seconds=1", "--serve_new_tokens=4", "--device=cpu")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
