@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_clear_error, run_script, train_args
+from conftest import assert_clear_error, run_in_process, run_script, train_args
 import prepare as prepare_module
 from prepare import (Progress, dedup_paragraphs, held_out, legal_corpus_files, new_stats, paragraph_cut,
                      text_document)
@@ -702,8 +702,8 @@ def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
     tokens = np.fromfile(out / "train.bin", dtype=np.uint32)
     assert len(tokens) == meta["splits"]["train"]["tokens"] and tokens.max() > 65535
     assert (out / "train.bin").stat().st_size == 4 * len(tokens)
-    done = run_script("train.py", *train_args((tmp_path / "data", "legal"), tmp_path / "out", "--max_iters=2",
-                                              "--n_embd=16", "--n_layer=1"))
+    done = run_in_process("train.py", *train_args((tmp_path / "data", "legal"), tmp_path / "out", "--max_iters=2",
+                                                  "--n_embd=16", "--n_layer=1"))
     assert done.returncode == 0, done.stderr  # train.py reads the uint32 ids
 
 

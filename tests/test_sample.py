@@ -83,7 +83,7 @@ def test_runs_with_other_tokenizer_kinds_train_and_sample(tmp_path, corpus, kind
     done = run_script("prepare.py", f"--input={corpus}", f"--tokenizer={kind}", "--vocab_size=400",
                       f"--data_dir={tmp_path}", "--dataset=k")
     assert done.returncode == 0, done.stderr
-    done = run_script("train.py", *train_args((tmp_path, "k"), tmp_path / "out", "--max_iters=3", "--eval_interval=3"))
+    done = run_in_process("train.py", *train_args((tmp_path, "k"), tmp_path / "out", "--max_iters=3", "--eval_interval=3"))
     assert done.returncode == 0, done.stderr[-2000:]
     # an untrained model: any id may come up, the vocabulary's padding rows must not
     done = run_in_process("sample.py", f"--out_dir={tmp_path / 'out'}", "--start=the Premises shall",

@@ -76,9 +76,9 @@ def test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_an
 
 def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
     data_dir = tmp_path / "data"
-    done = run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
-                      "--max_iters=0", "--eval_iters=1", "--n_layer=1", "--n_head=1", "--n_embd=32",
-                      "--block_size=32", "--batch_size=2", "--compile=False", timeout=280)
+    done = run_in_process("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                          "--max_iters=0", "--eval_iters=1", "--n_layer=1", "--n_head=1", "--n_embd=32",
+                          "--block_size=32", "--batch_size=2", "--compile=False")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "preparing the built-in legal corpus" in done.stdout
     meta = json.loads((data_dir / "legal" / "meta.json").read_text())
@@ -120,8 +120,8 @@ def test_help_shows_each_setting_with_its_value_after_a_config_file_and_the_comm
 
 def test_rope_theta_set_on_the_command_line_is_the_trained_models(tmp_path, dataset):
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args(dataset, out_dir, "--pos=rope", "--rope_theta=500000.0",
-                                              "--max_iters=1", "--eval_iters=1"))
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--pos=rope", "--rope_theta=500000.0",
+                                                  "--max_iters=1", "--eval_iters=1"))
     assert done.returncode == 0, done.stderr[-2000:]
     model_args = torch.load(out_dir / "ckpt.pt", weights_only=True)["model_args"]
     assert model_args["pos"] == "rope" and model_args["rope_theta"] == 500000.0
