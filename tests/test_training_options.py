@@ -464,12 +464,12 @@ def test_the_optimizer_comparison_trains_each_optimizer_and_writes_its_plot_and_
     data_dir, name = dataset
     readme = tmp_path / "options.md"
     readme.write_text("# Options\n\n<!-- optimizers:begin -->\nold\n<!-- optimizers:end -->\nafter\n")
-    done = run_script("bench.py", "--what=optimizers", "--optimizers=muon:3e-3", "--budget=",
-                      f"--data_dir={data_dir}", f"--dataset={name}", f"--work_dir={tmp_path / 'runs'}",
-                      f"--plot_file={tmp_path / 'plot.png'}", f"--readme={readme}",
-                      "--train_overrides=--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 "
-                      "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
-                      "--eval_interval=3 --eval_iters=2 --compile=False")
+    done = run_in_process("bench.py", "--what=optimizers", "--optimizers=muon:3e-3", "--budget=",
+                          f"--data_dir={data_dir}", f"--dataset={name}", f"--work_dir={tmp_path / 'runs'}",
+                          f"--plot_file={tmp_path / 'plot.png'}", f"--readme={readme}",
+                          "--train_overrides=--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 "
+                          "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
+                          "--eval_interval=3 --eval_iters=2 --compile=False")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["runs"]) == {"muon"} and result["runs"]["muon"]["iters"] == 3
