@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_clear_error, read_log, run_in_process, train_losses
+from conftest import ROOT, assert_clear_error, made_once, read_log, run_in_process, train_losses
 from test_reliability import INJECT, ONE_THREAD, TRAIN, small_args
 
 # 12 iterations of 2 micro-steps (1 per process), evals and checkpoints at 4, 8 and 12; 3 eval
@@ -40,12 +40,13 @@ def said(done):
     return done.stdout[-1500:] + done.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fsdp_run(tmp_path_factory, dataset):
-    out_dir = tmp_path_factory.mktemp("fsdp") / "out"
-    done = torchrun(2, *small_args(dataset, out_dir, *FSDP, "--keep_last=2"))
-    assert done.returncode == 0, said(done)
-    return out_dir
+    """The sharded run the tests read (made once; tests copy it before changing anything in it)."""
+    def train(folder):
+        done = torchrun(2, *small_args(dataset, folder / "out", *FSDP, "--keep_last=2"))
+        assert done.returncode == 0, said(done)
+    return made_once(tmp_path_factory, "fsdp", train) / "out"
 
 
 def test_fsdp_gives_the_losses_of_ddp_on_the_same_batches(tmp_path, dataset, fsdp_run):

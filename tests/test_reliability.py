@@ -21,7 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, assert_clear_error, read_log, run_in_process, run_script, train_args, train_losses
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, run_script, train_args,
+                      train_losses)
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -45,12 +46,12 @@ def run(command, preexec_fn=None):
                           preexec_fn=preexec_fn)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, dataset):
-    out_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
-    done = run([sys.executable, TRAIN, *small_args(dataset, out_dir)])
-    assert done.returncode == 0, done.stderr
-    return read_log(out_dir)
+    def train(folder):
+        done = run([sys.executable, TRAIN, *small_args(dataset, folder / "out")])
+        assert done.returncode == 0, done.stderr
+    return read_log(made_once(tmp_path_factory, "uninterrupted", train) / "out")
 
 
 # ---- kills, signals and faults, one after another in one run, each resumed ---------------------------
