@@ -135,7 +135,7 @@ def test_attention_bench_measures_both_kinds_at_every_length():
 # the comparison's three recipes at a size that trains in seconds
 TINY_BUDGET = ("--n_layer=1 --n_head=2 --n_embd=32 --mlp_hidden=48 --block_size=32 --batch_size=4 "
                "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
-               "--eval_interval=3 --eval_iters=2 --log_interval=1")
+               "--eval_interval=3 --eval_iters=2 --log_interval=1 --report=False")
 
 
 def study_args(dataset, tmp_path, *more):

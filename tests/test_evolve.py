@@ -6,9 +6,10 @@ from conftest import assert_clear_error, run_in_process, run_script
 from evolve import first_generation
 
 # a member: 2 x 1024-token steps of a model of at most 2 layers x 32 wide, scored on 300 val tokens
+# (no report of its own at the end: plot.py would take longer than its training)
 TINY = ["--n_layer=2", "--n_embd=32", "--learning_rate=3e-3", "--n_head=2", "--block_size=32", "--batch_size=8",
         "--gradient_accumulation_steps=4", "--compile=False", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0",
-        "--dtype=float32"]
+        "--dtype=float32", "--report=False"]
 SPACE = "learning_rate = (1e-3, 1e-2)\nn_layer = (1, 2)\nn_embd = [16, 32]\nvocab_size = [288]\n"  # one vocabulary: one prepare
 
 

@@ -18,7 +18,7 @@ from test_reliability import INJECT, ONE_THREAD, TRAIN, small_args
 
 # 12 iterations of 2 micro-steps (1 per process), evals and checkpoints at 4, 8 and 12; 3 eval
 # batches, so under FSDP one process takes a batch it does not count (every forward is collective)
-FSDP = ["--parallelism=fsdp", "--dtype=float32", "--eval_iters=3", "--report=False"]
+FSDP = ["--parallelism=fsdp", "--dtype=float32", "--eval_iters=3"]
 
 
 def torchrun(nproc, *args, script=(TRAIN,)):

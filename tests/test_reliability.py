@@ -28,11 +28,12 @@ INJECT = os.path.join(ROOT, "tests", "inject.py")
 TRAIN = os.path.join(ROOT, "train.py")
 
 # small enough that a dozen runs take seconds: 12 iterations of 2 micro-steps, an eval and a
-# checkpoint every 4 (iterations 4, 8, 12); eval_iters 2 = two val batches each
+# checkpoint every 4 (iterations 4, 8, 12); eval_iters 2 = two val batches each; no report at the
+# end (plot.py: ~2 s a run, which tests/test_plot.py tests)
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
          "--gradient_accumulation_steps=2", "--compile=False", "--dropout=0.1", "--learning_rate=3e-3",
          "--warmup_iters=2", "--lr_decay_iters=12", "--min_lr=3e-4", "--max_iters=12", "--eval_interval=4",
-         "--eval_iters=2", "--log_interval=1"]
+         "--eval_iters=2", "--log_interval=1", "--report=False"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # side by side on two cores; the same kernels in every run
 
 

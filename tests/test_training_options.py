@@ -469,7 +469,7 @@ def test_the_optimizer_comparison_trains_each_optimizer_and_writes_its_plot_and_
                           f"--plot_file={tmp_path / 'plot.png'}", f"--readme={readme}",
                           "--train_overrides=--n_layer=1 --n_head=2 --n_embd=32 --block_size=32 --batch_size=4 "
                           "--gradient_accumulation_steps=1 --max_iters=3 --warmup_iters=1 --lr_decay_iters=3 "
-                          "--eval_interval=3 --eval_iters=2 --compile=False")
+                          "--eval_interval=3 --eval_iters=2 --compile=False --report=False")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["runs"]) == {"muon"} and result["runs"]["muon"]["iters"] == 3
