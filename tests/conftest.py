@@ -22,24 +22,30 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # the scripts live in the repository root, one level up: make them importable as modules
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The longest tests (15-55 s each on two cores), longest first, start first: under pytest -n, a
+# The longest tests (10-50 s each on two cores), longest first, start first: under pytest -n, a
 # worker that drew one of them last would run it alone while the others had nothing left to do.
-# The rest keep their order. A name that is not here (any more) only loses its place in front.
+# The rest keep their order (and all keep it without -n). A name that is not here (any more) only
+# loses its place in front.
 LONGEST_FIRST = [
     "test_reliability.py::test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_for_bit",
     "test_train.py::test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them",
-    "test_evolve.py::test_a_search_killed_in_its_first_generation_resumes_and_runs_the_second",
     "test_fsdp.py::test_a_run_killed_at_any_moment_resumes_on_the_same_loss_curve_bit_for_bit",
+    "test_evolve.py::test_a_search_killed_in_its_first_generation_resumes_and_runs_the_second",
     "test_finetune.py::test_a_lora_run_on_two_processes_gives_the_losses_of_one_and_resumes",
-    "test_fsdp.py::test_fsdp_gives_the_losses_of_ddp_on_the_same_batches",
-    "test_bench.py::test_study_trains_each_recipe_and_writes_the_table_between_the_markers",
-    "test_reliability.py::test_two_processes_give_the_losses_of_one_with_the_same_global_batch",
+    "test_bench.py::test_compare_times_train_py_and_its_fp32_eager_baseline_by_their_own_logs",
     "test_train.py::test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_and_decayed_in_time",
+    "test_bench.py::test_study_trains_each_recipe_and_writes_the_table_between_the_markers",
+    "test_fsdp.py::test_fsdp_gives_the_losses_of_ddp_on_the_same_batches",
+    "test_training_options.py::test_two_processes_train_the_options_run_with_the_losses_of_one",
+    "test_train.py::test_the_compiled_path_trains_like_eager",
     "test_sample.py::test_the_label_steers_what_a_conditional_model_writes",
+    "test_reliability.py::test_two_processes_give_the_losses_of_one_with_the_same_global_batch",
 ]
 
 
 def pytest_collection_modifyitems(items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     place = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: place.get(item.nodeid.split("/")[-1], len(place)))  # sort is stable
 

@@ -22,7 +22,7 @@ LORA = ["--lora_rank=4", "--lora_dropout=0.1", "--learning_rate=1e-2", "--warmup
         "--max_iters=6", "--eval_interval=3", "--eval_iters=2", "--dropout=0.0"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_run(tmp_path_factory, dataset, trained_run):
     """A LoRA run of 6 iterations on trained_run, its checkpoints of 3 and 6 kept."""
     def train(folder):

@@ -30,12 +30,12 @@ def trained(tmp_path_factory, dataset, name, options):
     return made_once(tmp_path_factory, name, train) / "out"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def options_run(tmp_path_factory, dataset):
     return trained(tmp_path_factory, dataset, "options-run", OPTIONS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adaptive_run(tmp_path_factory, dataset):
     return trained(tmp_path_factory, dataset, "adaptive-run", ADAPTIVE)
 
