@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_clear_error, run_in_process, run_script, train_args
+from conftest import assert_clear_error, run_in_process, train_args
 from engine import Engine
 from tokenizer import SPECIAL_TOKENS, load_tokenizer, tokenizer_fingerprint
 
@@ -29,10 +29,10 @@ def chat_run(tmp_path_factory):
                 messages += [{"role": "user", "content": f"Who repairs the {item}?"},
                              {"role": "assistant", "content": f"The {REPAIRS[item]}."}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    done = run_script("prepare.py", "--input=chats.jsonl", "--vocab_size=300", "--val_fraction=0.1", cwd=root)
+    done = run_in_process("prepare.py", "--input=chats.jsonl", "--vocab_size=300", "--val_fraction=0.1", cwd=root)
     assert done.returncode == 0, done.stderr
     out_dir = root / "out"
-    done = run_script("train.py", *train_args((root / "data", "legal"), out_dir, "--max_iters=100",
+    done = run_in_process("train.py", *train_args((root / "data", "legal"), out_dir, "--max_iters=100",
                                               "--lr_decay_iters=100", "--eval_interval=50", "--dropout=0"))
     assert done.returncode == 0, done.stderr[-2000:]
     return out_dir

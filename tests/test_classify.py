@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_clear_error, read_log, run_in_process, run_script, untrained_run
+from conftest import TINY_MODEL, assert_clear_error, read_log, run_in_process, untrained_run
 import prepare as prepare_module
 from eval import classification_metrics
 from model import ModelConfig, build_model
@@ -32,7 +32,7 @@ def write_labelled(path, n, seed, kinds=("lease", "lease", "license", "sale")):
 def prepare_labelled(folder, name, *more, kinds=("lease", "lease", "license", "sale")):
     write_labelled(folder / f"{name}-train.jsonl", 80, 0, kinds)
     write_labelled(folder / f"{name}-val.jsonl", 24, 1, kinds)
-    done = run_script("prepare.py", f"--input={folder / f'{name}-train.jsonl'}", "--labels=True",
+    done = run_in_process("prepare.py", f"--input={folder / f'{name}-train.jsonl'}", "--labels=True",
                       f"--val_input={folder / f'{name}-val.jsonl'}", f"--data_dir={folder / 'data'}",
                       f"--dataset={name}", "--vocab_size=300", *more)
     assert done.returncode == 0, done.stderr
@@ -48,7 +48,7 @@ def classifier(tmp_path_factory):
     """(folder, run) of a tiny gpt classifier trained from scratch on the labelled set for 30 iterations."""
     folder = tmp_path_factory.mktemp("classify")
     data = prepare_labelled(folder, "contracts")
-    done = run_script("train.py", f"--data_dir={data}", "--dataset=contracts", f"--out_dir={folder / 'run'}",
+    done = run_in_process("train.py", f"--data_dir={data}", "--dataset=contracts", f"--out_dir={folder / 'run'}",
                       *TINY_MODEL, *CLASSIFIER)
     assert done.returncode == 0, done.stderr
     return folder, folder / "run"

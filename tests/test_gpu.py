@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from conftest import ROOT, assert_clear_error, read_log, run_in_process, run_script, train_args
+from conftest import ROOT, assert_clear_error, read_log, run_in_process, train_args
 from model import GPT, LinearAttention, ModelConfig, MoE, build_model, linear_attention_fp32, mlp_activation
 
 
@@ -160,7 +160,7 @@ def test_resuming_in_fp16_a_run_saved_without_a_gradscaler(tmp_path, dataset, tr
     out_dir = tmp_path / "out"
     shutil.copytree(trained_run, out_dir)  # trained in fp32 or bf16: its scaler was off and saved nothing
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["scaler"] == {}
-    done = run_script("train.py", *train_args(dataset, out_dir, "--init_from=resume", "--dtype=float16",
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--init_from=resume", "--dtype=float16",
                                               "--max_iters=32"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dtype float16" in done.stdout

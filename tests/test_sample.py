@@ -136,7 +136,7 @@ def test_the_label_steers_what_a_conditional_model_writes(tmp_path, labelled_dat
     # leases and licenses share no words but "The", "shall", "the": count each kind's words in
     # what the model writes under each label, from the same start and the same seed
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args(labelled_dataset, out_dir, "--arch=conditional", "--dropout=0",
+    done = run_in_process("train.py", *train_args(labelled_dataset, out_dir, "--arch=conditional", "--dropout=0",
                                               "--max_iters=150", "--lr_decay_iters=150", "--eval_interval=150"))
     assert done.returncode == 0, done.stderr
     counts = {}

@@ -183,10 +183,10 @@ def test_prompt_response_data_trains_only_on_the_responses(tmp_path):
         for i in range(300):
             prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(20, 90)))
             f.write(json.dumps({"prompt": f"{prompt}\nIs it lawful?", "response": " It is lawful."}) + "\n")
-    done = run_script("prepare.py", "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.1", cwd=tmp_path)
+    done = run_in_process("prepare.py", "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args((tmp_path / "data", "legal"), out_dir, "--max_iters=30"))
+    done = run_in_process("train.py", *train_args((tmp_path / "data", "legal"), out_dir, "--max_iters=30"))
     assert done.returncode == 0, done.stderr[-2000:]
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
     assert evals[0]["val_loss"] > evals[1]["val_loss"] > evals[2]["val_loss"]
@@ -240,11 +240,11 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
             f.write(json.dumps({"prompt": f"Clause {i}: the {party} shall {duty}. Who shall {duty}?",
                                 "response": f" The {party}."}) + "\n")
     pretrained = arch_run("encdec")
-    done = run_script("prepare.py", "--input=qa.jsonl", "--dataset=qa", f"--tokenizer_from={pretrained}",
+    done = run_in_process("prepare.py", "--input=qa.jsonl", "--dataset=qa", f"--tokenizer_from={pretrained}",
                       "--val_fraction=0.1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec",
+    done = run_in_process("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec",
                                               f"--init_from={pretrained}", "--batch_size=16",
                                               "--gradient_accumulation_steps=1", "--dropout=0", "--block_size=48",
                                               "--max_iters=500", "--lr_decay_iters=500", "--eval_interval=250"))
