@@ -9,6 +9,7 @@ from hypothesis import settings as examples
 from hypothesis import strategies as st
 
 from configurator import configure
+from conftest import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,8 +210,7 @@ def test_help_still_refuses_a_bad_flag_before_it(script):
 
 @pytest.mark.parametrize("name", ["train.py", "sample.py", "prepare.py", "bench.py"])
 def test_every_script_answers_help_with_its_settings_and_exit_code_0(name):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, name), "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    done = run_in_process(name, "--help")  # what a process of its own would say, without its ~2 s of imports
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"usage: python {name} [config/file.py ...] [--key=value ...]")
     assert "\n  --seed=1337" in done.stdout  # a setting every script has, with its value
