@@ -703,7 +703,8 @@ def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(tmp_path):
     assert len(tokens) == meta["splits"]["train"]["tokens"] and tokens.max() > 65535
     assert (out / "train.bin").stat().st_size == 4 * len(tokens)
     done = run_in_process("train.py", *train_args((tmp_path / "data", "legal"), tmp_path / "out", "--max_iters=2",
-                                                  "--n_embd=16", "--n_layer=1"))
+                                                  "--n_embd=16", "--n_layer=1", "--batch_size=2", "--block_size=16",
+                                                  "--gradient_accumulation_steps=1", "--eval_iters=1"))
     assert done.returncode == 0, done.stderr  # train.py reads the uint32 ids
 
 
