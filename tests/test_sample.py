@@ -80,8 +80,8 @@ def test_a_tokenizer_other_than_the_one_trained_with_is_refused(run_alone, tmp_p
 
 @pytest.mark.parametrize("kind", ["char", "wordpiece", "unigram"])
 def test_runs_with_other_tokenizer_kinds_train_and_sample(tmp_path, corpus, kind):
-    done = run_script("prepare.py", f"--input={corpus}", f"--tokenizer={kind}", "--vocab_size=400",
-                      f"--data_dir={tmp_path}", "--dataset=k")
+    done = run_in_process("prepare.py", f"--input={corpus}", f"--tokenizer={kind}", "--vocab_size=400",
+                          f"--data_dir={tmp_path}", "--dataset=k")
     assert done.returncode == 0, done.stderr
     done = run_in_process("train.py", *train_args((tmp_path, "k"), tmp_path / "out", "--max_iters=3", "--eval_interval=3"))
     assert done.returncode == 0, done.stderr[-2000:]
