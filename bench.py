@@ -149,7 +149,7 @@ speed_iters = 30            # nanogpt speed: training steps per run (the first 1
 recipe_overrides = ""       # nanogpt quality: more --key=value for nanoGPT's recipe (a shorter trial: "--max_iters=100")
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
-from runtime import machine  # noqa: E402
+from runtime import machine, pick_compile  # noqa: E402
 given = set()  # the settings the command line (or a config file) set
 config = configure(globals(), given=given)
 
@@ -1335,7 +1335,7 @@ def bench_train():
         fail(f"{', '.join(decided)}: train mode runs train.py, which takes these from the dataset "
              f"(data_dir/train_dataset); leave them out")
     try:  # a device that is not here, or a model that cannot be, fails before any data is prepared
-        device_and_dtype()
+        pick_compile(*device_and_dtype(), compile)
         ModelConfig.from_settings({**config, "n_labels": int(arch == "conditional")})  # (the dataset's count, later)
     except ValueError as e:
         fail(str(e))

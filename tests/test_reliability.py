@@ -473,6 +473,7 @@ BAD_INPUTS = {
     "bench: no iterations": ("bench.py", lambda w: ["--iters=0"], ["iters and rounds must be at least 1"]),
     "bench: n_head not dividing n_embd": ("bench.py", lambda w: ["--n_head=5"], ["must divide n_embd"]),
     "bench: unknown dtype": ("bench.py", lambda w: ["--dtype=fp8"], ["dtype='fp8' is not one of"]),
+    "bench: compile not a choice": ("bench.py", lambda w: ["--compile=maybe"], ["compile='maybe' is not one of"]),
     "bench: tokenizers timed no times": ("bench.py", lambda w: ["--what=tokenizers", "--repeats=0"],
                                          ["repeats must be at least 1"]),
 }
