@@ -1108,7 +1108,7 @@ def bench_nanogpt():
                     if name.startswith("ours"):
                         run_timed([*ours, *SPEED_SHAPE, *steps, *extra, f"--out_dir={out}", "--max_seconds=0"])
                         logged = logged_steps(os.path.join(out, "log.jsonl"))
-                        speeds[name].append(middle_step([r for r in logged if r["iter"] > 10])["tok_per_s"])  # compiled
+                        speeds[name].append(middle_step([r for r in logged if r["iter"] > 10])["tok_per_s"])  # 1-10 compile
                     else:
                         _, said = run_timed([*theirs, *SPEED_SHAPE, *steps, *extra, "--dataset=legal_bpe", "--device=cpu",
                                                "--dtype=float32", f"--out_dir={out}"], cwd=nano_root)

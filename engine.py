@@ -340,7 +340,9 @@ def windowing(model, options):
     return {} if model.config.arch in ("lstm", "encdec") else {"slide": options["slide"]}
 
 
-@torch.no_grad()
+# The decoding loops run in inference_mode, not only no_grad: autograd keeps no version counters or
+# views for any of their operations (a generator function gets the mode back at each resume)
+@torch.inference_mode()
 def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_limit=None, eot=None, step=None):
     """The decoding loop, a generator: yields (row, text piece) as text is made, and finishes the
     rows (Row objects, one per row of idx). idx, inputs: from batch_of(); generators: one per row
@@ -399,7 +401,7 @@ def decode(model, idx, inputs, rows, generators, options, use_cache=True, vocab_
             yield i, piece
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def speculative_decode(model, draft, idx, inputs, draft_inputs, row, generator, options, vocab_limit=None, eot=None):
     """decode() for one prompt (idx (1, T)) with a smaller draft model's help: a generator of the
     row's text pieces (speculative decoding, Leviathan et al. 2023; Chen et al. 2023). Each round
@@ -518,7 +520,7 @@ def repeated_ngrams(idx, n, vocab):
     return banned
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def beam_search(model, idx, inputs, options, use_cache=True, vocab_limit=None, eot=None):
     """Beam search over one prompt: idx (1, T) and inputs from batch_of(); options from
     check_options() (num_beams, length_penalty, no_repeat_ngram_size, max_new_tokens and the
@@ -929,8 +931,7 @@ class Engine:
             return self.beam_completions(prompt, condition, use_cache, **options)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         rows, steps = self.steps(prompts, condition, use_cache, **options)
-        # inference_mode, not only no_grad: no version counters or views for autograd to track per operation
-        with self.autocast(len(prompts)), torch.inference_mode():
+        with self.autocast(len(prompts)):
             run_to_end(steps)
         done = [Completion(r.text, r.ids, r.finish_reason, len(r.prompt), r.generated, r.scores,
                            r.accepted / r.drafted if r.drafted else None) for r in rows]
