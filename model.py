@@ -241,6 +241,12 @@ def attention_mask(causal, T, start=0, keep=None, slopes=None, device=None):
     return bias.masked_fill(~visible, float("-inf"))
 
 
+def dropout(x, p, training):
+    """F.dropout, not even called where it does nothing (eval mode, or p = 0): a decoded token
+    passes through 2 * n_layer + 1 of them."""
+    return F.dropout(x, p) if training and p else x
+
+
 def repeat_kv(x, n_head):
     """(B, nkv, S, hs) -> (B, n_head, S, hs): each key/value head serves its group of query heads."""
     if x.size(1) == n_head:
@@ -361,8 +367,7 @@ class Attention(nn.Module):
         # q, k and v from one matrix: one matmul instead of three
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_size, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on the attention weights and on the output
 
     def project(self, x, rope=None):
         """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), rope applied to q and k."""
@@ -387,7 +392,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
     def weights(self, x, rope=None, mask=None, is_causal=False):
         """The attention weights forward() would use on x (B, T, C), without dropout: (B, nh, T, T).
@@ -421,10 +426,11 @@ class MLP(nn.Module):
         hidden = mlp_hidden_size(config)
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(mlp_activation(self.c_fc(x), self.gated, self.approximate)))
+        return dropout(self.c_proj(mlp_activation(self.c_fc(x), self.gated, self.approximate)), self.dropout,
+                       self.training)
 
 
 class Block(nn.Module):
@@ -465,7 +471,7 @@ class Embedding(nn.Module):
         self.register_buffer("sinusoid", sinusoid_table(config.block_size, config.n_embd)
                              if config.pos == "sinusoidal" else None, persistent=False)
         self.wle = nn.Embedding(config.n_labels, config.n_embd) if config.arch == "conditional" else None
-        self.drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, idx, pos, labels=None):
         """idx (B, T) at positions pos (T,) or (B, T); labels (B,) or (B, T) -> (B, T, C)."""
@@ -477,7 +483,7 @@ class Embedding(nn.Module):
         if self.wle is not None and labels is not None:  # no label: a representation for retrieval
             label = self.wle(labels)
             x = x + (label[:, None, :] if labels.dim() == 1 else label)
-        return self.drop(x)
+        return dropout(x, self.dropout, self.training)
 
 
 class Stack(nn.Module):
@@ -606,7 +612,7 @@ class Model(nn.Module):
         position's logits; every_position (the encoder) asks for all of them. The adaptive head
         in training gives the loss alone: it skips the clusters a batch's targets are not in."""
         if targets is None:
-            return self.logits(x if every_position else x[:, [-1], :]), None
+            return self.logits(x if every_position else x[:, -1:]), None
         if self.config.head == "adaptive" and self.training:
             counted = targets.reshape(-1) != -1
             with torch.autocast(x.device.type, enabled=False):
@@ -876,7 +882,7 @@ class LinearAttention(Attention):
         if cache is not None:
             cache.sums[layer] = sums
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 # ----------------------------------------------------------------------------------
@@ -910,7 +916,7 @@ class MoE(nn.Module):
         self.c_proj = nn.Parameter(torch.randn(E, C, hidden) * 0.02)
         self.c_fc_bias = nn.Parameter(torch.zeros(E, hidden * (2 if self.gated else 1))) if config.bias else None
         self.c_proj_bias = nn.Parameter(torch.zeros(E, C)) if config.bias else None
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
         self.balance_loss = torch.zeros(())
         self.register_load_state_dict_pre_hook(stack_expert_weights)
 
@@ -922,7 +928,7 @@ class MoE(nn.Module):
         h = torch.bmm(mlp_activation(h, self.gated, self.approximate), self.c_proj.transpose(1, 2))
         if self.c_proj_bias is not None:
             h = h + self.c_proj_bias[:, None, :].to(h.dtype)
-        return self.dropout(h)
+        return dropout(h, self.dropout, self.training)
 
     def forward(self, x):
         B, T, C = x.size()
@@ -983,7 +989,7 @@ class CrossAttention(Attention):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class EncoderDecoder(Model):
@@ -1056,7 +1062,7 @@ class LSTM(Model):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on the embeddings and the top layer's outputs (nn.LSTM's own between layers)
         self.lstm = nn.LSTM(config.n_embd, config.n_embd, config.n_layer, batch_first=True,
                             dropout=config.dropout if config.n_layer > 1 else 0.0)
         self.make_head(self.wte)
@@ -1066,10 +1072,10 @@ class LSTM(Model):
 
     def hidden(self, idx, cache=None):
         """idx (B, T) -> the top layer's outputs (B, T, C), carrying (h, c) in the cache."""
-        y, hc = self.lstm(self.drop(self.wte(idx)), cache.hc if cache is not None else None)
+        y, hc = self.lstm(dropout(self.wte(idx), self.dropout, self.training), cache.hc if cache is not None else None)
         if cache is not None:
             cache.hc, cache.pos = hc, cache.pos + idx.size(1)
-        return self.drop(y)
+        return dropout(y, self.dropout, self.training)
 
     def forward(self, idx, targets=None, cache=None):
         return self.head(self.hidden(idx, cache), targets)
@@ -1261,7 +1267,7 @@ class LoRALinear(nn.Module):
         self.blocks = blocks  # [(start, end), ...] of the output rows, one adapter each
         self.in_features, self.out_features = base.in_features, base.out_features  # (a quantized base has neither)
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout  # on the adapters' input
         self.lora_A = nn.ParameterList(nn.Parameter(torch.empty(rank, base.in_features)) for _ in blocks)
         self.lora_B = nn.ParameterList(nn.Parameter(torch.zeros(end - start, rank)) for start, end in blocks)
         for a in self.lora_A:  # nn.Linear's own init for A; B = 0, so the model starts as the base
@@ -1285,7 +1291,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)  # (..., out)
-        h = self.dropout(x)
+        h = dropout(x, self.dropout, self.training)
         for (start, end), a, b in zip(self.blocks, self.lora_A, self.lora_B):
             update = self.scale * F.linear(F.linear(h, a), b)  # (..., end - start)
             y = y + F.pad(update, (start, self.out_features - end)).to(y.dtype)

@@ -398,3 +398,16 @@ def test_compiled_cpu_training_writes_causal_attention_out_and_learns_as_eager(m
     with torch.no_grad():  # no gradients (evaluation): the sdpa kernel again
         torch.compile(model, backend="aot_eager")(idx, targets)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("arch,n_expert", [("gpt", 0), ("gpt", 2), ("lstm", 0)])
+def test_dropout_acts_in_training_and_not_in_eval(arch, n_expert):
+    x = torch.randint(0, 61, (2, 12))
+    model = tiny(arch=arch, n_expert=n_expert, dropout=0.3)
+    with torch.no_grad():
+        assert torch.equal(model(x, x)[0], model(x, x)[0])  # eval mode: every unit kept
+        model.train()
+        first, second = model(x, x)[0], model(x, x)[0]
+        assert not torch.allclose(first, second)  # fresh masks each pass
+        plain = tiny(arch=arch, n_expert=n_expert).train()
+        assert torch.equal(plain(x, x)[0], plain(x, x)[0])  # dropout=0: nothing dropped in training either
