@@ -230,8 +230,7 @@ def test_every_architecture_learns_and_resumes_on_the_same_loss_curve(arch, tmp_
 def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp_path, arch_run):
     # pretrained by span corruption (arch_run), then taught to name the party a clause names:
     # the answer is in the source, so only a decoder that reads it through cross-attention gets it
-    # (it learns to at about 300 steps, to 400 with its schedule: after 250, the party was right in 3 to 6 of
-    # 12 prompts, after 300 in 10, after 400 in all 12)
+    # (it learns to at about 300-500 steps: after 250, the party was right in 3 to 6 of 12 prompts)
     rng = __import__("random").Random(0)
     parties = ["Tenant", "Landlord", "Licensee", "Licensor"]
     duties = ["pay the rent", "repair the roof", "keep records"]
@@ -248,7 +247,7 @@ def test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them(tmp
     done = run_in_process("train.py", *train_args((tmp_path / "data", "qa"), out_dir, "--arch=encdec",
                                               f"--init_from={pretrained}", "--batch_size=16",
                                               "--gradient_accumulation_steps=1", "--dropout=0", "--block_size=48",
-                                              "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=200"))
+                                              "--max_iters=500", "--lr_decay_iters=500", "--eval_interval=250"))
     assert done.returncode == 0, done.stderr
     assert "fine-tuning" in done.stdout
     evals = [r for r in read_log(out_dir) if "val_loss" in r]
