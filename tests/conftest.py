@@ -101,10 +101,13 @@ def run_torchrun(nproc, script, *args, timeout=240):
 
 def run_in_process(script, *args, cwd=None):
     """Run a script as run_script does, but inside this process: torch is imported already, so a
-    run that stops early takes a tenth of the time. For what fails before training, and for
-    sample.py, whose start would take longer than its sampling; an exception other than the
-    script's own exit (a traceback a user would see) fails the test that called it."""
-    argv, here = sys.argv, os.getcwd()
+    run that stops early takes a tenth of the time. For what fails before training, for sample.py,
+    whose start would take longer than its sampling, and for the runs the fixtures train (a test
+    that resumes one does it in a process of its own, so its exact comparison also holds a fresh
+    process to the same curve); an exception other than the script's own exit (a traceback a user
+    would see) fails the test that called it."""
+    import torch  # here, not above: after OMP_NUM_THREADS is set
+    argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()  # serve.py sets its own threads
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train.py sets its own
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
@@ -120,6 +123,7 @@ def run_in_process(script, *args, cwd=None):
         os.chdir(here)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 
@@ -215,8 +219,8 @@ def trained_run(tmp_path_factory, dataset):
     """A run trained for 30 iterations, keeping its checkpoints of 20 and 30 (and the best), with the
     report (and curves) train.py writes at the end; tests copy it before changing anything in it."""
     def train(folder):
-        done = run_script("train.py", *train_args(dataset, folder / "out", "--max_iters=30", "--keep_last=2",
-                                                  "--report=True"))
+        done = run_in_process("train.py", *train_args(dataset, folder / "out", "--max_iters=30", "--keep_last=2",
+                                                      "--report=True"))
         assert done.returncode == 0, done.stderr
     return made_once(tmp_path_factory, "run", train) / "out"
 
@@ -266,8 +270,8 @@ def arch_run(tmp_path_factory, dataset, labelled_dataset):
     def run(arch):
         def train(folder):
             data = labelled_dataset if arch == "conditional" else dataset
-            done = run_script("train.py", *train_args(data, folder / "out", *ARCHS[arch], "--max_iters=30",
-                                                      "--keep_last=2"))
+            done = run_in_process("train.py", *train_args(data, folder / "out", *ARCHS[arch], "--max_iters=30",
+                                                          "--keep_last=2"))
             assert done.returncode == 0, done.stderr
         if arch not in runs:
             runs[arch] = made_once(tmp_path_factory, arch, train) / "out"
