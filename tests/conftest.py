@@ -192,8 +192,8 @@ def corpus(tmp_path_factory):
 
 def prepare_dataset(corpus, data_dir, name, vocab_size):
     """Prepare a dataset from a folder of text; returns (data_dir, name)."""
-    done = run_script("prepare.py", f"--input={corpus}", f"--dataset={name}", f"--data_dir={data_dir}",
-                      f"--vocab_size={vocab_size}", "--val_fraction=0.1")
+    done = run_in_process("prepare.py", f"--input={corpus}", f"--dataset={name}", f"--data_dir={data_dir}",
+                          f"--vocab_size={vocab_size}", "--val_fraction=0.1")
     assert done.returncode == 0, done.stderr
     return data_dir, name
 
@@ -271,8 +271,9 @@ def labelled_dataset(tmp_path_factory):
             (folder / "docs" / kind).mkdir(parents=True)
             for i, doc in enumerate(docs):
                 (folder / "docs" / kind / f"{i:02d}.txt").write_text(doc)
-        done = run_script("prepare.py", f"--input={folder / 'docs'}", "--dataset=labelled",
-                          f"--data_dir={folder / 'data'}", "--vocab_size=320", "--val_fraction=0.1", "--labels=True")
+        done = run_in_process("prepare.py", f"--input={folder / 'docs'}", "--dataset=labelled",
+                              f"--data_dir={folder / 'data'}", "--vocab_size=320", "--val_fraction=0.1",
+                              "--labels=True")
         assert done.returncode == 0, done.stderr
     return made_once(tmp_path_factory, "labelled", prepare) / "data", "labelled"
 
