@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -54,35 +53,24 @@ best_config = "config/evolved.py"  # where the best member is written as a train
 seed = 1337
 # -----------------------------------------------------------------------------
 
-from configurator import check_ranges, configure, fail  # noqa: E402
+from configurator import SETTING_TYPES, check_ranges, configure, fail  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = "vocab_size"  # not a train.py setting: the search prepares the text with each value it tries
 SET_BY_SEARCH = ("out_dir", "max_iters", "lr_decay_iters", "max_seconds", "eval_interval", "init_from")
-FLAG = re.compile(r"^  --(\w+)=(.*?)(?:  .*)?$")
-
-
-def literal(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def train_defaults():
-    """train.py's settings and their defaults, as its --help lists them."""
-    done = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True)
-    if done.returncode != 0:
-        fail(f"train.py --help failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
-    found = {}
-    for line in done.stdout.splitlines():
-        m = FLAG.match(line)
-        if m:
-            found[m.group(1)] = literal(m.group(2).rstrip())
-    for key, value in found.items():  # a string setting that reads like a number is still a string
-        if key in ("out_dir", "dataset", "data_dir", "init_from", "device", "dtype") and not isinstance(value, str):
-            found[key] = str(value)
-    return found
+    """train.py's settings and their defaults: its source up to where it reads the command line
+    (its settings block, as in nanoGPT) run here, not a second process that imports torch to list them."""
+    path = os.path.join(HERE, "train.py")
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    end = next(i for i, stmt in enumerate(tree.body)
+               if isinstance(stmt, ast.ImportFrom) and stmt.module == "configurator")
+    scope = {"__file__": path, "__name__": "train_settings"}
+    exec(compile(ast.Module(tree.body[:end], type_ignores=[]), path, "exec"), scope)
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
 
 
 def base_settings():

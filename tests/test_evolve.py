@@ -2,7 +2,7 @@ import json
 import os
 
 import evolve as evolve_module
-from conftest import assert_clear_error, run_in_process, run_script
+from conftest import assert_clear_error, run_in_process
 from evolve import first_generation
 
 # a member: 2 x 1024-token steps of a model of at most 2 layers x 32 wide, scored on 300 val tokens
@@ -14,14 +14,13 @@ SPACE = "learning_rate = (1e-3, 1e-2)\nn_layer = (1, 2)\nn_embd = [16, 32]\nvoca
 
 
 def evolve(tmp_path, dataset, corpus, *more):
+    # in this process: what is tested is the search, and each member is still a train.py and an eval.py of its own
     data_dir, name = dataset
     train_args = " ".join([f"--data_dir={data_dir}", f"--dataset={name}", *TINY])
-    return run_script("evolve.py", f"--out_dir={tmp_path / 'search'}", f"--space={tmp_path / 'space.py'}",
-                      f"--train_args={train_args}", "--population=3", "--elite=1", "--budget_tokens=2048",
-                      "--eval_tokens=300", "--workers=1",
-                      f"--prepare_args=--input={corpus} --val_fraction=0.1",
-                      f"--best_config={tmp_path / 'best.py'}", *more,
-                      timeout=900)  # three members, each a train.py and an eval.py: minutes on a loaded machine
+    return run_in_process("evolve.py", f"--out_dir={tmp_path / 'search'}", f"--space={tmp_path / 'space.py'}",
+                          f"--train_args={train_args}", "--population=3", "--elite=1", "--budget_tokens=2048",
+                          "--eval_tokens=300", "--workers=1", f"--prepare_args=--input={corpus} --val_fraction=0.1",
+                          f"--best_config={tmp_path / 'best.py'}", *more)
 
 
 def population(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, run_script, train_args,
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, train_args,
                       train_losses)
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
@@ -49,8 +49,13 @@ def run(command, preexec_fn=None):
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, dataset):
-    def train(folder):
-        done = run([sys.executable, TRAIN, *small_args(dataset, folder / "out")])
+    def train(folder):  # in this process (as conftest's runs are), on one thread as ONE_THREAD gives the others
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            done = run_in_process("train.py", *small_args(dataset, folder / "out"))
+        finally:
+            torch.set_num_threads(threads)
         assert done.returncode == 0, done.stderr
     return read_log(made_once(tmp_path_factory, "uninterrupted", train) / "out")
 
@@ -166,8 +171,8 @@ def test_keep_last_keeps_the_newest_checkpoints_and_the_best_and_resume_falls_ba
     # the newest is damaged (a bad disk, say): resume says so and picks the newest one that loads
     (out_dir / "ckpt.pt").write_bytes(b"\0" * 100)
     os.remove(out_dir / "ckpt-00000030.pt")
-    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=30", "--keep_last=2",
-                                              "--init_from=resume"))
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--max_iters=30", "--keep_last=2",
+                                                  "--init_from=resume"))
     assert done.returncode == 0, done.stderr
     assert "ckpt.pt is not a readable checkpoint" in done.stdout and "skipped" in done.stdout
     assert "ckpt-00000020.pt (iteration 20" in done.stdout

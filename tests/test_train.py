@@ -139,7 +139,7 @@ def test_the_compiled_path_trains_like_eager(tmp_path, dataset, trained_run):
     # torch.compile must give the same training within bf16 rounding. trained_run is the same training
     # in eager mode: a step's batch, dropout and learning rate do not depend on max_iters
     out_dir = tmp_path / "out"
-    done = run_script("train.py", *train_args(dataset, out_dir, "--max_iters=5", "--compile=True"))
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--max_iters=5", "--compile=True"))
     assert done.returncode == 0, done.stderr[-2000:]
     compiled, eager = train_losses(read_log(out_dir)), train_losses(read_log(trained_run))
     assert sorted(compiled) == [1, 2, 3, 4, 5]

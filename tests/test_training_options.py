@@ -25,7 +25,7 @@ ADAPTIVE = ["--head=adaptive", "--tie_embeddings=False", "--adaptive_cutoffs=64,
 
 def trained(tmp_path_factory, dataset, name, options):
     def train(folder):
-        done = run_script("train.py", *train_args(dataset, folder / "out", *options, *SHORT))
+        done = run_in_process("train.py", *train_args(dataset, folder / "out", *options, *SHORT))  # as conftest's
         assert done.returncode == 0, done.stderr[-2000:]
     return made_once(tmp_path_factory, name, train) / "out"
 
