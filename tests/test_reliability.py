@@ -49,13 +49,8 @@ def run(command, preexec_fn=None):
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, dataset):
-    def train(folder):  # in this process (as conftest's runs are), on one thread as ONE_THREAD gives the others
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            done = run_in_process("train.py", *small_args(dataset, folder / "out"))
-        finally:
-            torch.set_num_threads(threads)
+    def train(folder):  # a process of its own, like the runs compared with it bit for bit
+        done = run([sys.executable, TRAIN, *small_args(dataset, folder / "out")])
         assert done.returncode == 0, done.stderr
     return read_log(made_once(tmp_path_factory, "uninterrupted", train) / "out")
 
