@@ -896,7 +896,7 @@ def save(iter_num, val_loss=None):
 
 
 def evaluate(iter_num, elapsed):
-    global best_val_loss, setup_seconds, evaluated
+    global best_val_loss, setup_seconds, evaluated, clock
     t0 = time.time()
     losses = estimate_loss()
     if not evaluated and iter_num < max_iters:  # the first eval compiles the eval graph: not the schedule's time
@@ -904,6 +904,7 @@ def evaluate(iter_num, elapsed):
         if ddp:  # every process leaves out the same seconds, so they keep one learning rate
             dist.all_reduce(took, op=dist.ReduceOp.MAX)
         setup_seconds += took.item()
+        clock += took.item()  # and the next step's clock has them: its rate goes on from this step's
     evaluated = True
     best_val_loss = min(best_val_loss, losses["val"])
     entry = {"iter": iter_num, "loss": losses["train"], "val_loss": losses["val"],

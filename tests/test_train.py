@@ -74,6 +74,22 @@ def test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_an
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
 
 
+def test_the_first_eval_does_not_turn_a_time_boxed_learning_rate_back_up(tmp_path, dataset):
+    # the peak comes within the first steps, so the first eval (iteration 10, of many batches: longer
+    # than a step) falls in the decay; its seconds leave the schedule, and the rate must go on down
+    out_dir = tmp_path / "out"
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=3",
+                                                  "--lr_decay_iters=100000", "--warmup_iters=100",
+                                                  "--eval_iters=60"))
+    assert done.returncode == 0, done.stderr
+    log = read_log(out_dir)
+    assert any(r["iter"] == 10 and "val_loss" in r for r in log) and log[-1]["iter"] > 12
+    lrs = [r["lr"] for r in log if "val_loss" not in r]
+    peak = lrs.index(max(lrs))
+    assert peak < 10
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
 def test_a_missing_default_dataset_is_prepared_instead_of_failing(tmp_path):
     data_dir = tmp_path / "data"
     done = run_in_process("train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
