@@ -63,6 +63,12 @@ def _parse_value(raw, default):
         return raw  # not a Python literal: left as text, and the type check says so
 
 
+def settings_of(scope):
+    """The settings among a script's globals (or a config file's names): {name: value} of the plain
+    values (bool, int, float, str, None) whose names do not start with an underscore."""
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+
+
 def configure(settings, argv=None, given=None):
     """Apply a config file and --key=value overrides onto `settings` (a script's globals()).
 
@@ -72,8 +78,7 @@ def configure(settings, argv=None, given=None):
     """
     given = set() if given is None else given
     argv = sys.argv[1:] if argv is None else argv
-    known = sorted(k for k, v in settings.items()
-                   if not k.startswith("_") and isinstance(v, SETTING_TYPES))
+    known = sorted(settings_of(settings))
     wants_help = any(arg in ("--help", "-h") for arg in argv)
     auto = {k for k in known if settings[k] == "auto"}  # these stay "auto" or a bool, whatever was set before
 

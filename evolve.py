@@ -53,7 +53,7 @@ best_config = "config/evolved.py"  # where the best member is written as a train
 seed = 1337
 # -----------------------------------------------------------------------------
 
-from configurator import SETTING_TYPES, check_ranges, configure, fail  # noqa: E402
+from configurator import check_ranges, configure, fail, settings_of  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = "vocab_size"  # not a train.py setting: the search prepares the text with each value it tries
@@ -70,7 +70,7 @@ def train_defaults():
                if isinstance(stmt, ast.ImportFrom) and stmt.module == "configurator")
     scope = {"__file__": path, "__name__": "train_settings"}
     exec(compile(ast.Module(tree.body[:end], type_ignores=[]), path, "exec"), scope)
-    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+    return settings_of(scope)
 
 
 def base_settings():
