@@ -82,8 +82,16 @@ check_ranges(globals(), {"num_samples": ">= 1", "max_new_tokens": ">= 0", "tempe
                          "repetition_penalty": "> 0", "frequency_penalty": ">= 0", "presence_penalty": ">= 0",
                          "draft_tokens": ">= 1", "slide": ">= 0"})
 
+import gc  # noqa: E402
+
+# torch's import makes a few hundred thousand objects that live as long as the process: the
+# collector would walk them over and over as they are made, and once more at exit. Off while
+# importing, then frozen (never walked again); the collector works as usual on what comes after
+gc.disable()
 from engine import Engine, check_options, embed_documents, rank_by_cosine, read_documents  # noqa: E402
 from runtime import save_atomically  # noqa: E402
+gc.freeze()
+gc.enable()
 
 if embed and not (query or embed_out):
     fail("--embed needs --query= (print the nearest documents) or --embed_out= (save the vectors), or both")
