@@ -181,10 +181,17 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, min
     generator: one torch.Generator for all rows, or a list of one per row."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = probabilities(logits, temperature, top_k, top_p, min_p)
+    ids = None
+    if 0 < top_k < logits.size(-1):  # the same law drawn among the top_k alone: fewer values to go through
+        logits, ids = torch.topk(logits, top_k)  # (B, top_k) each
+    probs = probabilities(logits, temperature, 0, top_p, min_p)
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
     if isinstance(generator, list):  # each row its own stream: a row draws the same alone or in a batch
-        return torch.cat([draw(probs[i:i + 1], g) for i, g in enumerate(generator)])
-    return draw(probs, generator)
+        picked = torch.cat([draw(probs[i:i + 1], g) for i, g in enumerate(generator)])
+    else:
+        picked = draw(probs, generator)
+    return picked if ids is None else ids.gather(1, picked)
 
 
 def draw(probs, generator=None):
@@ -230,6 +237,8 @@ class Penalties:
 
     def add(self, tokens):
         """One new token per row (b,)."""
+        if self.seen is None and self.counts is None:
+            return
         rows = torch.arange(len(tokens), device=tokens.device)
         if self.seen is not None:
             self.seen[rows, tokens] = True
