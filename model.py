@@ -175,10 +175,11 @@ def rope_tables(head_size, length, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (first half, second half) of each head's channels. x: (B, T, nh, hs); cos and
+    """Rotate pairs (first half, second half) of each head's channels. x: (B, nh, T, hs); cos and
     sin: (T, hs/2), or (B, T, hs/2) when each row has its own positions."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, hs/2) or (B, T, 1, hs/2): one per head
+    if cos.dim() == 3:  # (B, 1, T, hs/2): the same for every head
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
@@ -320,10 +321,10 @@ class KVCache:
             self.k[layer].index_copy_(2, self.index, k)
             self.v[layer].index_copy_(2, self.index, v)
             return self.k[layer], self.v[layer]
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        T = k.size(2)
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, self.pos + T), self.v[layer].narrow(2, 0, self.pos + T)
 
     def keep_rows(self, rows):
         """Only these rows (a tensor of indices) from now on: the others have finished."""
@@ -371,18 +372,14 @@ class Attention(nn.Module):
 
     def project(self, x, rope=None):
         """x (B, T, C) -> q (B, nh, T, hs), k and v (B, nkv, T, hs), rope applied to q and k."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split([C, self.kv_size, self.kv_size], dim=2)
-        q = q.view(B, T, self.n_head, self.head_size)
-        k = k.view(B, T, self.n_kv_head, self.head_size)
-        v = v.view(B, T, self.n_kv_head, self.head_size)
+        heads = split_heads(self.c_attn(x), self.head_size)  # (B, nh + 2 nkv, T, hs)
+        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, layer=0):
         """x (B, T, C) -> (B, T, C). mask: attention_mask()'s, or None; is_causal: a fresh causal pass."""
-        B, T, C = x.size()
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every token so far
@@ -391,14 +388,23 @@ class Attention(nn.Module):
         else:  # enable_gqa: each key/value head serves its group of query heads without being copied
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
-        return dropout(self.c_proj(y), self.dropout, self.training)
+        return dropout(self.c_proj(merge_heads(y)), self.dropout, self.training)
 
     def weights(self, x, rope=None, mask=None, is_causal=False):
         """The attention weights forward() would use on x (B, T, C), without dropout: (B, nh, T, T).
         For looking at (plot.py); scaled_dot_product_attention computes them inside and keeps them."""
         q, k, _ = self.project(x, rope)
         return attention_weights(q, repeat_kv(k, self.n_head), mask, is_causal)
+
+
+def split_heads(x, head_size):
+    """(B, T, n * hs) -> (B, n, T, hs): a view, each head's channels apart."""
+    return x.unflatten(-1, (-1, head_size)).transpose(1, 2)
+
+
+def merge_heads(y):
+    """(B, nh, T, hs) -> (B, T, nh * hs): each position's heads side by side again."""
+    return y.transpose(1, 2).flatten(2)
 
 
 def mlp_hidden_size(config):
@@ -875,14 +881,12 @@ class LinearAttention(Attention):
         self.causal = causal
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, layer=0):
-        B, T, C = x.size()
         q, k, v = self.project(x, rope)
         k, v = repeat_kv(k, self.n_head), repeat_kv(v, self.n_head)
         y, sums = linear_attention(q, k, v, self.causal, mask, cache.sums[layer] if cache is not None else None)
         if cache is not None:
             cache.sums[layer] = sums
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return dropout(self.c_proj(y), self.dropout, self.training)
+        return dropout(self.c_proj(merge_heads(y)), self.dropout, self.training)
 
 
 # ----------------------------------------------------------------------------------
@@ -973,23 +977,19 @@ class CrossAttention(Attention):
 
     def forward(self, x, memory, mask=None, cache=None, layer=0):
         """x (B, T, C), memory (B, S, C), mask (B, 1, 1, S): the memory's real tokens."""
-        B, T, C = x.size()
+        C = x.size(-1)
         w_q, w_kv = self.c_attn.weight.split([C, 2 * self.kv_size])
         b_q, b_kv = self.c_attn.bias.split([C, 2 * self.kv_size]) if self.c_attn.bias is not None else (None, None)
-        q = F.linear(x, w_q, b_q).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q = split_heads(F.linear(x, w_q, b_q), self.head_size)  # (B, nh, T, hs)
         if cache is not None and cache.cross[layer] is not None:
             k, v = cache.cross[layer]
-        else:
-            S = memory.size(1)
-            k, v = F.linear(memory, w_kv, b_kv).split([self.kv_size, self.kv_size], dim=2)
-            k = k.view(B, S, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
-            v = v.view(B, S, self.n_kv_head, self.head_size).transpose(1, 2)
+        else:  # (B, nkv, S, hs) each
+            k, v = split_heads(F.linear(memory, w_kv, b_kv), self.head_size).split(self.n_kv_head, dim=1)
             if cache is not None:
                 cache.cross[layer] = (k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return dropout(self.c_proj(y), self.dropout, self.training)
+        return dropout(self.c_proj(merge_heads(y)), self.dropout, self.training)
 
 
 class EncoderDecoder(Model):
