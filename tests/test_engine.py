@@ -140,6 +140,21 @@ def test_draw_picks_each_token_as_often_as_its_probability_and_never_an_impossib
     assert chi2 < 13.8  # 2 degrees of freedom: p = 0.001
 
 
+def test_top_k_sampling_draws_each_of_the_top_k_as_often_as_its_renormalized_probability():
+    # sample_next draws among the top_k logits alone: the law must still be softmax over them,
+    # at temperature 0.5, in the vocabulary's own ids (the likeliest are not the first ids)
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, 0.5, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    picks = torch.cat([sample_next(logits, 0.5, top_k=3, generator=[g]) for _ in range(n)], dim=1)[0]
+    counts = torch.bincount(picks, minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    top = [3, 1, 4]
+    expected = (logits[0, top] / 0.5).softmax(dim=0).double() * n
+    chi2 = ((counts[top] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 13.8  # 2 degrees of freedom: p = 0.001
+
+
 def test_a_cpu_engine_with_the_auto_dtype_decodes_few_rows_in_float32(monkeypatch):
     engine = engine_of()
     engine.dtype, engine.auto_dtype = torch.bfloat16, True
