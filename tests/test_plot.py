@@ -231,7 +231,9 @@ def wandb_records(path, timeout=60):
 def wandb_history(run_dir):
     """[(run id, [(step, {name: value})])] of each offline W&B run under run_dir, oldest first."""
     runs = []
-    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb"))):
+    # by the time each was last written, not by name: W&B names a run's folder by its start to
+    # the second, and a second run in the same second gets "-1" after the name, which sorts first
+    for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "*.wandb")), key=os.path.getmtime):
         run_id, steps = None, []
         for record in wandb_records(path):
             if record.WhichOneof("record_type") == "run":
