@@ -258,15 +258,17 @@ def repeat_kv(x, n_head):
 # Up to this context, compiled training on a CPU writes causal attention out (two batched matmuls and
 # a softmax that inductor fuses) instead of calling the CPU flash kernel, whose backward pass is
 # several times its forward (figures: docs/performance.md). The (T, T) scores it keeps for the
-# backward pass grow as T^2, hence the limit.
+# backward pass grow as T^2, hence the limit. It reads the queries ATTENTION_CHUNK at a time.
 WRITTEN_OUT_ATTENTION_MAX_T = 512
+ATTENTION_CHUNK = 128
 
 
 def compiled_cpu_training(q):
     """Whether attention on q (B, nh, T, hs) is traced by torch.compile for a CPU training step
-    (gradients on) with a context short enough for causal_attention."""
+    (gradients on) with a context short enough for causal_attention. Not by torch.export (the ONNX
+    export), whose graph must take any length: causal_attention's chunks are a loop over T."""
     return (q.device.type == "cpu" and q.size(-2) <= WRITTEN_OUT_ATTENTION_MAX_T and torch.is_grad_enabled()
-            and torch.compiler.is_compiling())
+            and torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 def attention_weights(q, k, mask=None, is_causal=False):
@@ -282,9 +284,18 @@ def attention_weights(q, k, mask=None, is_causal=False):
     return scores.float().softmax(dim=-1)
 
 
-def causal_attention(q, k, v):
-    """Causal attention written out: q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
-    return attention_weights(q, k, is_causal=True).to(v.dtype) @ v
+def causal_attention(q, k, v, chunk=ATTENTION_CHUNK):
+    """Causal attention written out: q, k, v (B, nh, T, hs) -> (B, nh, T, hs). The queries go
+    `chunk` at a time, each chunk over the keys up to its own last query, so the blocks of
+    scores above the diagonal, which the mask would hide whole, are never computed (at T = 256,
+    a quarter of the square; at 512, three eighths)."""
+    T, out = q.size(-2), []
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        mask = None if start == 0 else attention_mask(True, end - start, start, device=q.device)
+        weights = attention_weights(q[:, :, start:end], k[:, :, :end], mask, is_causal=start == 0)
+        out.append(weights.to(v.dtype) @ v[:, :, :end])
+    return torch.cat(out, dim=2)
 
 
 def compute_dtype(device_type, default):

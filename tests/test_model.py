@@ -365,13 +365,14 @@ def test_loading_a_model_leaves_torch_init_as_it_was_and_does_not_import_the_com
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_written_out_causal_attention_is_sdpas_causal_attention_with_its_gradients():
+@pytest.mark.parametrize("chunk", [128, 3])  # one chunk; three (3, 3, 1), each over the keys up to its end
+def test_written_out_causal_attention_is_sdpas_causal_attention_with_its_gradients(chunk):
     import torch.nn.functional as F
 
     from model import causal_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
-    ours = causal_attention(q, k, v)
+    ours = causal_attention(q, k, v, chunk)
     ours_grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
     theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     theirs_grads = torch.autograd.grad(theirs.square().sum(), (q, k, v))
