@@ -289,12 +289,13 @@ def causal_attention(q, k, v, chunk=ATTENTION_CHUNK):
     `chunk` at a time, each chunk over the keys up to its own last query, so the blocks of
     scores above the diagonal, which the mask would hide whole, are never computed (at T = 256,
     a quarter of the square; at 512, three eighths)."""
-    T, out = q.size(-2), []
-    for start in range(0, T, chunk):
-        end = min(start + chunk, T)
+    T, out, start = q.size(-2), [], 0
+    while start < T:  # comparisons, not range(T): torch.compile keeps one graph for lengths in one band
+        end = start + chunk if start + chunk < T else T
         mask = None if start == 0 else attention_mask(True, end - start, start, device=q.device)
         weights = attention_weights(q[:, :, start:end], k[:, :, :end], mask, is_causal=start == 0)
         out.append(weights.to(v.dtype) @ v[:, :, :end])
+        start = end
     return torch.cat(out, dim=2)
 
 

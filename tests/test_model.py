@@ -380,6 +380,22 @@ def test_written_out_causal_attention_is_sdpas_causal_attention_with_its_gradien
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours_grads, theirs_grads))
 
 
+def test_compiled_training_keeps_a_graph_for_many_lengths_of_a_growing_window():
+    # block_size_schedule trains on windows of growing length: causal_attention's chunks must
+    # not make torch.compile trace a graph per length (8 lengths here; a loop over range(T) did)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.compile(build_model(ModelConfig(vocab_size=64, block_size=256, n_layer=1, n_head=2, n_embd=32)),
+                          backend="eager")
+    for T in range(32, 257, 32):
+        idx = torch.randint(0, 64, (2, T))
+        model(idx, idx)[1].backward()
+    assert counters["stats"]["unique_graphs"] <= 3  # the first length; then one per band of 128 (chunks)
+
+
 def test_compiled_cpu_training_writes_causal_attention_out_and_learns_as_eager(monkeypatch):
     import model as models
     calls = []
