@@ -80,9 +80,7 @@ import time
 import traceback
 from dataclasses import fields
 
-import torch
-
-from model import ModelConfig
+from configurator import ModelConfig  # torch-free: --help answers before torch is imported
 
 # -----------------------------------------------------------------------------
 # model: every field of model.ModelConfig, at its default; those set are given to train.py. In train
@@ -149,9 +147,12 @@ speed_iters = 30            # nanogpt speed: training steps per run (the first 1
 recipe_overrides = ""       # nanogpt quality: more --key=value for nanoGPT's recipe (a shorter trial: "--max_iters=100")
 # -----------------------------------------------------------------------------
 from configurator import configure, fail  # noqa: E402
-from runtime import machine, pick_compile  # noqa: E402
 given = set()  # the settings the command line (or a config file) set
 config = configure(globals(), given=given)
+
+import torch  # noqa: E402  (after the settings: --help needs no torch)
+
+from runtime import machine, pick_compile  # noqa: E402
 
 
 def script(name):

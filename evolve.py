@@ -67,7 +67,8 @@ def train_defaults():
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     end = next(i for i, stmt in enumerate(tree.body)
-               if isinstance(stmt, ast.ImportFrom) and stmt.module == "configurator")
+               if isinstance(stmt, ast.ImportFrom) and stmt.module == "configurator"
+               and any(alias.name == "configure" for alias in stmt.names))
     scope = {"__file__": path, "__name__": "train_settings"}
     exec(compile(ast.Module(tree.body[:end], type_ignores=[]), path, "exec"), scope)
     return settings_of(scope)

@@ -40,122 +40,14 @@ import hashlib
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-ARCHS = ("gpt", "conditional", "encoder", "encdec", "lstm")
-OPTIMIZERS = ("adamw", "sgd", "lion", "muon")  # Model.configure_optimizer's kinds
-POOLS = ("first", "last", "mean")  # the state a classification head reads
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "gpt"          # gpt | conditional | encoder | encdec | lstm; each trains on its own objective
-    vocab_size: int = 8192     # rows of the embedding (train.py: the tokenizer's, rounded up to 64)
-    block_size: int = 1024     # longest context the model sees (each side, for encdec)
-    n_layer: int = 12          # blocks (for encdec: on each side), or LSTM layers
-    n_head: int = 12           # attention heads
-    n_kv_head: int = 0         # key/value heads; 0 = n_head (plain multi-head attention)
-    n_embd: int = 768          # width of the residual stream; also the LSTM's embedding and hidden size
-    dropout: float = 0.0       # on embeddings, attention weights and residual branches
-    bias: bool = False         # bias in Linear and LayerNorm layers
-    pos: str = "learned"       # learned | sinusoidal | rope | alibi
-    norm: str = "layernorm"    # layernorm | rmsnorm
-    norm_first: bool = True    # pre-norm blocks; False = post-norm (normalize after each residual add)
-    norm_eps: float = 0.0      # the norms' epsilon; 0 = PyTorch's default (layernorm 1e-5, rmsnorm the dtype's eps)
-    mlp: str = "gelu"          # gelu | gelu_tanh | swiglu
-    mlp_hidden: int = 0        # the MLP's inner width; 0 = 4 x n_embd (gelu), ~8/3 x n_embd (swiglu)
-    attention: str = "sdpa"    # sdpa (softmax) | linear (kernelized; self-attention only)
-    n_expert: int = 0          # > 0: a mixture of this many experts replaces every MLP
-    expert_top_k: int = 1      # experts each token is sent to
-    expert_capacity: float = 1.25  # in training an expert takes at most this x its fair share of tokens
-    balance_weight: float = 0.01   # weight of the experts' load-balancing loss in the loss
-    n_labels: int = 0          # conditional: how many control labels there are (train.py: the dataset's)
-    tie_embeddings: bool = True    # the head reuses the token embedding's matrix
-    rope_theta: float = 10000.0    # rope: the base of its rotation frequencies
-    head: str = "softmax"      # softmax | adaptive (adaptive softmax: rarer tokens in smaller clusters; untied)
-    adaptive_cutoffs: str = ""  # adaptive: token ids where the clusters start, e.g. "2000,10000"; "" = V/25, V/5
-    n_classes: int = 0         # > 0: a classification head on a pooled final state (train.py --task=classify)
-    pool: str = "mean"         # the state the classification head reads: first | last (token) | mean (of the tokens)
-
-    def __post_init__(self):
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        choices = {"arch": ARCHS, "pos": ("learned", "sinusoidal", "rope", "alibi"),
-                   "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
-                   "attention": ("sdpa", "linear")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.mlp_hidden < 0:
-            raise ValueError(f"mlp_hidden must be 0 (the default width) or positive, got {self.mlp_hidden}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
-        if self.norm_eps < 0:
-            raise ValueError(f"norm_eps must be 0 (the default) or positive, got {self.norm_eps}")
-        if self.head not in ("softmax", "adaptive"):
-            raise ValueError(f"head={self.head!r} is not one of softmax, adaptive")
-        if self.head == "adaptive":
-            self.cutoffs()  # checked now, not at the first forward
-            if self.tie_embeddings:
-                raise ValueError("head='adaptive' has its own output matrices, one per cluster: "
-                                 "set tie_embeddings=False")
-        if self.n_classes < 0 or self.pool not in POOLS:
-            raise ValueError(f"need n_classes >= 0 and pool one of {', '.join(POOLS)}, got n_classes={self.n_classes}, "
-                             f"pool={self.pool!r}")
-        if self.n_classes and self.arch == "conditional":
-            raise ValueError("arch='conditional' reads a control label with every token; classify with a gpt, "
-                             "encoder, encdec or lstm model")
-        if self.n_classes and self.pool == "first" and self.arch in ("gpt", "lstm"):
-            raise ValueError(f"pool='first' reads the first token's state, which in a causal arch={self.arch!r} "
-                             "model has seen only that token: use pool='last' or 'mean'")
-        if self.arch == "conditional" and self.n_labels <= 0:
-            raise ValueError("arch='conditional' needs n_labels > 0 control labels (train.py counts them in a "
-                             "dataset prepared with --labels=True)")
-        if self.arch == "lstm":
-            if self.n_expert:
-                raise ValueError("n_expert (mixture of experts) replaces a transformer's MLP; arch='lstm' has none")
-            return  # heads, positions and attention do not apply to an LSTM
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_head={self.n_head} must divide n_embd={self.n_embd}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("rope needs an even head size (n_embd / n_head)")
-        if self.pos == "alibi" and self.attention == "linear":
-            raise ValueError("pos='alibi' biases softmax scores, which attention='linear' does not compute")
-        if self.n_expert < 0 or (self.n_expert and not 1 <= self.expert_top_k <= self.n_expert):
-            raise ValueError(f"need n_expert >= 0 and 1 <= expert_top_k <= n_expert, got "
-                             f"n_expert={self.n_expert}, expert_top_k={self.expert_top_k}")
-        if self.expert_capacity <= 0 or self.balance_weight < 0:
-            raise ValueError("expert_capacity must be positive and balance_weight not negative")
-
-    def cutoffs(self):
-        """The adaptive head's cutoffs: increasing token ids in (0, vocab_size), each starting a cluster
-        (the ids are taken as ordered by frequency, as a BPE's merges roughly are)."""
-        text = self.adaptive_cutoffs or f"{max(1, self.vocab_size // 25)},{max(2, self.vocab_size // 5)}"
-        try:
-            cutoffs = [int(c) for c in text.split(",")]
-        except ValueError:
-            raise ValueError(f"adaptive_cutoffs={text!r} is not a comma-separated list of token ids") from None
-        if not all(a < b for a, b in zip([0] + cutoffs, cutoffs)) or cutoffs[-1] >= self.vocab_size:
-            raise ValueError(f"adaptive_cutoffs={text!r} must increase, each between 0 and the vocabulary's "
-                             f"{self.vocab_size} (exclusive)")
-        return cutoffs
-
-    @classmethod
-    def from_settings(cls, settings):
-        """The model's fields picked out of a script's settings (or a checkpoint's model_args)."""
-        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+# the model's settings live in configurator.py, which does not import torch (scripts' --help)
+from configurator import OPTIMIZERS, ModelConfig  # noqa: F401  (ModelConfig: for model.ModelConfig)
 
 
 # ----------------------------------------------------------------------------------

@@ -50,15 +50,6 @@ from base64 import b64encode
 from contextlib import asynccontextmanager
 from typing import Literal, Optional, Union
 
-import torch
-from fastapi import Depends, FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException
-
-from engine import DEFAULTS, Engine, check_options
-
 # -----------------------------------------------------------------------------
 out_dir = "out"
 host = "127.0.0.1"          # the address to listen on; 0.0.0.0 is every interface (set api_key then)
@@ -84,6 +75,17 @@ draft_out_dir = ""          # a smaller run with the same tokenizer that drafts 
 # -----------------------------------------------------------------------------
 from configurator import check_ranges, configure, fail  # noqa: E402
 settings = configure(globals(), None if __name__ == "__main__" else [])  # imported (tests): the defaults
+
+# after the settings: --help needs neither torch nor the web stack
+import torch  # noqa: E402
+from fastapi import Depends, FastAPI, Request  # noqa: E402
+from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+
+from engine import DEFAULTS, Engine, check_options  # noqa: E402
+
 check_ranges(globals(), {"port": "[0, 65535]", "max_batch_size": ">= 1", "max_wait_ms": ">= 0", "max_queue": ">= 1",
                          "max_body_bytes": ">= 1", "max_prompt_tokens": ">= 1", "max_tokens_limit": ">= 1",
                          "max_n": ">= 1", "rate_limit": ">= 0",

@@ -35,10 +35,6 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"
@@ -63,7 +59,7 @@ batch_size = 12             # sequences per micro-step per process, block_size t
 task = "lm"                 # lm: arch's own objective | classify: each document's label as its class (a dataset
                             # prepared with --labels=True), by a head on the pooled final state (pool); val accuracy
 # model: every field of model.ModelConfig but those the dataset decides (vocab_size, n_labels, n_classes)
-from model import ModelConfig  # noqa: E402
+from configurator import ModelConfig  # noqa: E402  (torch-free: --help answers before torch is imported)
 globals().update({f.name: f.default for f in fields(ModelConfig)
                   if f.name not in ("vocab_size", "n_labels", "n_classes")})
 # objectives of the encoder (masked-language modelling) and encdec (span corruption)
@@ -123,6 +119,11 @@ check_ranges(globals(), {
     "ddp_timeout": "> 0", "momentum": "[0, 1)", "wsd_decay_iters": ">= 0", "label_smoothing": "[0, 1)",
     "block_size_schedule": ">= 0", "block_size_start": ">= 1", "lora_rank": ">= 0", "lora_alpha": "> 0",
     "lora_dropout": "[0, 1)", "distill_weight": "[0, 1]", "distill_temperature": "> 0"})
+
+import torch  # noqa: E402  (after the settings: --help needs no torch)
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
 LR_SCHEDULES = ("cosine", "linear", "wsd", "constant")
 if lr_schedule == "wsd" and not wsd_decay_iters:
     wsd_decay_iters = max(1, (lr_decay_iters - warmup_iters) // 5)

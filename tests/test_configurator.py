@@ -214,3 +214,13 @@ def test_every_script_answers_help_with_its_settings_and_exit_code_0(name):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(f"usage: python {name} [config/file.py ...] [--key=value ...]")
     assert "\n  --seed=1337" in done.stdout  # a setting every script has, with its value
+
+
+@pytest.mark.parametrize("script", ["train.py", "bench.py", "serve.py", "sample.py", "eval.py", "export.py"])
+def test_help_answers_before_torch_is_installed(script):
+    # a new user may ask --help before pip install: the settings come before the heavy imports
+    blocked = "import runpy, sys; sys.modules.update(torch=None, fastapi=None); sys.argv = [sys.argv[1], '--help']; " \
+              "runpy.run_path(sys.argv[0], run_name='__main__')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", blocked, script], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and "--" in done.stdout, done.stderr[-2000:]

@@ -130,7 +130,7 @@ def test_every_model_setting_but_the_datasets_is_a_train_setting_with_the_models
 def test_help_shows_each_setting_with_its_value_after_a_config_file_and_the_comment_beside_it():
     lines = help_lines("config/legal_small.py")
     assert lines["--n_layer"].startswith("--n_layer=4 ")  # legal_small's, not the default 12
-    assert lines["--n_layer"].endswith(comment_in_source("model.py", "    n_layer:"))  # a model setting's
+    assert lines["--n_layer"].endswith(comment_in_source("configurator.py", "    n_layer:"))  # a model setting's
     assert lines["--keep_last"].endswith(comment_in_source("train.py", "keep_last ="))  # one of train.py's own
 
 
