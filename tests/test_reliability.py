@@ -86,7 +86,8 @@ def test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_fo
             assert f"/ckpt.pt (iteration {resume_from}" in done.stdout or n == 0, where
         log = read_log(out_dir)
         assert train_losses(log) == {i: loss for i, loss in train_losses(uninterrupted).items() if i in train_losses(log)}, where
-        if "writing" not in what:  # a .tmp left by a kill is gone at the next start
+        killed_anywhere = code is None and done.returncode == -9  # a random moment may fall in a checkpoint's write
+        if "writing" not in what and not killed_anywhere:  # a .tmp left by a kill is gone at the next start
             assert not [name for name in os.listdir(out_dir) if name.endswith(".tmp")], where
         if code == 0 and faults:  # a graceful stop says where its checkpoint is
             assert f"stopped by SIG{'TERM' if 'TERM' in what else 'INT'} at iteration {next_from}: checkpoint" \
