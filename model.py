@@ -4,8 +4,8 @@ nanolex models: every architecture in one file, built from one set of blocks.
 Read the GPT first (arch="gpt", the defaults): token + learned position embeddings ->
 n_layer pre-norm blocks of causal self-attention and an MLP -> a final norm -> a head
 tied to the token embedding, trained to predict the next token. That path is
-ModelConfig, the small functions, Attention, MLP, Block, Embedding, Stack, Model and
-GPT, in that order.
+ModelConfig (in configurator.py), the small functions, Attention, MLP, Block, Embedding,
+Stack, Model and GPT, in that order.
 
 Its switches, each read in one place:
 - n_kv_head < n_head   grouped-query attention: groups of heads share keys/values (1 = MQA)

@@ -59,7 +59,7 @@ batch_size = 12             # sequences per micro-step per process, block_size t
 task = "lm"                 # lm: arch's own objective | classify: each document's label as its class (a dataset
                             # prepared with --labels=True), by a head on the pooled final state (pool); val accuracy
 # model: every field of model.ModelConfig but those the dataset decides (vocab_size, n_labels, n_classes)
-from configurator import ModelConfig  # noqa: E402  (torch-free: --help answers before torch is imported)
+from configurator import OPTIMIZERS, ModelConfig  # noqa: E402  (torch-free: --help answers before torch is imported)
 globals().update({f.name: f.default for f in fields(ModelConfig)
                   if f.name not in ("vocab_size", "n_labels", "n_classes")})
 # objectives of the encoder (masked-language modelling) and encdec (span corruption)
@@ -131,7 +131,6 @@ if lr_schedule == "wsd" and not wsd_decay_iters:
 
 def check_training_options():
     """The optimizer, the schedules and the options, against each other and the run's length."""
-    from model import OPTIMIZERS
     if optimizer not in OPTIMIZERS:
         fail(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if lr_schedule not in LR_SCHEDULES:
