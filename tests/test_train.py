@@ -128,10 +128,23 @@ def test_every_model_setting_but_the_datasets_is_a_train_setting_with_the_models
 
 
 def test_help_shows_each_setting_with_its_value_after_a_config_file_and_the_comment_beside_it():
-    lines = help_lines("config/legal_small.py")
-    assert lines["--n_layer"].startswith("--n_layer=4 ")  # legal_small's, not the default 12
+    lines = help_lines("config/compare_transformer.py")
+    assert lines["--n_layer"].startswith("--n_layer=3 ")  # the config's, not the default 12
     assert lines["--n_layer"].endswith(comment_in_source("configurator.py", "    n_layer:"))  # a model setting's
     assert lines["--keep_last"].endswith(comment_in_source("train.py", "keep_last ="))  # one of train.py's own
+
+
+@pytest.mark.parametrize("device, bf16_units, n_layer, pos", [
+    ("cpu", True, 4, "learned"), ("cpu", False, 1, "rope"), ("cuda", False, 4, "learned")])
+def test_legal_small_is_one_small_layer_only_on_a_cpu_without_bf16_units(monkeypatch, device, bf16_units,
+                                                                          n_layer, pos):
+    import runtime
+    monkeypatch.setattr(runtime, "pick_device", lambda name: device)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: bf16_units)
+    lines = help_lines("config/legal_small.py")
+    assert lines["--n_layer"].startswith(f"--n_layer={n_layer} ")
+    assert lines["--pos"].startswith(f"--pos={pos} ")
+    assert help_lines("config/legal_small.py", "--n_layer=2")["--n_layer"].startswith("--n_layer=2 ")  # flags win
 
 
 def test_rope_theta_set_on_the_command_line_is_the_trained_models(tmp_path, dataset):
