@@ -33,6 +33,7 @@ max_seconds = 420           # stop, eval and save by 7 minutes; warmup and decay
 # one-layer, 128-wide model with rotary positions, RMSNorm and SwiGLU takes 5x the tokens in the same
 # time and reaches 1.61 (docs/performance.md, "A CPU without bf16 units"); on a GPU, or a CPU
 # with bf16 units, the model above. --key=value on the command line still overrides either.
+import os
 import runtime  # (it imports torch, as train.py does next)
 
 if runtime.pick_device("auto") == "cpu" and not runtime.cpu_has_bf16_units():
@@ -41,8 +42,8 @@ if runtime.pick_device("auto") == "cpu" and not runtime.cpu_has_bf16_units():
     pos = "rope"
     norm = "rmsnorm"
     mlp = "swiglu"
-    gradient_accumulation_steps = 1  # 4 x 256 = 1024 tokens a step
-    batch_size = 4
+    batch_size = 4              # 4 x 256 = 1024 tokens a micro-step, and one micro-step a process:
+    gradient_accumulation_steps = int(os.environ.get("WORLD_SIZE", "1"))  # 2 under torchrun's 2 processes
     max_iters = 4000            # ~4M tokens, as the model above in its 800 steps
     lr_decay_iters = 4000
     warmup_iters = 250
