@@ -78,7 +78,7 @@ def test_the_first_eval_does_not_turn_a_time_boxed_learning_rate_back_up(tmp_pat
     # the peak comes within the first steps, so the first eval (iteration 10, of many batches: longer
     # than a step) falls in the decay; its seconds leave the schedule, and the rate must go on down
     out_dir = tmp_path / "out"
-    done = run_in_process("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=3",
+    done = run_in_process("train.py", *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=8",
                                                   "--lr_decay_iters=100000", "--warmup_iters=100",
                                                   "--eval_iters=60"))
     assert done.returncode == 0, done.stderr
