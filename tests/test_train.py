@@ -145,10 +145,15 @@ def test_legal_small_is_one_small_layer_only_on_a_cpu_without_bf16_units(monkeyp
     assert lines["--n_layer"].startswith(f"--n_layer={n_layer} ")
     assert lines["--pos"].startswith(f"--pos={pos} ")
     assert help_lines("config/legal_small.py", "--n_layer=2")["--n_layer"].startswith("--n_layer=2 ")  # flags win
-    if n_layer == 1:  # one micro-step in each process, so torchrun's 2 processes divide the step
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        lines = help_lines("config/legal_small.py")
-        assert lines["--gradient_accumulation_steps"].startswith("--gradient_accumulation_steps=2 ")
+
+
+def test_legal_small_on_a_cpu_without_bf16_units_takes_one_micro_step_a_process(monkeypatch):
+    import runtime  # so torchrun's 2 processes divide its step
+    monkeypatch.setattr(runtime, "pick_device", lambda name: "cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    lines = help_lines("config/legal_small.py")
+    assert lines["--gradient_accumulation_steps"].startswith("--gradient_accumulation_steps=2 ")
 
 
 def test_rope_theta_set_on_the_command_line_is_the_trained_models(tmp_path, dataset):
