@@ -117,9 +117,15 @@ class Batches:
                                for split, data in self.bins.items()}
         # the encoder's random replacements are ordinary tokens, never <|endoftext|> or <|mask|>
         self.ordinary_ids = torch.tensor(sorted(set(range(tokenizer.vocab_size)) - set(tokenizer.special.values())))
-        # encdec: how many spans are cut from a window, and the longest target they make
+        # encdec: how many spans are cut from a window, and the longest target they make; on prompt/response
+        # data, the longest prompt and the longest response in the dataset (a question of 30 tokens and an
+        # answer of 5 are not each padded to block_size: the padding would be computed and thrown away)
         self.n_spans = max(1, round(mask_prob * block_size / span_length))
-        self.target_length = block_size if self.masks else min(block_size, self.n_spans * (span_length + 1) + 1)
+        self.source_length = block_size
+        self.target_length = min(block_size, self.n_spans * (span_length + 1) + 1)
+        if self.masks and arch == "encdec":
+            longest = [self.longest_prompt_and_response(split) for split in self.bins]
+            self.source_length, self.target_length = (min(block_size, max(1, *n)) for n in zip(*longest))
 
     def get(self, split, generator):
         """A batch of split for arch's objective: {argument of the model's forward: tensor}."""
@@ -211,18 +217,18 @@ class Batches:
     def seq2seq(self, split, generator):
         """(source, target) pairs, padded: src and its src_mask (real tokens), the decoder's
         input (<|bos|> then the target but its last token) and the target."""
-        block_size, target_length, tokenizer = self.block_size, self.target_length, self.tokenizer
+        source_length, target_length, tokenizer = self.source_length, self.target_length, self.tokenizer
         if self.masks:
             pairs = [self.prompt_response(split, s) for s in self.random_document_starts(split, generator).tolist()]
         else:
-            starts = torch.randint(len(self.bins[split]) - block_size + 1, (self.batch_size,), generator=generator)
+            starts = torch.randint(len(self.bins[split]) - source_length + 1, (self.batch_size,), generator=generator)
             pairs = [self.span_corruption(window.numpy(), generator)
-                     for window in read_windows(self.bins[split], starts, block_size)]
-        src = torch.full((self.batch_size, block_size), tokenizer.pad_id)
+                     for window in read_windows(self.bins[split], starts, source_length)]
+        src = torch.full((self.batch_size, source_length), tokenizer.pad_id)
         idx = torch.full((self.batch_size, target_length), tokenizer.pad_id)
         targets = torch.full((self.batch_size, target_length), -1)
         for row, (source, target) in enumerate(pairs):
-            source, target = torch.from_numpy(source[:block_size]), torch.from_numpy(target[:target_length])
+            source, target = torch.from_numpy(source[:source_length]), torch.from_numpy(target[:target_length])
             src[row, :len(source)] = source
             idx[row, 0], idx[row, 1:len(target)] = tokenizer.bos_id, target[:-1]
             targets[row, :len(target)] = target
@@ -240,6 +246,13 @@ class Batches:
         source = np.where(first, mask_id, tokens)[~cut | first]
         target = np.insert(tokens[cut], np.flatnonzero(first[cut]), mask_id)
         return source, np.append(target, self.tokenizer.eot_id)
+
+    def longest_prompt_and_response(self, split):
+        """The most prompt tokens and the most response tokens (<|endoftext|> included) of a document of split."""
+        data, responses = self.bins[split], self.masks[split]
+        document = np.concatenate([[0], np.cumsum(data[:-1] == self.tokenizer.eot_id)])  # of every token
+        response_tokens = np.bincount(document, weights=responses)
+        return int((np.bincount(document) - response_tokens).max()), int(response_tokens.max())
 
     def prompt_response(self, split, start):
         """On prompt/response data: the prompt is the source, the response the target."""

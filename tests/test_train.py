@@ -231,6 +231,31 @@ def test_prompt_response_data_trains_only_on_the_responses(tmp_path):
     assert evals[-1]["val_loss"] < 1.2
 
 
+def test_an_encoder_decoders_pairs_are_padded_to_the_longest_prompt_and_response_not_to_block_size(tmp_path):
+    from batches import Batches
+    rng = __import__("random").Random(0)
+    with open(tmp_path / "qa.jsonl", "w") as f:
+        for i in range(60):
+            words = " ".join(rng.choice(["the Tenant", "shall", "pay", "the rent"]) for _ in range(rng.randint(2, 12)))
+            response = " Tenant" * rng.randint(1, 3)
+            f.write(json.dumps({"prompt": f"Clause {i}: {words}. Who pays?", "response": response}) + "\n")
+    done = run_in_process("prepare.py", "--input=qa.jsonl", "--vocab_size=300", "--val_fraction=0.2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = Batches(tmp_path / "data" / "legal", "encdec", 128, 8, 0.15, 3)
+    pairs = [data.prompt_response(split, start) for split in ("train", "val") for start in data.doc_starts[split]]
+    longest_prompt, longest_response = (max(len(pair[i]) for pair in pairs) for i in (0, 1))
+    assert 10 < longest_prompt < 100 and 3 < longest_response < 20  # the data's, far below block_size
+    batch = data.get("train", torch.Generator().manual_seed(0))
+    assert batch["src"].shape == (8, longest_prompt)
+    assert batch["idx"].shape == batch["targets"].shape == (8, longest_response)
+    for row in range(8):  # each row is a whole pair, then padding
+        source = batch["src"][row][batch["src_mask"][row]].tolist()
+        target = batch["targets"][row][batch["targets"][row] >= 0].tolist()
+        assert any(source == p.tolist() and target == r.tolist() for p, r in pairs)
+    short = Batches(tmp_path / "data" / "legal", "encdec", 8, 8, 0.15, 3)  # block_size still caps both
+    assert short.source_length == 8 and short.target_length == min(8, longest_response)
+
+
 # ---- every architecture --------------------------------------------------------------------
 
 def resume_from_20(run_dir, tmp_path, dataset, *args):
