@@ -1,3 +1,4 @@
+import atexit
 import fcntl
 import hashlib
 import importlib.util
@@ -10,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -22,25 +25,26 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 # the scripts live in the repository root, one level up: make them importable as modules
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The longest tests (10-50 s each on two cores), longest first, start first: under pytest -n, a
+# The longest tests (10-40 s each on two cores), longest first, start first: under pytest -n, a
 # worker that drew one of them last would run it alone while the others had nothing left to do.
 # The rest keep their order (and all keep it without -n). A name that is not here (any more) only
-# loses its place in front.
+# loses its place in front. The compiled path's test is long where torch.compile's cache is empty.
 LONGEST_FIRST = [
-    "test_reliability.py::test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_for_bit",
     "test_train.py::test_an_encoder_decoder_fine_tuned_on_prompt_response_pairs_answers_them",
+    "test_train.py::test_the_compiled_path_trains_like_eager",
     "test_evolve.py::test_a_search_killed_in_its_first_generation_resumes_and_runs_the_second",
-    "test_fsdp.py::test_a_run_killed_at_any_moment_resumes_on_the_same_loss_curve_bit_for_bit",
-    "test_finetune.py::test_a_lora_run_on_two_processes_gives_the_losses_of_one_and_resumes",
     "test_bench.py::test_compare_times_train_py_and_its_fp32_eager_baseline_by_their_own_logs",
+    "test_fsdp.py::test_a_run_killed_at_any_moment_resumes_on_the_same_loss_curve_bit_for_bit",
     "test_bench.py::test_study_trains_each_recipe_and_writes_the_table_between_the_markers",
-    "test_train.py::test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_and_decayed_in_time",
-    "test_reliability.py::test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_line[hangs]",
-    "test_training_options.py::test_two_processes_train_the_options_run_with_the_losses_of_one",
+    "test_finetune.py::test_a_lora_run_on_two_processes_gives_the_losses_of_one_and_resumes",
+    "test_training_options.py::test_an_adaptive_head_trains_and_generates_under_torch_compile",
     "test_reliability.py::test_two_processes_give_the_losses_of_one_with_the_same_global_batch",
-    "test_reliability.py::test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_line[dies]",
-    "test_fsdp.py::test_fsdp_gives_the_losses_of_ddp_on_the_same_batches",
     "test_gpu.py::test_ddp_eval_with_fewer_batches_than_processes_and_rope_buffers_does_not_hang",
+    "test_train.py::test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_and_decayed_in_time",
+    "test_speculative.py::test_sampled_speculative_output_has_the_target_models_distribution",
+    "test_training_options.py::test_two_processes_train_the_options_run_with_the_losses_of_one",
+    "test_reliability.py::test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_for_bit",
+    "test_reliability.py::test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_line[hangs]",
 ]
 
 
@@ -101,18 +105,49 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--
 
 
 def run_script(script, *args, cwd=None, timeout=240, env=None):
-    """Run one of the project's scripts the way a user does (env: variables to add), and capture what it says."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
-                          env={**os.environ, **env} if env else None)
+    """Run one of the project's scripts the way a user does, in a process of its own, and capture what
+    it says. With env (variables to add, such as PYTHONPATH, which act as an interpreter starts) a fresh
+    interpreter; without, one forked from a server that has imported torch already (run_forked)."""
+    if env:
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                              text=True, cwd=cwd or ROOT, timeout=timeout, env={**os.environ, **env})
+    return run_forked([os.path.join(ROOT, script), *args], cwd=cwd, timeout=timeout)
 
 
-def run_torchrun(nproc, script, *args, timeout=240):
+FORKED = os.path.join(ROOT, "tests", "forkserver.py")
+_fork_server = {}  # this test process's: its process and socket, started by the first fork_server()
+
+
+def fork_server():
+    """The socket of tests/forkserver.py's server for this test process, started at the first call."""
+    if not _fork_server:
+        folder = tempfile.mkdtemp(prefix="forkserver-")
+        _fork_server.update(path=os.path.join(folder, "socket"),
+                            process=subprocess.Popen([sys.executable, FORKED, "serve", os.path.join(folder, "socket")]))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        atexit.register(_fork_server["process"].kill)  # run first: registered last
+    while not os.path.exists(_fork_server["path"]):  # the server is importing torch
+        if _fork_server["process"].poll() is not None:
+            raise RuntimeError("tests/forkserver.py's server did not start")
+        time.sleep(0.05)
+    return _fork_server["path"]
+
+
+def run_forked(argv, cwd=None, env=None, timeout=240):
+    """subprocess.run([sys.executable, *argv], capture_output=True, text=True, ...): the same Python script
+    in a process of its own, but forked from one that has imported torch (tests/forkserver.py)."""
+    return subprocess.run([sys.executable, FORKED, *map(str, argv)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env={**(env or os.environ), "FORKSERVER": fork_server()})
+
+
+def run_torchrun(nproc, *script_and_args, timeout=240):
     """Run a script on nproc processes as torchrun starts them on one machine (gloo on a CPU), one
-    thread each, so the processes do not spin against each other on the cores."""
+    thread each, so the processes do not spin against each other on the cores. torchrun starts
+    tests/forkserver.py, which runs the script forked as run_forked does (test_reliability's
+    test_two_processes_give_the_losses_of_one_with_the_same_global_batch runs the real thing)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           FORKED, *map(str, script_and_args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", "FORKSERVER": fork_server()})
 
 
 def run_in_process(script, *args, cwd=None):

@@ -7,13 +7,12 @@ the ckpt.pt every other script reads. Bad settings and broken checkpoints end wi
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_clear_error, made_once, read_log, run_in_process, train_losses
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_forked, run_in_process, run_torchrun,
+                      train_losses)
 from test_reliability import INJECT, ONE_THREAD, TRAIN, small_args
 
 # 12 iterations of 2 micro-steps (1 per process), evals and checkpoints at 4, 8 and 12; 3 eval
@@ -22,9 +21,7 @@ FSDP = ["--parallelism=fsdp", "--dtype=float32", "--eval_iters=3"]
 
 
 def torchrun(nproc, *args, script=(TRAIN,)):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", *script, *args],
-                          capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=240)
+    return run_torchrun(nproc, *script, *args)
 
 
 def alone(*args):
@@ -32,8 +29,7 @@ def alone(*args):
     no torchrun: its own report on a failed process would follow the script's one line)."""
     env = {**ONE_THREAD, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + random.randrange(1000))}
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=240)
+    return run_forked([TRAIN, *args], cwd=ROOT, env=env)
 
 
 def said(done):

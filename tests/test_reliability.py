@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (ROOT, assert_clear_error, made_once, read_log, run_in_process, train_args,
+from conftest import (ROOT, assert_clear_error, made_once, read_log, run_forked, run_in_process, train_args,
                       train_losses)
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
@@ -43,8 +43,13 @@ def small_args(dataset, out_dir, *more):
 
 
 def run(command, preexec_fn=None):
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=240,
-                          preexec_fn=preexec_fn)
+    """A Python script in a process of its own (forked from one that has imported torch, unless the
+    process first needs preexec_fn)."""
+    if preexec_fn:
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=240,
+                              preexec_fn=preexec_fn)
+    assert command[0] == sys.executable
+    return run_forked(command[1:], cwd=ROOT, env=ONE_THREAD)
 
 
 @pytest.fixture(scope="session")

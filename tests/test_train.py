@@ -2,15 +2,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import fields
 
 import pytest
 import torch
 
-from conftest import (ARCHS, ROOT, assert_clear_error, prepare_dataset, read_log, run_in_process, run_script,
-                      train_args, train_losses)
+from conftest import (ARCHS, ROOT, assert_clear_error, prepare_dataset, read_log, run_forked, run_in_process,
+                      run_script, train_args, train_losses)
 from model import ModelConfig
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
@@ -56,10 +54,8 @@ def test_max_seconds_stops_training_then_evaluates_and_saves_having_warmed_up_an
     # a schedule of 100,000 iterations that only the clock can move along: warmup over the first tenth of the
     # time budget, cosine decay over the rest; the first step takes 2 seconds more (as if compiling), which
     # the schedule leaves out, so it has the rest of the 10 to warm up and decay in
-    done = subprocess.run([sys.executable, INJECT, "slow@backward:1", "train.py",
-                           *train_args(dataset, out_dir, "--max_iters=100000", "--max_seconds=10",
-                                       "--lr_decay_iters=100000", "--warmup_iters=10000")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    done = run_forked([INJECT, "slow@backward:1", "train.py", *train_args(dataset, out_dir, "--max_iters=100000",
+                       "--max_seconds=10", "--lr_decay_iters=100000", "--warmup_iters=10000")])
     assert done.returncode == 0, done.stderr
     log = read_log(out_dir)
     assert "val_loss" in log[-1]
