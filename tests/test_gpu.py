@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import runtime
-from conftest import ROOT, assert_clear_error, read_log, run_in_process, train_args
+from conftest import ROOT, assert_clear_error, read_log, run_in_process, run_torchrun, train_args
 from model import GPT, LinearAttention, ModelConfig, MoE, build_model, linear_attention_fp32, mlp_activation
 
 
@@ -146,12 +145,8 @@ def test_sdpa_serves_each_key_value_head_to_its_group_without_copies(mask):
 
 def test_ddp_eval_with_fewer_batches_than_processes_and_rope_buffers_does_not_hang(tmp_path, dataset):
     # eval_iters=1 of 2 processes: one has no eval batch, and DDP's forward (a collective) would wait for it
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *train_args(dataset, tmp_path / "out", "--pos=rope",
-                                                                       "--eval_only=True", "--eval_iters=1",
-                                                                       "--ddp_timeout=30")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = run_torchrun(2, "train.py", *train_args(dataset, tmp_path / "out", "--pos=rope", "--eval_only=True",
+                                                   "--eval_iters=1", "--ddp_timeout=30"), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["iter"] for r in read_log(tmp_path / "out") if "val_loss" in r] == [0]
 

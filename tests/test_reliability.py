@@ -21,8 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (ROOT, assert_clear_error, made_once, read_log, run_forked, run_in_process, train_args,
-                      train_losses)
+from conftest import (FORKED, ROOT, assert_clear_error, fork_server, made_once, read_log, run_forked,
+                      run_in_process, train_args, train_losses)
 
 INJECT = os.path.join(ROOT, "tests", "inject.py")
 TRAIN = os.path.join(ROOT, "train.py")
@@ -229,12 +229,12 @@ def test_a_rank_that_dies_or_hangs_makes_the_other_exit_with_a_clear_line(fault,
     # two processes started by hand, as torchrun would, but with no torchrun to clean up after them
     port = str(29500 + random.Random(str(tmp_path)).randrange(1000))
     env = {**ONE_THREAD, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2"}
+           "LOCAL_WORLD_SIZE": "2", "FORKSERVER": fork_server()}  # each forked, as run_forked's (killed with it)
     args = small_args(dataset, tmp_path / "out", "--gradient_accumulation_steps=2", "--max_iters=1000", "--ddp_timeout=3")
     ranks = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r, command in enumerate([[sys.executable, TRAIN, *args],
-                                          [sys.executable, INJECT, fault, TRAIN, *args]])]
+             for r, command in enumerate([[sys.executable, FORKED, TRAIN, *args],
+                                          [sys.executable, FORKED, INJECT, fault, TRAIN, *args]])]
     try:
         start = time.time()
         out, err = ranks[0].communicate(timeout=120)
