@@ -31,14 +31,16 @@ import traceback
 
 
 def serve(path):
-    """Answer requests until killed; in each forked child, return the child's request and descriptors."""
+    """Answer requests until killed or orphaned; in each forked child, return the child's request and
+    descriptors."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
     running = {}  # pidfd -> (pid, the connection its exit code goes to)
     watched = {}  # connection -> pidfd, while its client is there
-    while True:
-        for ready in select.select([listener, *running, *watched], [], [])[0]:
+    parent = os.getppid()
+    while os.getppid() == parent:  # a test process that dies without killing its server takes it along
+        for ready in select.select([listener, *running, *watched], [], [], 1.0)[0]:
             if ready is listener:
                 conn = listener.accept()[0]
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
@@ -131,4 +133,6 @@ if __name__ == "__main__":
     import numpy  # noqa: F401
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
-    become(*serve(sys.argv[2]))
+    child = serve(sys.argv[2])
+    if child:
+        become(*child)
