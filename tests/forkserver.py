@@ -44,8 +44,13 @@ def serve(path):
             if ready is listener:
                 conn = listener.accept()[0]
                 message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-                while len(message) < 8 + int.from_bytes(message[:8], "big"):
-                    message += conn.recv(1 << 16)
+                while len(message) < 8 + int.from_bytes(message[:8], "big") and (more := conn.recv(1 << 16)):
+                    message += more
+                if len(fds) != 3 or len(message) < 8 + int.from_bytes(message[:8], "big"):
+                    for fd in fds:  # not a whole request: its client went away
+                        os.close(fd)
+                    conn.close()
+                    continue
                 sys.stdout.flush()
                 sys.stderr.flush()
                 pid = os.fork()
@@ -59,8 +64,8 @@ def serve(path):
                 for fd in fds:
                     os.close(fd)
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-                running[os.pidfd_open(pid)] = (pid, conn)
-                watched[conn] = next(reversed(running))
+                pidfd = os.pidfd_open(pid)
+                running[pidfd], watched[conn] = (pid, conn), pidfd
             elif ready in watched:  # the client went away (killed, say): so does its process
                 pidfd = watched.pop(ready)
                 if not ready.recv(1) and pidfd in running:
@@ -109,7 +114,7 @@ def run(argv):
     env = dict(os.environ)
     path = env.pop("FORKSERVER", None)
     if not path:
-        os.execv(sys.executable, [sys.executable, *argv])
+        os.execv(sys.executable, [sys.executable, *(["-u"] if sys.stdout.write_through else []), *argv])
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env,
