@@ -121,7 +121,8 @@ def fork_server():
     if not _fork_server:
         folder = tempfile.mkdtemp(prefix="forkserver-")
         _fork_server.update(path=os.path.join(folder, "socket"),
-                            process=subprocess.Popen([sys.executable, FORKED, "serve", os.path.join(folder, "socket")]))
+                            process=subprocess.Popen([sys.executable, FORKED, "serve", os.path.join(folder, "socket"),
+                                                      str(os.getpid())]))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         atexit.register(_fork_server["process"].kill)  # run first: registered last
     while not os.path.exists(_fork_server["path"]):  # the server is importing torch

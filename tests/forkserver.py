@@ -6,12 +6,14 @@ request's stdin, stdout, stderr, directory, environment and threads and runs the
 __main__. The child is a process of its own, so kills, signals, exit codes and what is left on
 disk are a real process's; only torch and numpy are loaded already when the script starts.
 
-    python tests/forkserver.py serve SOCKET   serve until killed (conftest starts one per test process)
-    python tests/forkserver.py SCRIPT ARGS    run SCRIPT in a child of the server at $FORKSERVER and end
-                                              as it ends (its exit code, or its signal); the signals
-                                              this process gets go to it. Without $FORKSERVER: python
-                                              SCRIPT ARGS itself. This side imports no torch, so it
-                                              starts in ~50 ms, under torchrun too.
+    python tests/forkserver.py serve SOCKET PID   serve until killed, or until PID, the process that
+                                                  started it, is gone (conftest starts one per test process)
+    python tests/forkserver.py SCRIPT ARGS        run SCRIPT in a child of the server at $FORKSERVER and
+                                                  end as it ends (its exit code, or its signal); the
+                                                  signals this process gets go to it. Without
+                                                  $FORKSERVER: python SCRIPT ARGS itself. This side
+                                                  imports no torch, so it starts in ~50 ms, under
+                                                  torchrun too.
 
 A request is one JSON message {"argv", "cwd", "env", "unbuffered"} after its length (8 bytes), with
 three file descriptors (stdin, stdout, stderr); the server answers {"pid": N} at once and the exit
@@ -30,15 +32,14 @@ import sys
 import traceback
 
 
-def serve(path):
-    """Answer requests until killed or orphaned; in each forked child, return the child's request and
-    descriptors."""
+def serve(path, parent):
+    """Answer requests until killed or until process parent, which started this one, is gone (given,
+    not read here: it may be gone already); in each forked child, return its request and descriptors."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
     running = {}  # pidfd -> (pid, the connection its exit code goes to)
     watched = {}  # connection -> pidfd, while its client is there
-    parent = os.getppid()
     while os.getppid() == parent:  # a test process that dies without killing its server takes it along
         for ready in select.select([listener, *running, *watched], [], [], 1.0)[0]:
             if ready is listener:
@@ -138,6 +139,6 @@ if __name__ == "__main__":
     import numpy  # noqa: F401
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
-    child = serve(sys.argv[2])
+    child = serve(sys.argv[2], int(sys.argv[3]))
     if child:
         become(*child)

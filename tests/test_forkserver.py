@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import run_forked
+from conftest import FORKED, run_forked
 
 SCRIPT = """
 import os, signal, sys
@@ -53,17 +53,28 @@ def test_a_forked_script_ends_as_it_would_in_a_fresh_interpreter(how, tmp_path):
         assert forked.stderr == fresh.stderr
 
 
+def ended(pid, seconds):
+    """Whether process pid is gone (or a zombie: dead, not yet reaped) within seconds."""
+    for _ in range(int(seconds * 10)):
+        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
 def test_a_forked_script_dies_when_its_client_is_killed(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(f"import os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n"
                       "time.sleep(600)\n")
     with pytest.raises(subprocess.TimeoutExpired):  # subprocess.run kills the client when its time is up
         run_forked([script], timeout=5)
-    pid = int((tmp_path / "pid").read_text())
-    for _ in range(100):
-        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        raise AssertionError("the forked script outlived its client")
+    assert ended(int((tmp_path / "pid").read_text()), 10), "the forked script outlived its client"
+
+
+def test_a_server_ends_when_the_test_process_that_started_it_is_gone(tmp_path):
+    # a test process killed before its atexit (which kills its server) would otherwise leave it behind
+    parent = "import os, subprocess, sys; print(subprocess.Popen([*sys.argv[1:], str(os.getpid())]).pid)"
+    done = subprocess.run([sys.executable, "-c", parent, sys.executable, FORKED, "serve", str(tmp_path / "socket")],
+                          capture_output=True, text=True, timeout=60)
+    assert ended(int(done.stdout), 60), "the server outlived its test process"  # after importing torch (~5 s)

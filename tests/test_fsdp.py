@@ -20,10 +20,6 @@ from test_reliability import INJECT, ONE_THREAD, TRAIN, small_args
 FSDP = ["--parallelism=fsdp", "--dtype=float32", "--eval_iters=3"]
 
 
-def torchrun(nproc, *args, script=(TRAIN,)):
-    return run_torchrun(nproc, *script, *args)
-
-
 def alone(*args):
     """train.py as the only process of a world of one, started as torchrun would start it (but with
     no torchrun: its own report on a failed process would follow the script's one line)."""
@@ -40,13 +36,13 @@ def said(done):
 def fsdp_run(tmp_path_factory, dataset):
     """The sharded run the tests read (made once; tests copy it before changing anything in it)."""
     def train(folder):
-        done = torchrun(2, *small_args(dataset, folder / "out", *FSDP, "--keep_last=2"))
+        done = run_torchrun(2, TRAIN, *small_args(dataset, folder / "out", *FSDP, "--keep_last=2"))
         assert done.returncode == 0, said(done)
     return made_once(tmp_path_factory, "fsdp", train) / "out"
 
 
 def test_fsdp_gives_the_losses_of_ddp_on_the_same_batches(tmp_path, dataset, fsdp_run):
-    ddp = torchrun(2, *small_args(dataset, tmp_path / "ddp", *FSDP[1:]))
+    ddp = run_torchrun(2, TRAIN, *small_args(dataset, tmp_path / "ddp", *FSDP[1:]))
     assert ddp.returncode == 0, said(ddp)
     fsdp, ddp = read_log(fsdp_run), read_log(tmp_path / "ddp")
     assert [r["iter"] for r in fsdp] == [r["iter"] for r in ddp]
@@ -75,7 +71,7 @@ def test_a_run_killed_at_any_moment_resumes_on_the_same_loss_curve_bit_for_bit(t
     when = f"{random.Random(3).uniform(0.0, 0.3):.3f}"
     for n, fault in enumerate(["kill@backward:6", f"kill@seconds:{when}", ""]):
         args = small_args(dataset, out_dir, *FSDP, *(["--init_from=resume"] if n else []))
-        done = torchrun(2, *args, script=[INJECT, fault, TRAIN] if fault else [TRAIN])
+        done = run_torchrun(2, *([INJECT, fault] if fault else []), TRAIN, *args)
         if n == 0:
             assert done.returncode != 0 and "iter 5:" in done.stdout and "iter 6:" not in done.stdout, said(done)
         if n == 1:

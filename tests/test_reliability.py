@@ -42,20 +42,19 @@ def small_args(dataset, out_dir, *more):
     return [f"--data_dir={data_dir}", f"--dataset={name}", f"--out_dir={out_dir}", *SMALL, *more]
 
 
-def run(command, preexec_fn=None):
-    """A Python script in a process of its own (forked from one that has imported torch, unless the
+def run(argv, preexec_fn=None):
+    """python argv in a process of its own (forked from one that has imported torch, unless the
     process first needs preexec_fn)."""
     if preexec_fn:
-        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD, timeout=240,
-                              preexec_fn=preexec_fn)
-    assert command[0] == sys.executable
-    return run_forked(command[1:], cwd=ROOT, env=ONE_THREAD)
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=ONE_THREAD,
+                              timeout=240, preexec_fn=preexec_fn)
+    return run_forked(argv, cwd=ROOT, env=ONE_THREAD)
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, dataset):
     def train(folder):  # a process of its own, like the runs compared with it bit for bit
-        done = run([sys.executable, TRAIN, *small_args(dataset, folder / "out")])
+        done = run([TRAIN, *small_args(dataset, folder / "out")])
         assert done.returncode == 0, done.stderr
     return read_log(made_once(tmp_path_factory, "uninterrupted", train) / "out")
 
@@ -84,7 +83,7 @@ def test_a_run_interrupted_again_and_again_resumes_on_the_same_loss_curve_bit_fo
     out_dir, resume_from = tmp_path / "out", 0
     for n, (what, faults, code, next_from) in enumerate(INTERRUPTIONS + [("the last resume", "", 0, None)]):
         args = small_args(dataset, out_dir, *(["--init_from=resume"] if n else []))
-        done = run([sys.executable, INJECT, faults, TRAIN, *args] if faults else [sys.executable, TRAIN, *args])
+        done = run([INJECT, faults, TRAIN, *args] if faults else [TRAIN, *args])
         where = f"{what}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
         assert done.returncode == code if code is not None else done.returncode in (-9, 0), where
         if resume_from is not None:
@@ -118,7 +117,7 @@ def faulty_runs(tmp_path_factory, dataset):
              # backward call 12 is iteration 6's second micro-step: the loss stays finite, its gradients do not
              "an infinite gradient in fp16": ("inf@backward:12", ["--dtype=float16"])}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        done = pool.map(run, [[sys.executable, INJECT, faults, TRAIN, *small_args(dataset, root / name, *more)]
+        done = pool.map(run, [[INJECT, faults, TRAIN, *small_args(dataset, root / name, *more)]
                          for name, (faults, more) in cases.items()])
     return root, dict(zip(cases, done))
 
@@ -187,7 +186,7 @@ def test_keep_last_keeps_the_newest_checkpoints_and_the_best_and_resume_falls_ba
 def test_no_room_in_out_dir_is_a_clear_error_before_training(tmp_path, dataset):
     # files may not grow past 100 kB: the probe cannot reserve a checkpoint's worth (~400 kB)
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
-    done = run([sys.executable, TRAIN, *small_args(dataset, tmp_path / "out")], preexec_fn=limit)
+    done = run([TRAIN, *small_args(dataset, tmp_path / "out")], preexec_fn=limit)
     assert_clear_error(done, "cannot write in out_dir=", "File too large", "a checkpoint needs about")
     assert "iter 1:" not in done.stdout and os.listdir(tmp_path / "out") == []
 
@@ -196,7 +195,7 @@ def test_no_room_in_out_dir_is_a_clear_error_before_training(tmp_path, dataset):
 def test_a_read_only_out_dir_is_a_clear_error_before_training(tmp_path, dataset):
     (tmp_path / "out").mkdir()
     os.chmod(tmp_path / "out", 0o555)
-    done = run([sys.executable, TRAIN, *small_args(dataset, tmp_path / "out")])
+    done = run([TRAIN, *small_args(dataset, tmp_path / "out")])
     assert_clear_error(done, "cannot write in out_dir=", "Permission denied")
 
 
