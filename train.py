@@ -21,6 +21,7 @@ For the built-in corpus on one GPU, use config/legal_gpu.py instead.
 
 import datetime
 import glob
+import inspect
 import json
 import math
 import os
@@ -699,7 +700,11 @@ if compiled:
 eval_model = model  # eval reads through the model without DDP: DDP's forward is a collective (it broadcasts
 # buffers) that every process must join, and with eval_iters < world size some have no eval batch
 if ddp and parallelism == "ddp":  # the buffers are fixed tables (rope, sinusoid, alibi): nothing to broadcast
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
+    # torch 2.13 names this forward_sync_buffers (and deprecates broadcast_buffers); older torch, such
+    # as a GPU image's, has only broadcast_buffers
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
 
 if master:
     ours = {"ckpt.pt", "ckpt-best.pt", "log.jsonl", "meta.json", "run.json", *batches.meta["tokenizer"]["files"]}
