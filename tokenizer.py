@@ -55,6 +55,7 @@ import base64
 import collections
 import hashlib
 import heapq
+import importlib
 import io
 import itertools
 import json
@@ -121,6 +122,15 @@ def _int_list(ids, vocab_size):
 
 def _no_text(kind):
     return ValueError(f"the {kind} tokenizer has no text to learn from")
+
+
+def _package(name):
+    """import name, a package requirements.txt pins, when a tokenizer first needs it: a ValueError
+    naming the install where it is missing (an environment that did not install requirements.txt)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"the {name} package is not installed: pip install -r requirements.txt") from None
 
 
 def _write_file(path, data):
@@ -232,14 +242,12 @@ class BPETokenizer(Tokenizer):
         special = _specials_after(len(ranks), specials=specials)
         super().__init__(len(ranks) + len(special), special)
         self.ranks, self.pattern = ranks, pattern  # ranks: token bytes -> id
-        import tiktoken
-        self.enc = tiktoken.Encoding(f"nanolex-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
+        self.enc = _package("tiktoken").Encoding(f"nanolex-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=special, explicit_n_vocab=self.vocab_size)
 
     @classmethod
     def train(cls, texts, vocab_size):
-        import rustbpe
-        bpe = rustbpe.Tokenizer()
+        bpe = _package("rustbpe").Tokenizer()
         # rustbpe's vocab_size counts the 256 byte tokens plus the merges, not our specials.
         bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         return cls(dict(bpe.get_mergeable_ranks()), SPLIT_PATTERN)
@@ -301,12 +309,13 @@ GPT2_DOWNLOAD_SECONDS = 120  # tiktoken's download has no time limit of its own;
 def _fetch_gpt2():
     """tiktoken's GPT-2 ranks and pattern: from its cache, else downloaded, within GPT2_DOWNLOAD_SECONDS."""
     import threading
-    import tiktoken_ext.openai_public
+    _package("tiktoken")
+    import tiktoken_ext.openai_public as openai_public  # installed with tiktoken
     result = {}
 
     def fetch():
         try:
-            result["gpt2"] = tiktoken_ext.openai_public.gpt2()
+            result["gpt2"] = openai_public.gpt2()
         except Exception as e:  # offline: whatever requests, the cache or the hash check raise
             result["error"] = e
 
@@ -549,9 +558,8 @@ class SentencePieceTokenizer(Tokenizer):
     min_vocab_size = 300  # the 256 byte pieces, the specials, and a few characters
 
     def __init__(self, model, specials=SPECIAL_TOKENS):
-        import sentencepiece
         self.model = model  # the serialized ModelProto
-        self.sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+        self.sp = _package("sentencepiece").SentencePieceProcessor(model_proto=model)
         n = self.sp.get_piece_size()
         special = _specials_after(n, specials=specials)
         special[UNK] = self.sp.unk_id()
@@ -560,7 +568,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts, vocab_size):
-        import sentencepiece
+        sentencepiece = _package("sentencepiece")
         # SentencePiece learns from lines (newlines come back through byte fallback) and skips
         # lines over max_sentence_length bytes: long ones go in pieces.
         lines = (line[i:i + 1000] for text in texts for line in _valid(text).split("\n")

@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -442,6 +443,16 @@ def test_a_format_whose_package_is_missing_says_which_package(tmp_path, file_nam
     env = fake_module(tmp_path / "fake", package, f"raise ImportError('No module named {package}')")
     result = prepare(tmp_path, f"--input={file_name}", env=env)
     assert_clear_error(result, file_name, f"needs the {package} package", f"pip install {package}")
+
+
+@pytest.mark.parametrize("kind, package", [("bpe", "rustbpe"), ("bpe", "tiktoken"), ("sentencepiece", "sentencepiece")])
+def test_a_tokenizer_whose_package_is_missing_says_to_install_the_requirements(tmp_path, monkeypatch, kind, package):
+    write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(sys.modules, package, None)  # as if an install had missed it
+    result = prepare(tmp_path, f"--input={tmp_path / 'corpus'}", f"--tokenizer={kind}", "--vocab_size=350",
+                     f"--data_dir={tmp_path / 'data'}")
+    assert_clear_error(result, f"the {package} package is not installed: pip install -r requirements.txt")
+    assert os.listdir(tmp_path / "data" / "legal") == []  # nothing written
 
 
 def test_a_hugging_face_dataset_without_the_datasets_package_is_a_clear_error(tmp_path):

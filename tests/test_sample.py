@@ -1,6 +1,7 @@
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ def run_alone(tmp_path, trained_run):
     out_dir = tmp_path / "run"
     shutil.copytree(trained_run, out_dir)
     return out_dir
+
+
+def test_a_run_whose_tokenizer_package_is_missing_says_to_install_the_requirements(run_alone, dataset, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # the run's BPE tokenizer encodes with it
+    for done in (run_in_process("sample.py", f"--out_dir={run_alone}", "--max_new_tokens=4"),
+                 run_in_process("train.py", *train_args(dataset, tmp_path / "new", "--max_iters=1"))):
+        assert_clear_error(done, "the tiktoken package is not installed: pip install -r requirements.txt")
+    assert not (tmp_path / "new").exists()
 
 
 def samples(stdout):
