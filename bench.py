@@ -1238,23 +1238,38 @@ def gpu_decoding(out_dir):
 
 
 def bench_gpu():
-    """The GPU check: each part's result (or its error) in one JSON object, printed last. Exits 1
-    when any part failed, so that a CI job can run it."""
+    """The GPU check: each part's result (or its error) printed as it comes, then all of them in one
+    JSON object, printed last. Exits 1 when any part failed, so that a CI job can run it."""
     if not torch.cuda.is_available():
         fail("--what=gpu needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False)")
-    name = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name()
     t0 = time.time()
-    summary = {"gpu": name, "gpus": torch.cuda.device_count(), "capability": list(torch.cuda.get_device_capability()),
+    summary = {"gpu": gpu, "gpus": torch.cuda.device_count(), "capability": list(torch.cuda.get_device_capability()),
                "torch": torch.__version__}
     code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                             script("tests/test_gpu.py")], timeout=300)
+
     summary["gpu_tests"] = {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
+    print(f"gpu check, gpu_tests: {json.dumps(summary['gpu_tests'])}", flush=True)
+
+    def part(name, measure, *args):
+        """One part's result, or the error it raised (its traceback printed: no part stops the others),
+        printed as it comes, so that a check cut short still says what it measured."""
+        try:
+            summary[name] = measure(*args)
+        except Exception as e:
+            traceback.print_exc()
+            summary[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"gpu check, {name}: {json.dumps(summary[name])}", flush=True)
+
     root = work_dir or tempfile.mkdtemp(prefix="nanolex-gpu-")
     try:
-        summary["training"] = gpu_training(name, root)
-        summary["ddp"] = gpu_ddp(root)
-        summary["decoding"] = gpu_decoding(os.path.join(root, "ddp")) if "error" not in summary["ddp"] else \
-            {"error": "no run to decode with: the DDP run failed"}
+        part("training", gpu_training, gpu, root)
+        part("ddp", gpu_ddp, root)
+        if "error" in summary["ddp"]:
+            summary["decoding"] = {"error": "no run to decode with: the DDP run failed"}
+        else:
+            part("decoding", gpu_decoding, os.path.join(root, "ddp"))
     finally:
         if not work_dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -232,3 +233,30 @@ def test_bench_gpu_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert_clear_error(run_in_process("bench.py", "--what=gpu"), "needs a CUDA GPU")
+
+
+def test_the_gpu_check_reports_each_part_as_it_comes_and_goes_on_past_one_that_breaks(monkeypatch, tmp_path):
+    """Its flow, on a CPU made to look like two GPUs: the commands it starts are answered, not run."""
+    for name, value in (("is_available", True), ("get_device_name", "NVIDIA H200"), ("device_count", 2),
+                        ("get_device_capability", (9, 0))):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    started = []
+
+    def answer(args, **kwargs):
+        started.append(args)
+        if "bench.py" in args[1]:  # the training part's command cannot even start
+            raise OSError("no such file")
+        return subprocess.CompletedProcess(args, 1, "1 failed, 3 passed\n", "")
+    monkeypatch.setattr(subprocess, "run", answer)
+    done = run_in_process("bench.py", "--what=gpu", f"--work_dir={tmp_path}")
+    assert done.returncode == 1
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["gpu"] == "NVIDIA H200" and summary["gpus"] == 2
+    assert summary["gpu_tests"] == {"passed": False, "result": "1 failed, 3 passed"}
+    assert summary["training"] == {"error": "OSError: no such file"} and "Traceback" in done.stderr
+    assert summary["ddp"]["processes"] == 2 and "error" in summary["ddp"]  # ran after the training part broke
+    assert "--nproc_per_node=2" in started[-1]
+    assert summary["decoding"] == {"error": "no run to decode with: the DDP run failed"}
+    said = [line.split(":")[0] for line in lines if line.startswith("gpu check, ")]
+    assert said == ["gpu check, gpu_tests", "gpu check, training", "gpu check, ddp"]
