@@ -242,7 +242,8 @@ class BPETokenizer(Tokenizer):
         special = _specials_after(len(ranks), specials=specials)
         super().__init__(len(ranks) + len(special), special)
         self.ranks, self.pattern = ranks, pattern  # ranks: token bytes -> id
-        self.enc = _package("tiktoken").Encoding(f"nanolex-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
+        tiktoken = _package("tiktoken")
+        self.enc = tiktoken.Encoding(f"nanolex-{self.kind}", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=special, explicit_n_vocab=self.vocab_size)
 
     @classmethod
