@@ -1248,7 +1248,6 @@ def bench_gpu():
                "torch": torch.__version__}
     code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                             script("tests/test_gpu.py")], timeout=300)
-
     summary["gpu_tests"] = {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
     print(f"gpu check, gpu_tests: {json.dumps(summary['gpu_tests'])}", flush=True)
 
