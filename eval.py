@@ -45,6 +45,7 @@ file); evaluating the same text again replaces its entry and keeps the others.
 
 import datetime
 import glob
+import importlib
 import json
 import math
 import os
@@ -945,6 +946,12 @@ def main():
         fail("--out_dir names no run")
     options = decoding_options() if task_file else None
     tasks = read_tasks(task_file) if task_file else None
+    if task_file:  # the scores' packages, checked before any answer is generated
+        for module, package in (("sacrebleu", "sacrebleu"), ("rouge_score", "rouge-score")):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                fail(f"--task_file's scores need the {package} package: pip install -r requirements.txt")
     runs = []
     for run_dir in run_dirs:  # every run and its eval.json checked before any evaluation
         engine, config, fingerprint = load(run_dir)

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -264,6 +265,18 @@ def test_generation_tasks_are_answered_greedily_and_scored(run, tmp_path):
     assert found["distinct_2"] == distinct_n(outputs, 2) and found["tokens_per_second"] > 0
     assert found["bleu_signature"].startswith("nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert found["decoding"]["temperature"] == 0 and "BLEU signature (sacrebleu): nrefs:var" in done.stdout
+
+
+@pytest.mark.parametrize("module, package", [("sacrebleu", "sacrebleu"), ("rouge_score", "rouge-score")])
+def test_a_metric_package_that_is_missing_is_named_before_any_answer_is_generated(run, tmp_path, monkeypatch,
+                                                                                  module, package):
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"prompt": "The Licensee shall", "response": "pay."}) + "\n")
+    monkeypatch.setitem(sys.modules, module, None)  # as if an install had missed it
+    generated = []
+    monkeypatch.setattr(Engine, "generate", lambda *args, **kwargs: generated.append(1))
+    done = run_in_process("eval.py", f"--out_dir={run}", f"--task_file={tmp_path}/tasks.jsonl")
+    assert_clear_error(done, f"need the {package} package: pip install -r requirements.txt")
+    assert not generated
 
 
 # ---- bad input -------------------------------------------------------------------------------
