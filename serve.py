@@ -78,11 +78,14 @@ settings = configure(globals(), None if __name__ == "__main__" else [])  # impor
 
 # after the settings: --help needs neither torch nor the web stack
 import torch  # noqa: E402
-from fastapi import Depends, FastAPI, Request  # noqa: E402
-from fastapi.middleware.cors import CORSMiddleware  # noqa: E402
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
+try:  # the web stack, which requirements.txt installs
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException
+except ImportError as e:
+    fail(f"serve.py needs the {e.name} package: pip install -r requirements.txt")
 
 from engine import DEFAULTS, Engine, check_options  # noqa: E402
 
@@ -1006,7 +1009,10 @@ def render_page(engine, name, s):
 # the command line: listen first (a taken port fails at once), then load the run, then serve
 
 if __name__ == "__main__":
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        fail("serve.py needs the uvicorn package: pip install -r requirements.txt")
     try:
         listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as e:

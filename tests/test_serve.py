@@ -419,6 +419,13 @@ def test_the_command_line_says_in_one_line_what_it_cannot_use(tmp_path):
     assert done.returncode == 0 and "--max_wait_ms=50.0" in done.stdout
 
 
+@pytest.mark.parametrize("package", ["fastapi", "uvicorn"])
+def test_a_web_package_that_is_missing_is_named(tmp_path, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)  # as if an install had missed it
+    done = run_in_process("serve.py", f"--out_dir={tmp_path / 'missing'}", "--port=0")
+    assert_clear_error(done, f"serve.py needs the {package} package: pip install -r requirements.txt")
+
+
 @pytest.fixture(scope="module")
 def server(trained_run):
     """serve.py on a free loopback port: its URL, once it says it is ready."""
