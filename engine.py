@@ -859,13 +859,17 @@ class Engine:
                 labels = json.load(f)["labels"]
         return cls(model, tokenizer, device, pick_dtype(device, dtype), labels, draft, compile, dtype == "auto")
 
-    def autocast(self, rows=0):
-        """The precision of the model's passes. rows: the batch of a decoding loop; with dtype
+    def decode_dtype(self, rows=0):
+        """The dtype the model's passes compute in. rows: the batch of a decoding loop; with dtype
         "auto" on a CPU, fewer than FP32_DECODE_ROWS rows decode in float32, as a product of so few
         rows runs faster there in float32 than in bf16 (bench.py --what=decode)."""
-        from runtime import autocast
         fp32 = self.auto_dtype and self.device == "cpu" and 0 < rows < FP32_DECODE_ROWS
-        return autocast(self.device, torch.float32 if fp32 else self.dtype)
+        return torch.float32 if fp32 else self.dtype
+
+    def autocast(self, rows=0):
+        """The precision of the model's passes: decode_dtype(rows)'s."""
+        from runtime import autocast
+        return autocast(self.device, self.decode_dtype(rows))
 
     def prompt_ids(self, prompt):
         """A prompt's ids. A prompt is a text, whose special tokens (<|endoftext|>, <|mask|>) are

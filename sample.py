@@ -88,6 +88,7 @@ import gc  # noqa: E402
 # collector would walk them over and over as they are made, and once more at exit. Off while
 # importing, then frozen (never walked again); the collector works as usual on what comes after
 gc.disable()
+import torch  # noqa: E402
 from engine import Engine, check_options, embed_documents, rank_by_cosine, read_documents  # noqa: E402
 from runtime import save_atomically  # noqa: E402
 gc.freeze()
@@ -185,6 +186,15 @@ def prompt_ids(text):
         fail(str(e))
 
 
+def native_kernels_for(rows):
+    """This script owns its process: while it decodes `rows` rows in float32 on a CPU, oneDNN is
+    off. Its GELU costs a fixed ~15 µs a call more than ATen's own kernel on so few rows, and its
+    bf16 products are not used then (docs/generation.md). Not with compile (inductor's CPU code
+    reads the switch) nor int8 weights (their kernels may be oneDNN's)."""
+    if engine.device == "cpu" and not compile and not quantize and engine.decode_dtype(rows) == torch.float32:
+        torch.backends.mkldnn.enabled = False
+
+
 def write():
     """gpt, conditional, lstm: continue each prompt; encdec: answer it. Each sample after its prompt
     (none for a new document, nor for encdec, whose prompt is the source), then a line of dashes."""
@@ -192,6 +202,7 @@ def write():
         prompt_ids(text)  # fits the context, or a clear error
     one = num_beams > 1 or choices  # beam search and choices have one result
     batch = [text for text in texts for _ in range(1 if one else num_samples)]
+    native_kernels_for(1 if stream else num_beams if num_beams > 1 else len(batch))
     shown = ["" if arch == "encdec" or prompt_ids(text) == [tokenizer.eot_id] else tokenizer.decode(prompt_ids(text))
              for text in batch]
     try:
@@ -263,6 +274,7 @@ def converse():
     if not engine.has_chat:
         fail(f"{out_dir} has no chat template: its tokenizer was made before the role tokens; train a run on "
              "conversations prepared with a new tokenizer")
+    native_kernels_for(num_beams)
     for turn, line in enumerate(sys.stdin):
         if not line.strip():
             continue

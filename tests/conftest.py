@@ -158,6 +158,7 @@ def run_in_process(script, *args, cwd=None):
     would see) fails the test that called it."""
     import torch  # here, not above: after OMP_NUM_THREADS is set
     argv, here, threads = sys.argv, os.getcwd(), torch.get_num_threads()  # serve.py sets its own threads
+    onednn = torch.backends.mkldnn.enabled  # sample.py turns oneDNN off to decode in float32
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train.py sets its own
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
@@ -174,6 +175,7 @@ def run_in_process(script, *args, cwd=None):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
     return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
 
 

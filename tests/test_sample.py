@@ -5,8 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import assert_clear_error, prepare_dataset, run_in_process, run_script, train_args
+from engine import Completion, Engine
 
 SEPARATOR = "-" * 40
 
@@ -26,6 +28,21 @@ def test_a_run_whose_tokenizer_package_is_missing_says_to_install_the_requiremen
                  run_in_process("train.py", *train_args(dataset, tmp_path / "new", "--max_iters=1"))):
         assert_clear_error(done, "the tiktoken package is not installed: pip install -r requirements.txt")
     assert not (tmp_path / "new").exists()
+
+
+def test_few_rows_decoding_in_float32_on_a_cpu_run_with_onednn_off_and_nothing_else_does(run_alone, monkeypatch):
+    seen = []  # oneDNN's switch as each generate() began; each answered at once, so no decoding runs
+
+    def generate(self, prompts, *args, **options):
+        seen.append(torch.backends.mkldnn.enabled)
+        return [Completion(" x", [1], "length", 1, 1) for _ in prompts]
+    monkeypatch.setattr(Engine, "generate", generate)
+    for flags, onednn in ((["--dtype=auto"], False), (["--dtype=float32", "--num_samples=8"], False),
+                          (["--dtype=bfloat16"], True), (["--quantize=int8"], True), (["--compile=True"], True)):
+        done = run_in_process("sample.py", f"--out_dir={run_alone}", "--start=The Licensee", *flags)
+        assert done.returncode == 0, done.stderr
+        assert seen.pop() is onednn, flags
+        assert torch.backends.mkldnn.enabled  # back on once the script is done (as a process's end would)
 
 
 def samples(stdout):
