@@ -1218,6 +1218,13 @@ def gpu_ddp(root):
             "val_loss": [r["val_loss"] for r in records if "val_loss" in r][-1]}
 
 
+def gpu_tests():
+    """The GPU-marked tests (tests/test_gpu.py): whether they passed, and pytest's last line."""
+    code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            script("tests/test_gpu.py")], timeout=300)
+    return {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
+
+
 def gpu_decoding(out_dir):
     """The DDP run decoding one prompt greedily past its context, eagerly and with the compiled step
     replayed by CUDA graphs (Engine(compile=True) on CUDA): new tokens/s of each, the same ids."""
@@ -1246,10 +1253,6 @@ def bench_gpu():
     t0 = time.time()
     summary = {"gpu": gpu, "gpus": torch.cuda.device_count(), "capability": list(torch.cuda.get_device_capability()),
                "torch": torch.__version__}
-    code, out = run_logged([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                            script("tests/test_gpu.py")], timeout=300)
-    summary["gpu_tests"] = {"passed": code == 0, "result": (out.strip().splitlines() or ["no output"])[-1]}
-    print(f"gpu check, gpu_tests: {json.dumps(summary['gpu_tests'])}", flush=True)
 
     def part(name, measure, *args):
         """One part's result, or the error it raised (its traceback printed: no part stops the others),
@@ -1261,6 +1264,7 @@ def bench_gpu():
             summary[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"gpu check, {name}: {json.dumps(summary[name])}", flush=True)
 
+    part("gpu_tests", gpu_tests)
     root = work_dir or tempfile.mkdtemp(prefix="nanolex-gpu-")
     try:
         part("training", gpu_training, gpu, root)
@@ -1273,7 +1277,9 @@ def bench_gpu():
         if not work_dir:
             shutil.rmtree(root, ignore_errors=True)
     summary["seconds"] = round(time.time() - t0, 1)
-    failed = not summary["gpu_tests"]["passed"] or any("error" in summary[k] for k in ("training", "ddp", "decoding"))
+    # a part that raised holds an "error" (and the tests' part then no "passed")
+    failed = not summary["gpu_tests"].get("passed") or any("error" in summary[k] for k in ("training", "ddp",
+                                                                                           "decoding"))
     print(json.dumps(summary))
     sys.exit(1 if failed else 0)
 
